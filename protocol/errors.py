@@ -1,0 +1,180 @@
+"""The one error tree of mls-relay.
+
+Every failure a client, an operator or a test can observe is a subclass of
+:class:`RelayError`.  Each class carries the wire name (``error``) that the
+edges translate it into: an ``op: -1`` frame body on the WebSocket, a JSON
+``{error, message}`` body over HTTP.  Storage backends, the session logic and
+the protocol codec raise these; only the edges translate them.
+"""
+
+from __future__ import annotations
+
+
+class RelayError(Exception):
+    """Base of every error mls-relay reports."""
+
+    #: Name sent on the wire (``{"error": ...}``).
+    error: str = "InternalError"
+    #: HTTP status used when this error reaches the HTTP edge.
+    http_status: int = 500
+    #: Whether the same request may succeed if retried unchanged.
+    retryable: bool = False
+
+    def __init__(self, message: str = "", **details: object) -> None:
+        super().__init__(message or self.error)
+        self.message = message or self.error
+        self.details = details
+
+    def to_body(self) -> dict[str, object]:
+        body: dict[str, object] = {"error": self.error, "message": self.message}
+        body.update(self.details)
+        return body
+
+
+# --- framing / protocol -----------------------------------------------------
+
+
+class ProtocolError(RelayError):
+    """The peer broke the wire protocol; the connection is closed."""
+
+    error = "ProtocolError"
+    http_status = 400
+    close_code = 1002
+
+
+class MalformedFrame(ProtocolError):
+    error = "MalformedFrame"
+    close_code = 4400
+
+
+class FrameTooLarge(ProtocolError):
+    error = "FrameTooLarge"
+    close_code = 1009
+
+
+class InvalidRequest(RelayError):
+    """A well-framed request whose fields are wrong; the connection stays up."""
+
+    error = "InvalidRequest"
+    http_status = 400
+
+
+class UnknownRequest(InvalidRequest):
+    error = "UnknownRequest"
+
+
+# --- authentication / authorization -----------------------------------------
+
+
+class AuthError(RelayError):
+    error = "AuthRequired"
+    http_status = 401
+
+
+class InvalidToken(AuthError):
+    error = "InvalidToken"
+
+
+class ExpiredToken(AuthError):
+    error = "ExpiredToken"
+
+
+class NotMember(RelayError):
+    error = "NotMember"
+    http_status = 403
+
+
+class Forbidden(RelayError):
+    error = "Forbidden"
+    http_status = 403
+
+
+# --- conversations / messages -----------------------------------------------
+
+
+class ConversationNotFound(RelayError):
+    error = "ConversationNotFound"
+    http_status = 404
+
+
+class ConversationExists(RelayError):
+    error = "ConversationExists"
+    http_status = 409
+
+
+class FutureCursor(RelayError):
+    error = "FutureCursor"
+    http_status = 400
+
+
+class OutdatedCursor(RelayError):
+    """Not sent as an error: announced as ``#info`` before a partial replay."""
+
+    error = "OutdatedCursor"
+
+
+class PayloadTooLarge(RelayError):
+    error = "PayloadTooLarge"
+    http_status = 413
+
+
+# --- capacity / availability --------------------------------------------------
+
+
+class Unavailable(RelayError):
+    """A dependency (database) is unreachable; retry later."""
+
+    error = "Unavailable"
+    http_status = 503
+    retryable = True
+
+
+class RateLimited(RelayError):
+    error = "RateLimited"
+    http_status = 429
+    retryable = True
+
+
+class ShuttingDown(Unavailable):
+    error = "ShuttingDown"
+
+
+class StorageError(RelayError):
+    """A storage failure that is not an outage (a bug or a constraint we did not expect)."""
+
+    error = "InternalError"
+
+
+# --- MLS wire format (protocol/mls) -------------------------------------------
+
+
+class MLSDecodeError(InvalidRequest):
+    """Bytes that do not parse as the MLS (RFC 9420) structure the caller expected.
+
+    ``details`` carry ``field`` (a dotted path such as ``key_package.leaf_node.credential``)
+    and ``offset`` (byte offset into the input) when they are known.
+    """
+
+    error = "MalformedMLS"
+
+
+class MLSUnsupportedError(MLSDecodeError):
+    """Well-formed up to a value this parser cannot read past.
+
+    MLS selects some bodies by a type code and gives them no length prefix (credential
+    types, proposal types, ...), so an unknown code ends the parse.
+    """
+
+    error = "UnsupportedMLS"
+
+
+class MLSValidationError(InvalidRequest):
+    """An MLS object that parses but fails a check (signature, version, source, ...)."""
+
+    error = "InvalidMLS"
+
+
+class MLSUnsupportedCipherSuite(MLSValidationError):
+    """The cipher suite has no hash/signature implementation here, so nothing can be checked."""
+
+    error = "UnsupportedCipherSuite"

@@ -1,0 +1,87 @@
+"""Server-to-client frames: events pushed by the relay and replies to requests."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .errors import RelayError
+from .frames import PROTOCOL_VERSION, encode_error, encode_frame, encode_presorted
+
+
+def hello(user: str, device: str, server: str, session: str) -> bytes:
+    """First frame on every connection: protocol version and who you are."""
+    return encode_frame(
+        "#hello",
+        {
+            "protocol": PROTOCOL_VERSION,
+            "server": server,
+            "user": user,
+            "device": device,
+            "session": session,
+        },
+    )
+
+
+def message(
+    conversation: bytes, seq: int, sender: str, time_ms: int, ciphertext: bytes
+) -> bytes:
+    """A stored message.  Keys are listed in DAG-CBOR order (length, then bytes)."""
+    return encode_presorted(
+        "#message",
+        {
+            "seq": seq,
+            "time": time_ms,
+            "sender": sender,
+            "ciphertext": ciphertext,
+            "conversation": conversation,
+        },
+    )
+
+
+def ephemeral(conversation: bytes, sender: str, time_ms: int, ciphertext: bytes) -> bytes:
+    """A live-only message: not stored, not sequenced, never replayed."""
+    return encode_presorted(
+        "#ephemeral",
+        {
+            "time": time_ms,
+            "sender": sender,
+            "ciphertext": ciphertext,
+            "conversation": conversation,
+        },
+    )
+
+
+def info(name: str, message: str, **extra: Any) -> bytes:
+    """``#info`` frames: OutdatedCursor, CaughtUp, ..."""
+    return encode_frame("#info", {"name": name, "message": message, **extra})
+
+
+def membership(
+    conversation: bytes, actor: str, added: list[str], removed: list[str], seq: int
+) -> bytes:
+    """Membership of a conversation changed; ``seq`` is its last_seq at that moment."""
+    return encode_frame(
+        "#membership",
+        {
+            "conversation": conversation,
+            "actor": actor,
+            "added": added,
+            "removed": removed,
+            "seq": seq,
+        },
+    )
+
+
+def result(request_id: int, **fields: Any) -> bytes:
+    """The successful reply to request ``request_id``."""
+    return encode_frame("#result", {"id": request_id, **fields})
+
+
+def error(exc: RelayError, request_id: int | None = None) -> bytes:
+    """An ``op: -1`` error frame, addressed to a request when it has an id."""
+    extra: dict[str, Any] = dict(exc.details)
+    if request_id is not None:
+        extra["id"] = request_id
+    if exc.retryable:
+        extra["retryable"] = True
+    return encode_error(exc.error, exc.message, **extra)

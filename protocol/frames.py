@@ -1,0 +1,135 @@
+"""Frame codec: AT Protocol event-stream framing over DAG-CBOR.
+
+Every WebSocket binary message is two concatenated CBOR objects: a header
+``{op, t}`` and a body.  ``op: 1`` carries a message whose type is ``t``
+(``"#send"``, ``"#message"``, ...); ``op: -1`` carries an error whose body is
+``{error, message}`` and has no ``t``.
+
+What we emit is valid DAG-CBOR: map keys are text, sorted length-first then
+bytewise, lengths are definite, bytes are byte strings, integers are minimal
+and times are integers (milliseconds).  We never emit floats.  What we accept
+is any well-formed CBOR that decodes to the expected types; tags are refused
+because DAG-CBOR allows only tag 42 (CIDs), which this protocol never uses.
+
+No I/O here: bytes in, :class:`Frame` out; values in, bytes out.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import cbor2
+
+from .errors import MalformedFrame
+
+OP_MESSAGE = 1
+OP_ERROR = -1
+
+#: Version of the wire protocol described in docs/PROTOCOL.md.
+PROTOCOL_VERSION = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    op: int
+    t: str | None
+    body: dict[str, Any]
+
+
+def _refuse_tag(decoder: object, tag: cbor2.CBORTag) -> object:
+    raise MalformedFrame(f"CBOR tag {tag.tag} is not allowed")
+
+
+def _canonical_key(key: str) -> tuple[int, bytes]:
+    raw = key.encode()
+    return (len(raw), raw)
+
+
+def canonical(body: Mapping[str, Any]) -> dict[str, Any]:
+    """Return ``body`` with keys in DAG-CBOR order (recursively for maps).
+
+    cbor2's own ``canonical=True`` would also shrink floats to 16 bits, which
+    DAG-CBOR decoders reject, and is three times slower; ordering the keys
+    ourselves and encoding plainly gives the same bytes for our value types.
+    """
+    out: dict[str, Any] = {}
+    for key in sorted(body, key=_canonical_key):
+        out[key] = _canonical_value(body[key])
+    return out
+
+
+def _canonical_value(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return canonical(value)
+    if isinstance(value, list | tuple):
+        return [_canonical_value(v) for v in value]
+    if isinstance(value, float | cbor2.CBORTag):
+        raise TypeError("floats and tags are not emitted by this protocol")
+    return value
+
+
+_HEADERS: dict[str | None, bytes] = {}
+
+
+def encode_header(t: str | None, op: int = OP_MESSAGE) -> bytes:
+    """CBOR header bytes, cached: there are only a handful of distinct ones."""
+    key = t if op == OP_MESSAGE else None
+    cached = _HEADERS.get(key)
+    if cached is None:
+        header = {"op": op} if op == OP_ERROR else {"t": t, "op": op}
+        cached = cbor2.dumps(canonical(header))
+        _HEADERS[key] = cached
+    return cached
+
+
+def encode_frame(t: str, body: Mapping[str, Any]) -> bytes:
+    """Encode an ``op: 1`` frame (event or reply)."""
+    return encode_header(t) + cbor2.dumps(canonical(body))
+
+
+def encode_error(error: str, message: str, **extra: Any) -> bytes:
+    """Encode an ``op: -1`` error frame; ``extra`` may carry the request ``id``."""
+    body = {"error": error, "message": message, **extra}
+    return encode_header(None, OP_ERROR) + cbor2.dumps(canonical(body))
+
+
+def encode_presorted(t: str, body: dict[str, Any]) -> bytes:
+    """Hot-path encoder: ``body`` is already in canonical key order and flat.
+
+    Used for ``#message`` events, encoded once per message for every
+    recipient; tests check it against :func:`encode_frame`.
+    """
+    return encode_header(t) + cbor2.dumps(body)
+
+
+def decode_frame(data: bytes) -> Frame:
+    """Decode one complete WebSocket message into a :class:`Frame`.
+
+    Raises :class:`MalformedFrame` for anything that is not exactly a header
+    map followed by a body map.
+    """
+    stream = io.BytesIO(data)
+    decoder = cbor2.CBORDecoder(stream, tag_hook=_refuse_tag)
+    try:
+        header = decoder.decode()
+        body = decoder.decode()
+    except MalformedFrame:
+        raise
+    except (cbor2.CBORDecodeError, ValueError, TypeError, OverflowError, RecursionError) as exc:
+        raise MalformedFrame(f"invalid CBOR: {exc}") from None
+    if stream.tell() != len(data):
+        raise MalformedFrame("trailing bytes after the frame body")
+    if not isinstance(header, dict) or not isinstance(body, dict):
+        raise MalformedFrame("header and body must both be CBOR maps")
+    op = header.get("op")
+    if type(op) is not int or op not in (OP_MESSAGE, OP_ERROR):
+        raise MalformedFrame("header.op must be 1 or -1")
+    t = header.get("t")
+    if op == OP_MESSAGE and (not isinstance(t, str) or not t.startswith("#")):
+        raise MalformedFrame('header.t must be a text string starting with "#"')
+    if not all(isinstance(k, str) for k in body):
+        raise MalformedFrame("body keys must be text strings")
+    return Frame(op=op, t=t if op == OP_MESSAGE else None, body=body)

@@ -1,0 +1,215 @@
+"""Client requests: typed, validated views of ``op: 1`` frames from a client.
+
+Every request body carries ``id`` (an unsigned integer chosen by the client);
+the relay answers each with exactly one ``#result`` frame or one ``op: -1``
+error frame carrying the same ``id``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import InvalidRequest, PayloadTooLarge, UnknownRequest
+from .frames import Frame
+
+MAX_REQUEST_ID = 2**53 - 1
+MAX_CONVERSATION_ID = 255
+MAX_DID = 2048
+MAX_CLIENT_MESSAGE_ID = 128
+MAX_MEMBERS_PER_REQUEST = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_ciphertext: int = 256 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    id: int
+    conversation: bytes
+    ciphertext: bytes
+    client_message_id: str
+    ephemeral: bool
+
+
+@dataclass(frozen=True, slots=True)
+class CreateConversation:
+    id: int
+    conversation: bytes
+    members: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class AddMembers:
+    id: int
+    conversation: bytes
+    members: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class RemoveMembers:
+    id: int
+    conversation: bytes
+    members: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Leave:
+    id: int
+    conversation: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class ListConversations:
+    id: int
+
+
+@dataclass(frozen=True, slots=True)
+class Subscribe:
+    id: int
+    #: Explicit cursors by conversation; conversations not listed resume from
+    #: the device's stored (acknowledged) cursor.
+    cursors: dict[bytes, int]
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    id: int
+    conversation: bytes
+    seq: int
+
+
+Request = (
+    Send
+    | CreateConversation
+    | AddMembers
+    | RemoveMembers
+    | Leave
+    | ListConversations
+    | Subscribe
+    | Ack
+)
+
+
+def request_id(frame: Frame) -> int | None:
+    """The frame's request id if it has a valid one (used to address errors)."""
+    value = frame.body.get("id")
+    if type(value) is int and 0 <= value <= MAX_REQUEST_ID:
+        return value
+    return None
+
+
+def parse_request(frame: Frame, limits: Limits) -> Request:
+    """Validate a client frame; raises InvalidRequest / UnknownRequest."""
+    rid = request_id(frame)
+    if rid is None:
+        raise InvalidRequest("every request needs an integer id in 0..2^53-1")
+    parser = _PARSERS.get(frame.t or "")
+    if parser is None:
+        raise UnknownRequest(f"unknown request type {frame.t!r}")
+    return parser(rid, frame.body, limits)
+
+
+def _bytes(body: dict[str, Any], key: str, max_len: int) -> bytes:
+    value = body.get(key)
+    if not isinstance(value, bytes) or not value:
+        raise InvalidRequest(f"{key} must be a non-empty byte string")
+    if len(value) > max_len:
+        raise InvalidRequest(f"{key} is longer than {max_len} bytes")
+    return value
+
+
+def _conversation(body: dict[str, Any]) -> bytes:
+    return _bytes(body, "conversation", MAX_CONVERSATION_ID)
+
+
+def _did(value: object, key: str) -> str:
+    if not isinstance(value, str) or not value.startswith("did:") or len(value) > MAX_DID:
+        raise InvalidRequest(f"{key} must hold DIDs (text starting with 'did:')")
+    return value
+
+
+def _members(body: dict[str, Any]) -> tuple[str, ...]:
+    value = body.get("members")
+    if not isinstance(value, list):
+        raise InvalidRequest("members must be a list of DIDs")
+    if len(value) > MAX_MEMBERS_PER_REQUEST:
+        raise InvalidRequest(f"at most {MAX_MEMBERS_PER_REQUEST} members per request")
+    return tuple(dict.fromkeys(_did(v, "members") for v in value))
+
+
+def _seq(value: object, key: str) -> int:
+    if type(value) is not int or value < 0 or value > 2**63 - 1:
+        raise InvalidRequest(f"{key} must be a non-negative integer")
+    return value
+
+
+def _send(rid: int, body: dict[str, Any], limits: Limits) -> Send:
+    conversation = _conversation(body)
+    ciphertext = body.get("ciphertext")
+    if not isinstance(ciphertext, bytes) or not ciphertext:
+        raise InvalidRequest("ciphertext must be a non-empty byte string")
+    if len(ciphertext) > limits.max_ciphertext:
+        raise PayloadTooLarge(f"ciphertext is larger than {limits.max_ciphertext} bytes")
+    ephemeral = body.get("ephemeral", False)
+    if not isinstance(ephemeral, bool):
+        raise InvalidRequest("ephemeral must be a boolean")
+    cmid = body.get("client_message_id", "")
+    if not ephemeral and (
+        not isinstance(cmid, str) or not cmid or len(cmid) > MAX_CLIENT_MESSAGE_ID
+    ):
+        raise InvalidRequest(
+            f"client_message_id must be text of 1..{MAX_CLIENT_MESSAGE_ID} characters"
+        )
+    return Send(rid, conversation, ciphertext, cmid if isinstance(cmid, str) else "", ephemeral)
+
+
+def _create(rid: int, body: dict[str, Any], limits: Limits) -> CreateConversation:
+    return CreateConversation(rid, _conversation(body), _members(body))
+
+
+def _add(rid: int, body: dict[str, Any], limits: Limits) -> AddMembers:
+    return AddMembers(rid, _conversation(body), _members(body))
+
+
+def _remove(rid: int, body: dict[str, Any], limits: Limits) -> RemoveMembers:
+    return RemoveMembers(rid, _conversation(body), _members(body))
+
+
+def _leave(rid: int, body: dict[str, Any], limits: Limits) -> Leave:
+    return Leave(rid, _conversation(body))
+
+
+def _list(rid: int, body: dict[str, Any], limits: Limits) -> ListConversations:
+    return ListConversations(rid)
+
+
+def _subscribe(rid: int, body: dict[str, Any], limits: Limits) -> Subscribe:
+    raw = body.get("cursors", [])
+    if not isinstance(raw, list):
+        raise InvalidRequest("cursors must be a list of {conversation, seq}")
+    cursors: dict[bytes, int] = {}
+    for entry in raw:
+        if not isinstance(entry, dict):
+            raise InvalidRequest("cursors must be a list of {conversation, seq}")
+        cursors[_conversation(entry)] = _seq(entry.get("seq"), "cursors[].seq")
+    return Subscribe(rid, cursors)
+
+
+def _ack(rid: int, body: dict[str, Any], limits: Limits) -> Ack:
+    return Ack(rid, _conversation(body), _seq(body.get("seq"), "seq"))
+
+
+_PARSERS: dict[str, Callable[[int, dict[str, Any], Limits], Request]] = {
+    "#send": _send,
+    "#createConversation": _create,
+    "#addMembers": _add,
+    "#removeMembers": _remove,
+    "#leave": _leave,
+    "#listConversations": _list,
+    "#subscribe": _subscribe,
+    "#ack": _ack,
+}

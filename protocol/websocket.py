@@ -1,0 +1,208 @@
+"""Sans-I/O WebSocket server side: request head, handshake, frames.
+
+The relay routes each new TCP connection itself: it reads the HTTP request
+head, and only a WebSocket upgrade on the relay's path stays here; every other
+request is handed to the HTTP app.  After the handshake, incoming frames are
+parsed by wsproto (masked client frames, fragments, control frames), while
+outgoing data frames are built here once per message: server frames are not
+masked, so the same bytes go to every recipient (encode once, write many).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import struct
+from dataclasses import dataclass
+from urllib.parse import parse_qs
+
+import h11
+from wsproto.connection import Connection, ConnectionState, ConnectionType
+from wsproto.events import BytesMessage, CloseConnection, Ping, TextMessage
+
+from .errors import FrameTooLarge, MalformedFrame, ProtocolError
+
+WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+MAX_HEAD = 16 * 1024
+
+# Close codes (documented in docs/PROTOCOL.md).
+CLOSE_NORMAL = 1000
+CLOSE_GOING_AWAY = 1001
+CLOSE_PROTOCOL_ERROR = 1002
+CLOSE_UNSUPPORTED = 1003
+CLOSE_TOO_BIG = 1009
+CLOSE_INTERNAL = 1011
+CLOSE_RESTART = 1012
+CLOSE_MALFORMED = 4400
+CLOSE_AUTH_EXPIRED = 4401
+CLOSE_CONSUMER_TOO_SLOW = 4008
+CLOSE_REPLACED = 4409
+
+
+@dataclass(frozen=True, slots=True)
+class RequestHead:
+    method: str
+    path: str
+    query: bytes
+    headers: list[tuple[bytes, bytes]]
+    #: Bytes that followed the head (early WebSocket frames).
+    rest: bytes
+
+    def header(self, name: bytes) -> bytes | None:
+        for key, value in self.headers:
+            if key == name:
+                return value
+        return None
+
+    def query_param(self, name: str) -> str | None:
+        values = parse_qs(self.query.decode("latin-1")).get(name)
+        return values[0] if values else None
+
+    @property
+    def is_websocket(self) -> bool:
+        upgrade = (self.header(b"upgrade") or b"").lower()
+        connection = (self.header(b"connection") or b"").lower()
+        return self.method == "GET" and upgrade == b"websocket" and b"upgrade" in connection
+
+
+def parse_head(buffer: bytes) -> RequestHead | None:
+    """Parse an HTTP/1.1 request head; None while incomplete.
+
+    Raises ProtocolError when the head is malformed or larger than MAX_HEAD.
+    """
+    end = buffer.find(b"\r\n\r\n")
+    if end < 0:
+        if len(buffer) > MAX_HEAD:
+            raise ProtocolError("request head too large")
+        return None
+    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
+    conn.receive_data(buffer[: end + 4])
+    try:
+        event = conn.next_event()
+    except h11.RemoteProtocolError as exc:
+        raise ProtocolError(f"bad request head: {exc}") from None
+    if not isinstance(event, h11.Request):
+        raise ProtocolError("bad request head")
+    target = bytes(event.target)
+    path, _, query = target.partition(b"?")
+    return RequestHead(
+        method=event.method.decode("ascii"),
+        path=path.decode("latin-1"),
+        query=query,
+        headers=[(k.lower(), v) for k, v in event.headers],
+        rest=buffer[end + 4 :],
+    )
+
+
+def accept_response(head: RequestHead) -> bytes:
+    """The 101 response completing the handshake; raises ProtocolError if invalid."""
+    key = head.header(b"sec-websocket-key")
+    if head.header(b"sec-websocket-version") != b"13" or not key:
+        raise ProtocolError("need Sec-WebSocket-Version: 13 and a Sec-WebSocket-Key")
+    accept = base64.b64encode(hashlib.sha1(key.strip() + WS_GUID).digest())
+    return (
+        b"HTTP/1.1 101 Switching Protocols\r\n"
+        b"Upgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Accept: " + accept + b"\r\n\r\n"
+    )
+
+
+def json_response(status: int, body: dict[str, object], extra: str = "") -> bytes:
+    """A complete HTTP/1.1 JSON response that closes the connection."""
+    payload = json.dumps(body).encode()
+    reason = {400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 429: "Too Many Requests",
+              503: "Service Unavailable"}.get(status, "Error")
+    head = (
+        f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\n"
+        f"content-length: {len(payload)}\r\nconnection: close\r\n{extra}\r\n"
+    )
+    return head.encode() + payload
+
+
+def binary_frame(payload: bytes) -> bytes:
+    """One unmasked FIN binary frame: identical bytes for every recipient."""
+    n = len(payload)
+    if n < 126:
+        head = bytes((0x82, n))
+    elif n < 65536:
+        head = struct.pack("!BBH", 0x82, 126, n)
+    else:
+        head = struct.pack("!BBQ", 0x82, 127, n)
+    return head + payload
+
+
+def close_frame(code: int, reason: str = "") -> bytes:
+    payload = struct.pack("!H", code) + reason.encode()[:120]
+    return bytes((0x88, len(payload))) + payload
+
+
+def pong_frame(payload: bytes) -> bytes:
+    return bytes((0x8A, len(payload))) + payload[:125]
+
+
+def ping_frame(payload: bytes = b"") -> bytes:
+    return bytes((0x89, len(payload))) + payload[:125]
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """A complete binary message from the client."""
+
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class PingReceived:
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Closed:
+    code: int
+    reason: str
+
+
+WsEvent = Message | PingReceived | Closed
+
+
+class ServerConnection:
+    """Frames in, events out, after the handshake.  One per WebSocket."""
+
+    def __init__(self, max_message: int) -> None:
+        self._ws = Connection(ConnectionType.SERVER)
+        self._max_message = max_message
+        self._parts: list[bytes] = []
+        self._size = 0
+
+    @property
+    def closed(self) -> bool:
+        return self._ws.state is not ConnectionState.OPEN
+
+    def receive(self, data: bytes | None) -> list[WsEvent]:
+        """Feed bytes (None at EOF); returns complete events.
+
+        Raises MalformedFrame (text frames, bad framing) or FrameTooLarge.
+        """
+        self._ws.receive_data(data)
+        out: list[WsEvent] = []
+        for event in self._ws.events():
+            if isinstance(event, BytesMessage):
+                self._size += len(event.data)
+                if self._size > self._max_message:
+                    raise FrameTooLarge(f"message larger than {self._max_message} bytes")
+                self._parts.append(bytes(event.data))
+                if event.message_finished:
+                    out.append(Message(b"".join(self._parts)))
+                    self._parts.clear()
+                    self._size = 0
+            elif isinstance(event, TextMessage):
+                raise MalformedFrame("text frames are not part of this protocol")
+            elif isinstance(event, Ping):
+                out.append(PingReceived(bytes(event.payload)))
+            elif isinstance(event, CloseConnection):
+                out.append(Closed(event.code, event.reason or ""))
+            # Pong events need no action: any inbound traffic proves liveness.
+        return out
+
+

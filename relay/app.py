@@ -1,0 +1,122 @@
+"""The relay node: wiring of storage, committer, hub, sessions and HTTP.
+
+One process, one port: :mod:`relay.server` reads each connection's request
+head and keeps WebSocket upgrades on the relay's own hot path, handing every
+other request to the Quart app through Hypercorn's connection handler.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from dataclasses import dataclass, field
+
+import trio
+
+from protocol.requests import Limits
+from storage import open_storage
+from storage.base import Storage
+
+from . import __version__
+from .auth import AuthConfig, Authenticator
+from .committer import Committer
+from .config import Config
+from .fanout import FanOut, LocalFanOut
+from .hub import Hub
+from .outbox import Flusher
+
+log = logging.getLogger("relay")
+
+
+@dataclass
+class State:
+    started: bool = False
+    shutting_down: bool = False
+    database_ok: bool = True
+    last_db_check: float = field(default=0.0)
+
+
+class Relay:
+    def __init__(self, config: Config, storage: Storage | None = None) -> None:
+        self.config = config
+        self.server_name = f"mls-relay/{__version__}"
+        self.node_id = config.node_id or f"{socket.gethostname()}-{os.getpid()}"
+        self.limits = Limits(max_ciphertext=config.max_ciphertext)
+        self.flusher = Flusher()
+        self.hub = Hub(self.flusher)
+        self.fanout: FanOut = LocalFanOut(self.hub)
+        self._storage = storage
+        self.authenticator = Authenticator(
+            AuthConfig(
+                audience=config.service_id,
+                hs256_secret=config.jwt_secret or None,
+                jwks_path=config.jwks_file or None,
+                device_claim=config.device_claim,
+                max_lifetime_s=config.max_token_lifetime_s,
+            )
+        )
+        self.state = State()
+        self.sessions: dict[tuple[str, str], object] = {}
+        self.metrics_slow_consumers = 0
+        self._committer: Committer | None = None
+
+    @property
+    def storage(self) -> Storage:
+        assert self._storage is not None, "relay not started"
+        return self._storage
+
+    @property
+    def committer(self) -> Committer:
+        assert self._committer is not None, "relay not started"
+        return self._committer
+
+    async def run(
+        self,
+        listeners: list[trio.SocketListener],
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        from .http import HttpFrontend
+        from .server import serve_listeners
+
+        if self._storage is None:
+            self._storage = open_storage(
+                self.config.effective_database_url,
+                pool_min=self.config.pool_min,
+                pool_max=self.config.pool_max,
+            )
+            if self.config.effective_database_url.startswith("sqlite"):
+                await self._storage.migrate()  # the embedded default migrates itself
+        self._committer = Committer(
+            self.storage, self.fanout, self.flusher, max_batch=self.config.commit_batch
+        )
+        http = HttpFrontend(self)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._committer.run)
+                await http.startup()
+                await nursery.start(serve_listeners, self, http, listeners)
+                self.state.started = True
+                task_status.started()
+        finally:
+            with trio.CancelScope(shield=True):
+                await http.shutdown()
+                await self.storage.aclose()
+
+    # --- sessions -------------------------------------------------------------
+
+    def register(self, session: object, user: str, device: str) -> object | None:
+        """Register a device's session; returns the one it displaces, if any."""
+        previous = self.sessions.get((user, device))
+        self.sessions[(user, device)] = session
+        return previous
+
+    def forget(self, session: object) -> None:
+        from .session import Session
+
+        assert isinstance(session, Session)
+        key = (session.user, session.device)
+        if self.sessions.get(key) is session:
+            del self.sessions[key]
+        self.hub.remove(session.streams, list(session.streams.by_conversation))

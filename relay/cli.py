@@ -1,0 +1,150 @@
+"""``mls-relay`` command line: serve, migrate, healthcheck, token, inspect."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+
+import trio
+
+from protocol.errors import RelayError
+
+from .config import ConfigError, from_env, redacted, with_dev_secret
+
+log = logging.getLogger("relay")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="mls-relay", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the relay (WebSocket + HTTP on one port)")
+    serve.add_argument("--port", type=int, help="listen port (default $PORT or 3000)")
+    serve.add_argument("--host", help="listen address (default 0.0.0.0)")
+    sub.add_parser("migrate", help="apply database migrations (idempotent)")
+    health = sub.add_parser("healthcheck", help="exit 0 if the local relay is ready")
+    health.add_argument("--url", help="base URL (default http://127.0.0.1:$PORT)")
+    sub.add_parser("config", help="print the effective configuration, secrets redacted")
+    token = sub.add_parser("token", help="mint a development token with the configured secret")
+    token.add_argument("user", help="user DID, e.g. did:example:alice")
+    token.add_argument("--device", default="dev1")
+    token.add_argument("--lifetime", type=int, default=3600, help="seconds")
+    inspect = sub.add_parser("inspect", help="decode an MLS object and print JSON", add_help=False)
+    inspect.add_argument("rest", nargs=argparse.REMAINDER)
+    args = parser.parse_args(argv)
+    if args.command == "inspect":
+        from .inspect import main as inspect_main
+
+        return inspect_main(args.rest)
+    try:
+        return _COMMANDS[args.command](args)
+    except ConfigError as exc:
+        print(f"mls-relay: configuration error: {exc.message}", file=sys.stderr)
+        return 2
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    cfg = from_env()
+    if args.port is not None:
+        cfg = replace(cfg, port=args.port)
+    if args.host:
+        cfg = replace(cfg, host=args.host)
+    cfg = with_dev_secret(cfg)
+    logging.basicConfig(level=cfg.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    try:
+        trio.run(_run_server, cfg)
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+async def _run_server(cfg: object) -> None:
+    from .app import Relay
+    from .config import Config
+    from .shutdown import graceful_shutdown
+
+    assert isinstance(cfg, Config)
+    relay = Relay(cfg)
+    listeners = await trio.open_tcp_listeners(cfg.port, host=cfg.host)
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(relay.run, listeners)
+            port = listeners[0].socket.getsockname()[1]
+            log.info("mls-relay listening on %s:%s (ws path %s, database %s)", cfg.host, port,
+                     cfg.ws_path, redacted(cfg)["DATABASE_URL"] or cfg.effective_database_url)
+            async for _ in signals:
+                log.info("shutdown requested; draining (deadline %ss)", cfg.shutdown_deadline_s)
+                await graceful_shutdown(relay, listeners)
+                nursery.cancel_scope.cancel()
+                break
+
+
+def _migrate(args: argparse.Namespace) -> int:
+    from storage import open_storage
+
+    cfg = from_env()
+
+    async def run() -> None:
+        storage = open_storage(cfg.effective_database_url, pool_min=1, pool_max=2)
+        try:
+            await storage.migrate()
+        finally:
+            await storage.aclose()
+
+    try:
+        trio.run(run)
+    except RelayError as exc:
+        print(f"mls-relay migrate: {exc.error}: {exc.message}", file=sys.stderr)
+        return 1
+    print("migrations applied")
+    return 0
+
+
+def _healthcheck(args: argparse.Namespace) -> int:
+    cfg = from_env()
+    url = (args.url or f"http://127.0.0.1:{cfg.port}").rstrip("/") + "/health/ready"
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:  # noqa: S310 (local URL)
+            return 0 if resp.status == 200 else 1
+    except (urllib.error.URLError, OSError) as exc:
+        print(f"not ready: {exc}", file=sys.stderr)
+        return 1
+
+
+def _config(args: argparse.Namespace) -> int:
+    print(json.dumps(redacted(from_env()), indent=2, default=str))
+    return 0
+
+
+def _token(args: argparse.Namespace) -> int:
+    import jwt
+
+    cfg = with_dev_secret(from_env())
+    if not cfg.jwt_secret:
+        print("mls-relay token: needs an HS256 secret (RELAY_JWT_SECRET)", file=sys.stderr)
+        return 2
+    now = int(time.time())
+    claims = {"sub": args.user, "aud": cfg.service_id, "iat": now, "exp": now + args.lifetime,
+              "jti": uuid.uuid4().hex, cfg.device_claim: args.device}
+    print(jwt.encode(claims, cfg.jwt_secret, algorithm="HS256"))
+    return 0
+
+
+_COMMANDS = {
+    "serve": _serve,
+    "migrate": _migrate,
+    "healthcheck": _healthcheck,
+    "config": _config,
+    "token": _token,
+}
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,163 @@
+"""Typed configuration from the environment, validated at start.
+
+Names: ``PORT``, ``DATABASE_URL``, ``REDIS_URL`` (the usual platform names)
+and everything else under the ``RELAY_`` prefix.  With nothing set, the relay
+runs the embedded default: SQLite in ``./data``, in-process fan-out, port 3000,
+and a random HS256 secret generated once into the data directory (0600) so
+that ``mls-relay token`` can mint development tokens.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+
+from protocol.errors import RelayError
+
+#: Secrets published in deployment notes; never accepted outside dev mode.
+WELL_KNOWN_SECRETS = frozenset(
+    {
+        "test_secret_for_local_development_only_change_in_production",
+        "secret",
+        "changeme",
+        "change-me",
+        "your-secret-key",
+    }
+)
+
+
+class ConfigError(RelayError):
+    error = "ConfigError"
+
+
+@dataclass(frozen=True)
+class Config:
+    host: str = "0.0.0.0"
+    port: int = 3000
+    data_dir: str = "data"
+    database_url: str = ""
+    redis_url: str = ""
+    service_id: str = "did:web:localhost"
+    jwt_secret: str = ""
+    jwks_file: str = ""
+    device_claim: str = "device"
+    max_token_lifetime_s: int = 86400
+    dev_mode: bool = False
+    node_id: str = ""
+    pool_min: int = 2
+    pool_max: int = 10
+    max_frame: int = 1024 * 1024
+    max_ciphertext: int = 256 * 1024
+    outbox_limit: int = 4 * 1024 * 1024
+    max_in_flight: int = 64
+    commit_batch: int = 512
+    handshake_timeout_s: float = 10.0
+    shutdown_deadline_s: float = 30.0
+    memory_limit_mb: int = 0
+    ws_path: str = "/v1/ws"
+    log_level: str = "INFO"
+    secret_source: str = field(default="env", compare=False)
+
+    @property
+    def effective_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{Path(self.data_dir).resolve() / 'relay.db'}"
+
+
+_ENV_NAMES = {"port": "PORT", "database_url": "DATABASE_URL", "redis_url": "REDIS_URL"}
+
+
+def _env_name(name: str) -> str:
+    return _ENV_NAMES.get(name, "RELAY_" + name.upper())
+
+
+def _convert(name: str, kind: str, raw: str) -> object:
+    try:
+        if kind == "int":
+            return int(raw)
+        if kind == "float":
+            return float(raw)
+        if kind == "bool":
+            if raw.lower() in ("1", "true", "yes", "on"):
+                return True
+            if raw.lower() in ("0", "false", "no", "off", ""):
+                return False
+            raise ValueError(raw)
+    except ValueError:
+        raise ConfigError(f"{_env_name(name)}={raw!r} is not a valid {kind}") from None
+    return raw
+
+
+def from_env(env: Mapping[str, str] | None = None) -> Config:
+    """Read and validate the configuration; raises ConfigError with a clear message."""
+    env = os.environ if env is None else env
+    values: dict[str, object] = {}
+    for f in fields(Config):
+        if f.name == "secret_source":
+            continue
+        raw = env.get(_env_name(f.name))
+        if raw is not None:
+            values[f.name] = _convert(f.name, str(f.type), raw)
+    cfg = Config(**values)  # type: ignore[arg-type]
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    if not 0 < cfg.port < 65536 and cfg.port != 0:
+        raise ConfigError(f"PORT must be 1..65535, got {cfg.port}")
+    if cfg.pool_min < 0 or cfg.pool_max < max(1, cfg.pool_min):
+        raise ConfigError("RELAY_POOL_MAX must be >= max(1, RELAY_POOL_MIN)")
+    if cfg.max_ciphertext > cfg.max_frame:
+        raise ConfigError("RELAY_MAX_CIPHERTEXT must not exceed RELAY_MAX_FRAME")
+    if cfg.jwt_secret and not cfg.dev_mode:
+        if cfg.jwt_secret in WELL_KNOWN_SECRETS or "change" in cfg.jwt_secret.lower():
+            raise ConfigError(
+                "RELAY_JWT_SECRET is a well-known placeholder; set a random secret "
+                "(or RELAY_DEV_MODE=1 for local development)"
+            )
+        if len(cfg.jwt_secret.encode()) < 32:
+            raise ConfigError("RELAY_JWT_SECRET must be at least 32 bytes")
+    db = cfg.database_url
+    if db and not db.startswith(("postgresql://", "postgres://", "sqlite:///")):
+        raise ConfigError("DATABASE_URL must start with postgresql:// or sqlite:///")
+
+
+def with_dev_secret(cfg: Config) -> Config:
+    """Embedded default: no secret and no JWKS configured → a per-install
+    random secret kept in the data directory (never a well-known one)."""
+    if cfg.jwt_secret or cfg.jwks_file:
+        return cfg
+    path = Path(cfg.data_dir) / "jwt-secret"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(secrets.token_urlsafe(48))
+    return replace(cfg, jwt_secret=path.read_text().strip(), secret_source=str(path))
+
+
+def redacted(cfg: Config) -> dict[str, object]:
+    """The effective configuration with secrets and passwords hidden."""
+    out: dict[str, object] = {}
+    for f in fields(Config):
+        value = getattr(cfg, f.name)
+        if f.name == "jwt_secret" and value:
+            value = "<redacted>"
+        elif f.name in ("database_url", "redis_url") and value:
+            value = _redact_url(str(value))
+        out[_env_name(f.name)] = value
+    return out
+
+
+def _redact_url(url: str) -> str:
+    scheme, sep, rest = url.partition("://")
+    creds, at, host = rest.rpartition("@")
+    if not at or ":" not in creds:
+        return url
+    user = creds.split(":", 1)[0]
+    return f"{scheme}{sep}{user}:<redacted>@{host}"

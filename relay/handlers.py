@@ -1,0 +1,180 @@
+"""Request handlers other than durable sends.  Each returns the reply frame."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+from protocol import events
+from protocol.errors import FutureCursor, InvalidRequest, NotMember
+from protocol.requests import (
+    Ack,
+    AddMembers,
+    CreateConversation,
+    Leave,
+    ListConversations,
+    RemoveMembers,
+    Request,
+    Send,
+    Subscribe,
+)
+from storage.base import ConversationInfo
+
+from .hub import Ephemeral, MembershipChange
+
+if TYPE_CHECKING:
+    from .session import Session
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class Handlers:
+    def __init__(self, session: Session) -> None:
+        self.s = session
+        self.storage = session.relay.storage
+
+    async def handle(self, req: Request) -> bytes:
+        match req:
+            case Send():
+                return await self.ephemeral(req)
+            case CreateConversation():
+                return await self.create(req)
+            case AddMembers():
+                return await self.add(req)
+            case RemoveMembers():
+                return await self.remove(req.id, req.conversation, list(req.members))
+            case Leave():
+                return await self.remove(req.id, req.conversation, [self.s.user])
+            case ListConversations():
+                return await self.list(req)
+            case Subscribe():
+                return await self.subscribe(req)
+            case Ack():
+                return await self.ack(req)
+
+    async def ephemeral(self, req: Send) -> bytes:
+        await self.storage.conversation_for_member(req.conversation, self.s.user)
+        self.s.relay.fanout.publish_ephemeral(
+            Ephemeral(req.conversation, self.s.user, self.s.device, _now_ms(), req.ciphertext)
+        )
+        return events.result(req.id)
+
+    async def create(self, req: CreateConversation) -> bytes:
+        info = await self.storage.create_conversation(
+            req.conversation, self.s.user, req.members, _now_ms()
+        )
+        members = await self.storage.members(req.conversation)
+        self.s.relay.fanout.publish_membership(
+            MembershipChange(
+                req.conversation, self.s.user, tuple((m, 0) for m in members), (), 0
+            )
+        )
+        return events.result(req.id, members=members, seq=info.last_seq)
+
+    async def add(self, req: AddMembers) -> bytes:
+        added = await self.storage.add_members(
+            req.conversation, self.s.user, req.members, _now_ms()
+        )
+        last_seq = added[0].joined_seq if added else 0
+        if added:
+            self.s.relay.fanout.publish_membership(
+                MembershipChange(
+                    req.conversation, self.s.user,
+                    tuple((a.user, a.joined_seq) for a in added), (), last_seq,
+                )
+            )
+        return events.result(req.id, added=[a.user for a in added])
+
+    async def remove(self, rid: int, conversation: bytes, users: list[str]) -> bytes:
+        info = await self.storage.conversation_for_member(conversation, self.s.user)
+        removed = await self.storage.remove_members(conversation, self.s.user, users)
+        if removed:
+            self.s.relay.fanout.publish_membership(
+                MembershipChange(conversation, self.s.user, (), tuple(removed), info.last_seq)
+            )
+        return events.result(rid, removed=removed)
+
+    async def list(self, req: ListConversations) -> bytes:
+        convs = await self.storage.list_conversations(self.s.user)
+        return events.result(
+            req.id,
+            conversations=[
+                {"conversation": c.conversation, "last_seq": c.last_seq,
+                 "joined_seq": c.joined_seq, "first_seq": c.first_seq}
+                for c in convs
+            ],
+        )
+
+    async def ack(self, req: Ack) -> bytes:
+        seq = await self.storage.set_cursor(self.s.user, self.s.device, req.conversation, req.seq)
+        return events.result(req.id, conversation=req.conversation, seq=seq)
+
+    async def subscribe(self, req: Subscribe) -> bytes:
+        """Resume every conversation from its cursor, then go live.
+
+        Order matters: the hub starts recording published seqs (watch) and
+        stashing membership changes BEFORE the storage snapshot, and the
+        streams are registered after it; see Hub.watch."""
+        s = self.s
+        if s.subscribed:
+            raise InvalidRequest("already subscribed on this connection")
+        hub = s.relay.hub
+        seen = hub.watch()
+        s.streams.stash = {}
+        hub.add_user(s.streams)
+        try:
+            convs = await self.storage.list_conversations(s.user)
+            stored = await self.storage.get_cursors(s.user, s.device)
+            by_id = {c.conversation: c for c in convs}
+            _check_cursors(req.cursors, by_id)
+            self._merge_stash(by_id, s.streams.stash)
+        except BaseException:
+            hub.unwatch(seen)
+            s.streams.stash = None
+            hub.remove(s.streams, ())
+            raise
+        hub.unwatch(seen)
+        s.streams.stash = None
+        outdated: list[bytes] = []
+        for conv, info in by_id.items():
+            cursor = max(req.cursors.get(conv, stored.get(conv, 0)), info.joined_seq)
+            if cursor < info.first_seq - 1:
+                outdated.append(conv)
+            hub.subscribe(s.streams, conv)
+            s.streams.follow(conv, cursor + 1, max(info.last_seq, seen.get(conv, 0)))
+        s.subscribed = True
+        # The reply is written when this returns, before the catch-up task
+        # runs; the task then replays and announces CaughtUp (kick() makes it
+        # announce even when there is nothing to replay).
+        s.streams.kick()
+        for conv in outdated:
+            s.send_frame(
+                events.info(
+                    "OutdatedCursor",
+                    "cursor is older than retained history; replaying what is left",
+                    conversation=conv, first_seq=by_id[conv].first_seq,
+                )
+            )
+        return events.result(req.id, conversations=len(by_id))
+
+    def _merge_stash(self, by_id: dict[bytes, ConversationInfo],
+                     stash: dict[bytes, int | None]) -> None:
+        for conv, joined in stash.items():
+            if joined is None:
+                by_id.pop(conv, None)
+            elif conv not in by_id:
+                by_id[conv] = ConversationInfo(conv, joined, joined, joined + 1)
+
+
+def _check_cursors(cursors: dict[bytes, int], by_id: dict[bytes, ConversationInfo]) -> None:
+    for conv, seq in cursors.items():
+        info = by_id.get(conv)
+        if info is None:
+            raise NotMember("not a member of a conversation in cursors", conversation=conv)
+        if seq > info.last_seq:
+            raise FutureCursor(
+                f"cursor {seq} is beyond the end of the conversation ({info.last_seq})",
+                conversation=conv, last_seq=info.last_seq,
+            )

@@ -1,0 +1,154 @@
+"""The HTTP surface (Quart on Hypercorn), sharing the relay's one port.
+
+Connections that are not WebSocket upgrades on the relay path arrive here
+with the bytes already read; :class:`PrefixedStream` replays them into
+Hypercorn's per-connection server.  The ASGI ``send`` is shielded from
+cancellation: without it, Quart-Trio on Hypercorn never closed HTTP
+connections (neither on ``Connection: close`` nor on keep-alive timeout).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio.tcp_server import TCPServer
+from hypercorn.trio.worker_context import WorkerContext
+from hypercorn.utils import wrap_app
+from quart import jsonify
+from quart_trio import QuartTrio
+
+from protocol.errors import RelayError
+
+from . import __version__
+
+if TYPE_CHECKING:
+    from .app import Relay
+
+
+class PrefixedStream:
+    """A SocketStream whose first bytes were already read by the router."""
+
+    def __init__(self, stream: trio.SocketStream, prefix: bytes) -> None:
+        self._stream = stream
+        self._prefix = prefix
+        self.socket = stream.socket
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if self._prefix:
+            data, self._prefix = self._prefix, b""
+            return data
+        return bytes(await self._stream.receive_some(max_bytes))
+
+    async def send_all(self, data: bytes) -> None:
+        await self._stream.send_all(data)
+
+    async def send_eof(self) -> None:
+        await self._stream.send_eof()
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
+
+
+def _shielded(app: Any) -> Any:
+    async def asgi(scope: Any, receive: Any, send: Any) -> None:
+        async def shielded_send(message: Any) -> None:
+            with trio.CancelScope(shield=True):
+                await send(message)
+
+        await app(scope, receive, shielded_send)
+
+    return asgi
+
+
+class HttpFrontend:
+    def __init__(self, relay: Relay) -> None:
+        self.relay = relay
+        self.app = create_app(relay)
+        self.config = HypercornConfig()
+        self.config.keep_alive_timeout = 5
+        self.config.access_log_format = ""
+        self._asgi = wrap_app(_shielded(self.app), self.config.wsgi_max_body_size, "asgi")
+        self._context = WorkerContext(None)
+
+    async def startup(self) -> None:
+        """Nothing to start: the app has no before/after-serving hooks, and
+        Quart-Trio's lifespan expects to own a nursery we do not give it."""
+
+    async def shutdown(self) -> None:
+        """See startup()."""
+
+    async def serve_connection(self, stream: trio.SocketStream, prefix: bytes) -> None:
+        server = TCPServer(self._asgi, self.config, self._context, {}, PrefixedStream(stream, prefix))  # type: ignore[arg-type]
+        await server.run()
+
+
+def _error(exc: RelayError) -> Any:
+    response = jsonify(exc.to_body())
+    response.status_code = exc.http_status
+    return response
+
+
+def create_app(relay: Relay) -> QuartTrio:
+    app = QuartTrio("mls-relay")
+
+    @app.errorhandler(RelayError)
+    async def relay_error(exc: RelayError) -> Any:
+        return _error(exc)
+
+    @app.errorhandler(404)
+    async def not_found(exc: Exception) -> Any:
+        return jsonify({"error": "NotFound", "message": "no such route"}), 404
+
+    @app.errorhandler(405)
+    async def not_allowed(exc: Exception) -> Any:
+        return jsonify({"error": "MethodNotAllowed", "message": "method not allowed"}), 405
+
+    @app.get("/health/live")
+    async def live() -> Any:
+        return jsonify({"status": "alive", "timestamp": int(time.time())})
+
+    @app.get("/health/ready")
+    async def ready() -> Any:
+        checks = await _checks(relay)
+        ok = checks["database"] == "healthy" and not relay.state.shutting_down
+        body = {"status": "ready" if ok else "not_ready", "timestamp": int(time.time()),
+                "checks": checks, "shutting_down": relay.state.shutting_down}
+        return jsonify(body), 200 if ok else 503
+
+    @app.get("/health")
+    async def health() -> Any:
+        checks = await _checks(relay)
+        ok = all(v == "healthy" for v in checks.values())
+        body = {"status": "healthy" if ok else "unhealthy", "timestamp": int(time.time()),
+                "version": __version__, "checks": checks}
+        return jsonify(body), 200 if ok else 503
+
+    return app
+
+
+async def _checks(relay: Relay) -> dict[str, str]:
+    database = "healthy"
+    try:
+        with trio.fail_after(2):
+            await relay.storage.ping()
+    except (RelayError, trio.TooSlowError):
+        database = "unhealthy"
+    return {"database": database, "memory": _memory_check(relay)}
+
+
+def _memory_check(relay: Relay) -> str:
+    limit = relay.config.memory_limit_mb
+    if not limit:
+        return "healthy"
+    try:
+        with open("/proc/self/statm") as fh:
+            rss_pages = int(fh.read().split()[1])
+    except (OSError, ValueError, IndexError):
+        return "healthy"
+    import os
+
+    rss_mb = rss_pages * os.sysconf("SC_PAGE_SIZE") / (1024 * 1024)
+    return "healthy" if rss_mb < limit else "unhealthy"

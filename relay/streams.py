@@ -1,0 +1,177 @@
+"""The replay/live seam of one connection, per conversation.
+
+For each conversation a connection follows, :class:`Stream` holds
+``next_seq`` (the next seq this connection must deliver) and ``known_last``
+(the highest seq known to be committed).  Live messages are delivered only
+when they are exactly ``next_seq``; anything ahead of it means a gap (missed
+fan-out, or a reorder between nodes) and switches the conversation to
+catch-up, which reads the gap from storage.  While catching up, live messages
+only raise ``known_last``; the catch-up loop keeps reading until it has
+delivered everything up to ``known_last`` and storage returns a short page,
+then flips back to live with no await in between.  Because every message is
+published only after its commit, a message is either seen by that last read
+or arrives live after the flip: no gap and no duplicate at the seam.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import trio
+
+from protocol import events
+from protocol.errors import NotMember
+from protocol.websocket import binary_frame
+from storage.base import Storage
+
+from .outbox import Flusher, Outbox
+
+REPLAY_PAGE = 1000
+
+
+@dataclass(slots=True)
+class Stream:
+    next_seq: int
+    known_last: int
+    catching_up: bool
+
+
+class Streams:
+    """Implements the hub's Subscriber protocol for one connection."""
+
+    def __init__(
+        self,
+        user: str,
+        device: str,
+        outbox: Outbox,
+        flusher: Flusher,
+        storage: Storage,
+        on_left: Callable[[bytes], None],
+    ) -> None:
+        self.user = user
+        self.device = device
+        self._outbox = outbox
+        self._flusher = flusher
+        self._storage = storage
+        self._on_left = on_left
+        self.by_conversation: dict[bytes, Stream] = {}
+        self._pending: dict[bytes, None] = {}
+        self._wake = trio.Event()
+        #: While a subscription is being set up, membership changes are stashed.
+        self.stash: dict[bytes, int | None] | None = None
+        self.delivered = 0
+
+    # --- hub callbacks (synchronous, hot path) ------------------------------
+
+    def offer(self, conversation: bytes, seq: int, sender: str, device: str, wire: bytes) -> None:
+        st = self.by_conversation.get(conversation)
+        if st is None:
+            return
+        if seq > st.known_last:
+            st.known_last = seq
+        if st.catching_up or seq < st.next_seq:
+            return
+        if seq > st.next_seq:
+            self._start_catch_up(conversation, st)
+            return
+        st.next_seq = seq + 1
+        if device == self.device and sender == self.user:
+            return  # the sending device got its #result instead
+        self._outbox.write(wire)
+        self.delivered += 1
+
+    def offer_ephemeral(self, conversation: bytes, sender: str, device: str, wire: bytes) -> None:
+        if conversation in self.by_conversation and not (
+            device == self.device and sender == self.user
+        ):
+            self._outbox.write(wire)
+
+    def joined(self, conversation: bytes, joined_seq: int, last_seq: int, wire: bytes) -> bool:
+        """Returns True when the hub must subscribe us to the conversation now."""
+        self._outbox.write_control(wire)
+        if self.stash is not None:
+            self.stash[conversation] = joined_seq
+            return False
+        if conversation in self.by_conversation:
+            return False
+        self.follow(conversation, joined_seq + 1, last_seq)
+        return True
+
+    def left(self, conversation: bytes, wire: bytes) -> None:
+        if self.stash is not None:
+            self.stash[conversation] = None
+        self._outbox.write_control(wire)
+        if self.by_conversation.pop(conversation, None) is not None:
+            self._pending.pop(conversation, None)
+            self._on_left(conversation)
+
+    def notify(self, conversation: bytes, wire: bytes) -> None:
+        self._outbox.write_control(wire)
+
+    # --- setup --------------------------------------------------------------
+
+    def follow(self, conversation: bytes, next_seq: int, known_last: int) -> Stream:
+        """Start following a conversation from ``next_seq``."""
+        st = Stream(next_seq=next_seq, known_last=known_last, catching_up=False)
+        self.by_conversation[conversation] = st
+        if known_last >= next_seq:
+            self._start_catch_up(conversation, st)
+        return st
+
+    def _start_catch_up(self, conversation: bytes, st: Stream) -> None:
+        st.catching_up = True
+        self._pending[conversation] = None
+        self._wake.set()
+
+    def kick(self) -> None:
+        """Make the catch-up loop run (and report idle) even with nothing pending."""
+        self._wake.set()
+
+    # --- catch-up -----------------------------------------------------------
+
+    async def run_catch_up(self, on_idle: Callable[[], None]) -> None:
+        """Forever: replay whatever conversation fell behind, oldest request first."""
+        while True:
+            await self._wake.wait()
+            self._wake = trio.Event()
+            while self._pending:
+                conversation = next(iter(self._pending))
+                await self._catch_up(conversation)
+                self._pending.pop(conversation, None)
+            on_idle()
+
+    async def _catch_up(self, conversation: bytes) -> None:
+        while True:
+            await self._outbox.wait_for_room(self._outbox.limit // 2)
+            st = self.by_conversation.get(conversation)
+            if st is None:
+                return
+            try:
+                rows = await self._storage.read_messages(
+                    conversation, self.user, st.next_seq - 1, REPLAY_PAGE
+                )
+            except NotMember:
+                self.by_conversation.pop(conversation, None)
+                self._on_left(conversation)
+                return
+            if self.by_conversation.get(conversation) is not st:
+                return  # left (or re-joined) while we were reading
+            for row in rows:
+                if row.seq < st.next_seq:
+                    continue
+                st.next_seq = row.seq + 1
+                if row.seq > st.known_last:
+                    st.known_last = row.seq
+                self._outbox.write_control(
+                    binary_frame(
+                        events.message(
+                            conversation, row.seq, row.sender, row.created_ms, row.ciphertext
+                        )
+                    )
+                )
+                self.delivered += 1
+            self._flusher.flush()
+            if len(rows) < REPLAY_PAGE and st.next_seq > st.known_last:
+                st.catching_up = False  # no await since the read: see module doc
+                return

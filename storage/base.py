@@ -1,0 +1,169 @@
+"""The storage contract shared by every backend.
+
+Two backends implement it with identical behaviour: PostgreSQL (production,
+several relay nodes) and SQLite (the embedded default).  One contract test
+suite (``tests/test_storage_contract.py``) runs against both.
+
+Rules every backend keeps:
+
+* Every method is a Trio coroutine and is cancellable.  When the caller is
+  cancelled, the backend cancels the running statement on the server (or
+  never starts it) and leaves no half-done work behind: a transaction is
+  either committed before the caller returns, or rolled back.
+* Errors are raised as :mod:`protocol.errors` classes only.  An unreachable
+  database is :class:`~protocol.errors.Unavailable` (retryable).
+* Sequence numbers are assigned by the database under a per-conversation row
+  lock, in the same transaction that stores the message: 1, 2, 3, … with no
+  gap and no duplicate, whatever the concurrency and however many relay
+  processes share the database.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from protocol.errors import RelayError
+
+
+@dataclass(frozen=True, slots=True)
+class NewMessage:
+    """A message to append.  The idempotency key is
+    (conversation, sender, device, client_message_id)."""
+
+    conversation: bytes
+    sender: str
+    device: str
+    client_message_id: str
+    ciphertext: bytes
+    created_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Appended:
+    """Outcome of one appended message."""
+
+    conversation: bytes
+    seq: int
+    created_ms: int
+    #: True when the idempotency key was already stored: ``seq`` and
+    #: ``created_ms`` are the original's and nothing new was written.
+    duplicate: bool
+
+
+@dataclass(frozen=True, slots=True)
+class StoredMessage:
+    conversation: bytes
+    seq: int
+    sender: str
+    device: str
+    ciphertext: bytes
+    created_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class ConversationInfo:
+    """A conversation as seen by one member."""
+
+    conversation: bytes
+    #: Highest seq assigned so far (0 when empty).
+    last_seq: int
+    #: The member sees messages with seq > joined_seq only.
+    joined_seq: int
+    #: Lowest seq still retained (last_seq + 1 when everything was pruned).
+    first_seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class AddedMember:
+    user: str
+    joined_seq: int
+
+
+class Storage(abc.ABC):
+    """Persistence for conversations, members, messages and cursors."""
+
+    @abc.abstractmethod
+    async def migrate(self) -> None:
+        """Apply missing migrations; idempotent, safe when two nodes run it at once."""
+
+    @abc.abstractmethod
+    async def ping(self) -> None:
+        """Return if the database answers; raise Unavailable otherwise."""
+
+    @abc.abstractmethod
+    async def aclose(self) -> None: ...
+
+    # --- conversations and members -----------------------------------------
+
+    @abc.abstractmethod
+    async def create_conversation(
+        self, conversation: bytes, creator: str, members: Sequence[str], now_ms: int
+    ) -> ConversationInfo:
+        """Create a conversation; the creator is always a member.  All initial
+        members get joined_seq 0.  Raises ConversationExists."""
+
+    @abc.abstractmethod
+    async def add_members(
+        self, conversation: bytes, actor: str, users: Sequence[str], now_ms: int
+    ) -> list[AddedMember]:
+        """The actor (a member) adds users; returns only those newly added,
+        each with joined_seq = the conversation's last_seq at that moment.
+        Raises NotMember if the actor is not a member (or the conversation
+        does not exist: existence is not revealed to non-members)."""
+
+    @abc.abstractmethod
+    async def remove_members(
+        self, conversation: bytes, actor: str, users: Sequence[str]
+    ) -> list[str]:
+        """The actor (a member) removes users (itself included: leaving);
+        returns those actually removed.  Raises NotMember as above."""
+
+    @abc.abstractmethod
+    async def list_conversations(self, user: str) -> list[ConversationInfo]:
+        """Every conversation the user is a member of, ordered by id."""
+
+    @abc.abstractmethod
+    async def conversation_for_member(self, conversation: bytes, user: str) -> ConversationInfo:
+        """Raises NotMember if the user is not a member (or no such conversation)."""
+
+    @abc.abstractmethod
+    async def members(self, conversation: bytes) -> list[str]:
+        """Current members, sorted.  Internal: no authorization check."""
+
+    # --- messages -------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def append_messages(self, batch: Sequence[NewMessage]) -> list[Appended | RelayError]:
+        """Store a batch in ONE transaction (group commit).
+
+        Results align with ``batch``.  An item whose sender is not a member
+        gets NotMember and does not affect the others.  Within a conversation,
+        seqs follow batch order.  A repeated idempotency key (also within the
+        same batch) returns the original seq with duplicate=True.  Returns
+        only after the commit is durable."""
+
+    @abc.abstractmethod
+    async def read_messages(
+        self, conversation: bytes, user: str, after_seq: int, limit: int
+    ) -> list[StoredMessage]:
+        """Messages with seq > max(after_seq, joined_seq), ascending, at most
+        ``limit``.  Raises NotMember."""
+
+    @abc.abstractmethod
+    async def prune_messages(self, older_than_ms: int) -> int:
+        """Delete messages created before the cutoff, advancing each
+        conversation's first_seq; returns how many were deleted."""
+
+    # --- cursors ------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def get_cursors(self, user: str, device: str) -> dict[bytes, int]:
+        """The device's acknowledged positions, by conversation."""
+
+    @abc.abstractmethod
+    async def set_cursor(self, user: str, device: str, conversation: bytes, seq: int) -> int:
+        """Acknowledge up to ``seq``.  Cursors never move backwards: stores and
+        returns max(old, seq).  Raises NotMember, and FutureCursor when seq >
+        last_seq."""
