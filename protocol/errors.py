@@ -113,7 +113,7 @@ class OutdatedCursor(RelayError):
     error = "OutdatedCursor"
 
 
-class PayloadTooLarge(RelayError):
+class PayloadTooLarge(InvalidRequest):
     error = "PayloadTooLarge"
     http_status = 413
 

@@ -39,8 +39,11 @@ class Frame:
     body: dict[str, Any]
 
 
-def _refuse_tag(decoder: object, tag: cbor2.CBORTag) -> object:
-    raise MalformedFrame(f"CBOR tag {tag.tag} is not allowed")
+def _refuse_tag(*args: object) -> object:
+    # cbor2 5 calls hook(decoder, tag), cbor2 6 calls hook(tag, immutable).
+    tag = next((a for a in args if isinstance(a, cbor2.CBORTag)), None)
+    number = tag.tag if tag is not None else "?"
+    raise MalformedFrame(f"CBOR tag {number} is not allowed")
 
 
 def _canonical_key(key: str) -> tuple[int, bytes]:

@@ -59,6 +59,7 @@ class Relay:
         self.state = State()
         self.sessions: dict[tuple[str, str], object] = {}
         self.metrics_slow_consumers = 0
+        self._sessions_empty = trio.Event()
         self._committer: Committer | None = None
 
     @property
@@ -112,6 +113,11 @@ class Relay:
         self.sessions[(user, device)] = session
         return previous
 
+    async def all_sessions_closed(self) -> None:
+        while self.sessions:
+            self._sessions_empty = trio.Event()
+            await self._sessions_empty.wait()
+
     def forget(self, session: object) -> None:
         from .session import Session
 
@@ -119,4 +125,6 @@ class Relay:
         key = (session.user, session.device)
         if self.sessions.get(key) is session:
             del self.sessions[key]
+            if not self.sessions:
+                self._sessions_empty.set()
         self.hub.remove(session.streams, list(session.streams.by_conversation))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import signal
@@ -58,11 +59,11 @@ def _serve(args: argparse.Namespace) -> int:
     if args.host:
         cfg = replace(cfg, host=args.host)
     cfg = with_dev_secret(cfg)
-    logging.basicConfig(level=cfg.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    try:
+    logging.basicConfig(
+        level=cfg.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s"
+    )
+    with contextlib.suppress(KeyboardInterrupt):
         trio.run(_run_server, cfg)
-    except KeyboardInterrupt:
-        pass
     return 0
 
 
@@ -112,7 +113,7 @@ def _healthcheck(args: argparse.Namespace) -> int:
     cfg = from_env()
     url = (args.url or f"http://127.0.0.1:{cfg.port}").rstrip("/") + "/health/ready"
     try:
-        with urllib.request.urlopen(url, timeout=5) as resp:  # noqa: S310 (local URL)
+        with urllib.request.urlopen(url, timeout=5) as resp:
             return 0 if resp.status == 200 else 1
     except (urllib.error.URLError, OSError) as exc:
         print(f"not ready: {exc}", file=sys.stderr)

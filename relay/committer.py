@@ -51,13 +51,15 @@ class Committer:
         self.batches = 0
         self.committed = 0
         self.in_flight = 0
+        #: Set when the committer stopped after close(): every queued send is committed.
+        self.drained = trio.Event()
 
     async def submit(self, item: PendingSend) -> None:
         await self._send.send(item)
 
     async def run(self) -> None:
         async with self._receive:
-            async for first in self._receive:
+            async for first in self._receive:  # ends once close() was called and all is taken
                 batch = [first]
                 while len(batch) < self._max_batch:
                     try:
@@ -65,6 +67,7 @@ class Committer:
                     except trio.WouldBlock:
                         break
                 await self._commit([p for p in batch if not p.abandoned()])
+        self.drained.set()
 
     async def _commit(self, batch: list[PendingSend]) -> None:
         if not batch:

@@ -81,7 +81,8 @@ class HttpFrontend:
         """See startup()."""
 
     async def serve_connection(self, stream: trio.SocketStream, prefix: bytes) -> None:
-        server = TCPServer(self._asgi, self.config, self._context, {}, PrefixedStream(stream, prefix))  # type: ignore[arg-type]
+        wrapped = PrefixedStream(stream, prefix)
+        server = TCPServer(self._asgi, self.config, self._context, {}, wrapped)  # type: ignore[arg-type]
         await server.run()
 
 

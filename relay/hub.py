@@ -57,9 +57,13 @@ class Subscriber(Protocol):
     user: str
     device: str
 
-    def offer(self, conversation: bytes, seq: int, sender: str, device: str, wire: bytes) -> None: ...
+    def offer(
+        self, conversation: bytes, seq: int, sender: str, device: str, wire: bytes
+    ) -> None: ...
 
-    def offer_ephemeral(self, conversation: bytes, sender: str, device: str, wire: bytes) -> None: ...
+    def offer_ephemeral(
+        self, conversation: bytes, sender: str, device: str, wire: bytes
+    ) -> None: ...
 
     def joined(self, conversation: bytes, joined_seq: int, last_seq: int, wire: bytes) -> bool: ...
 
@@ -108,7 +112,7 @@ class Hub:
         A subscriber takes a snapshot of its conversations from storage and
         only then registers; messages published in between would otherwise
         be invisible to it.  Anything published before watch() was committed
-        before the snapshot began, so snapshot ∪ watch covers everything."""
+        before the snapshot began, so snapshot + watch covers everything."""
         seen: dict[bytes, int] = {}
         self._watchers.append(seen)
         return seen

@@ -44,7 +44,6 @@ async def serve_listeners(
         await handle_connection(relay, http, stream)
 
     async with trio.open_nursery() as nursery:
-        relay.connection_nursery = nursery
         for listener in listeners:
             nursery.start_soon(trio.serve_listeners, handler, [listener])
         task_status.started()
@@ -107,7 +106,7 @@ async def _websocket(relay: Relay, stream: trio.SocketStream, head: RequestHead)
 async def _refuse(
     stream: trio.SocketStream, status: int, exc: RelayError, error: str | None = None
 ) -> None:
-    body = {"error": error or exc.error, "message": exc.message}
+    body: dict[str, object] = {"error": error or exc.error, "message": exc.message}
     extra = 'www-authenticate: Bearer realm="mls-relay"\r\n' if status == 401 else ""
     try:
         with trio.move_on_after(5):

@@ -23,10 +23,9 @@ async def graceful_shutdown(relay: Relay, listeners: list[trio.SocketListener]) 
         for listener in listeners:
             await listener.aclose()
         # Let sends already queued reach the database and be acknowledged.
-        while relay.committer.in_flight or relay.committer.queued():
-            await trio.sleep(0.01)
+        relay.committer.close()
+        await relay.committer.drained.wait()
         for session in list(relay.sessions.values()):
             if isinstance(session, Session):
                 session.close(CLOSE_RESTART, "ServiceRestart")
-        while relay.sessions:
-            await trio.sleep(0.01)
+        await relay.all_sessions_closed()

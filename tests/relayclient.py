@@ -70,6 +70,8 @@ class Client:
     _waiting: dict[int, tuple[trio.Event, list[Reply]]] = field(default_factory=dict)
     _next_id: int = 1
     close_code: int | None = None
+    closed: trio.Event = field(default_factory=trio.Event)
+    _skipped: list[tuple[dict[str, Any], dict[str, Any]]] = field(default_factory=list)
 
     async def _reader(self) -> None:
         try:
@@ -87,6 +89,7 @@ class Client:
         except ConnectionClosed as exc:
             self.close_code = exc.reason.code if exc.reason else None
         finally:
+            self.closed.set()
             await self.events_send.aclose()
 
     async def send_raw(self, data: bytes) -> None:
@@ -117,10 +120,22 @@ class Client:
         return int(body["seq"])
 
     async def next_event(self, t: str | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The next event of type ``t``; events of other types stay queued, in order."""
+        for i, (header, body) in enumerate(self._skipped):
+            if t is None or header.get("t") == t:
+                del self._skipped[i]
+                return header, body
         while True:
             header, body = await self.events.receive()
             if t is None or header.get("t") == t:
                 return header, body
+            self._skipped.append((header, body))
+
+    async def caught_up(self) -> None:
+        while True:
+            _, body = await self.next_event("#info")
+            if body["name"] == "CaughtUp":
+                return
 
     async def messages(self, n: int, conversation: bytes | None = None) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
@@ -151,6 +166,5 @@ async def connect(
         nursery.start_soon(client._reader)
         if subscribe:
             await client.ok("#subscribe")
-            await client.next_event("#info")
         yield client
         nursery.cancel_scope.cancel()

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import trio
 
+from .backends import database_url, pg_template  # noqa: F401 (fixtures)
 from .harness import running_relay
 from .relayclient import connect
 
 CONV = b"group-1"
 
 
-async def test_two_users_two_devices_exchange_live(tmp_path):
+async def test_two_users_two_devices_exchange_live(database_url):
     with trio.fail_after(20):
-        async with running_relay(f"sqlite:///{tmp_path}/r.db") as r:
+        async with running_relay(database_url) as r:  # noqa: SIM117 (r is needed below)
             async with (
                 connect(r.ws_url, "did:example:alice", "a1", subscribe=True) as a1,
                 connect(r.ws_url, "did:example:alice", "a2", subscribe=True) as a2,

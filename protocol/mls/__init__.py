@@ -48,7 +48,11 @@ from protocol.mls.structs import (
     SenderType,
     WireFormat,
 )
-from protocol.mls.validate import KeyPackagePolicy, validate_key_package
+from protocol.mls.validate import (
+    KeyPackagePolicy,
+    validate_handshake_framing,
+    validate_key_package,
+)
 
 __all__ = [
     "MLS10",
@@ -86,6 +90,7 @@ __all__ = [
     "ref_hash",
     "sign_with_label",
     "suite_info",
+    "validate_handshake_framing",
     "validate_key_package",
     "verify_key_package",
     "verify_leaf_node",

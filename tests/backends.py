@@ -1,0 +1,53 @@
+"""A ``database_url`` fixture: each test gets an empty, migrated database on
+each backend (SQLite file; PostgreSQL database cloned from a migrated template)."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterator
+from urllib.parse import urlsplit, urlunsplit
+
+import psycopg
+import pytest
+import trio
+from psycopg import sql
+
+from storage import open_storage
+
+
+def _with_db(dsn: str, name: str) -> str:
+    return urlunsplit(urlsplit(dsn)._replace(path="/" + name))
+
+
+@pytest.fixture(scope="session")
+def pg_template(postgres_dsn: str) -> str:
+    """The session database, migrated once; tests clone it (CREATE DATABASE … TEMPLATE)."""
+
+    async def migrate() -> None:
+        storage = open_storage(postgres_dsn, pool_min=0, pool_max=1)
+        try:
+            await storage.migrate()
+        finally:
+            await storage.aclose()
+
+    trio.run(migrate)
+    return postgres_dsn
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path) -> Iterator[str]:  # type: ignore[no-untyped-def]
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path}/relay.db"
+        return
+    template = request.getfixturevalue("pg_template")
+    name = f"relay_t_{secrets.token_hex(5)}"
+    admin_dsn = _with_db(template, "postgres")
+    template_name = urlsplit(template).path.lstrip("/")
+    with psycopg.connect(admin_dsn, autocommit=True) as admin:
+        admin.execute(sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
+            sql.Identifier(name), sql.Identifier(template_name)))
+    try:
+        yield _with_db(template, name)
+    finally:
+        with psycopg.connect(admin_dsn, autocommit=True) as admin:
+            admin.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
