@@ -22,9 +22,7 @@ def hello(user: str, device: str, server: str, session: str) -> bytes:
     )
 
 
-def message(
-    conversation: bytes, seq: int, sender: str, time_ms: int, ciphertext: bytes
-) -> bytes:
+def message(conversation: bytes, seq: int, sender: str, time_ms: int, ciphertext: bytes) -> bytes:
     """A stored message.  Keys are listed in DAG-CBOR order (length, then bytes)."""
     return encode_presorted(
         "#message",

@@ -111,8 +111,13 @@ def accept_response(head: RequestHead) -> bytes:
 def json_response(status: int, body: dict[str, object], extra: str = "") -> bytes:
     """A complete HTTP/1.1 JSON response that closes the connection."""
     payload = json.dumps(body).encode()
-    reason = {400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 429: "Too Many Requests",
-              503: "Service Unavailable"}.get(status, "Error")
+    reason = {
+        400: "Bad Request",
+        401: "Unauthorized",
+        404: "Not Found",
+        429: "Too Many Requests",
+        503: "Service Unavailable",
+    }.get(status, "Error")
     head = (
         f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\n"
         f"content-length: {len(payload)}\r\nconnection: close\r\n{extra}\r\n"
@@ -204,5 +209,3 @@ class ServerConnection:
                 out.append(Closed(event.code, event.reason or ""))
             # Pong events need no action: any inbound traffic proves liveness.
         return out
-
-

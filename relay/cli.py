@@ -79,8 +79,13 @@ async def _run_server(cfg: object) -> None:
         async with trio.open_nursery() as nursery:
             await nursery.start(relay.run, listeners)
             port = listeners[0].socket.getsockname()[1]
-            log.info("mls-relay listening on %s:%s (ws path %s, database %s)", cfg.host, port,
-                     cfg.ws_path, redacted(cfg)["DATABASE_URL"] or cfg.effective_database_url)
+            log.info(
+                "mls-relay listening on %s:%s (ws path %s, database %s)",
+                cfg.host,
+                port,
+                cfg.ws_path,
+                redacted(cfg)["DATABASE_URL"] or cfg.effective_database_url,
+            )
             async for _ in signals:
                 log.info("shutdown requested; draining (deadline %ss)", cfg.shutdown_deadline_s)
                 await graceful_shutdown(relay, listeners)
@@ -133,8 +138,14 @@ def _token(args: argparse.Namespace) -> int:
         print("mls-relay token: needs an HS256 secret (RELAY_JWT_SECRET)", file=sys.stderr)
         return 2
     now = int(time.time())
-    claims = {"sub": args.user, "aud": cfg.service_id, "iat": now, "exp": now + args.lifetime,
-              "jti": uuid.uuid4().hex, cfg.device_claim: args.device}
+    claims = {
+        "sub": args.user,
+        "aud": cfg.service_id,
+        "iat": now,
+        "exp": now + args.lifetime,
+        "jti": uuid.uuid4().hex,
+        cfg.device_claim: args.device,
+    }
     print(jwt.encode(claims, cfg.jwt_secret, algorithm="HS256"))
     return 0
 

@@ -87,8 +87,14 @@ class Committer:
             if isinstance(outcome, Appended) and not outcome.duplicate:
                 m = pending.message
                 fresh.append(
-                    Published(m.conversation, outcome.seq, m.sender, m.device,
-                              outcome.created_ms, m.ciphertext)
+                    Published(
+                        m.conversation,
+                        outcome.seq,
+                        m.sender,
+                        m.device,
+                        outcome.created_ms,
+                        m.ciphertext,
+                    )
                 )
         self.committed += len(fresh)
         if fresh:

@@ -67,9 +67,7 @@ class Handlers:
         )
         members = await self.storage.members(req.conversation)
         self.s.relay.fanout.publish_membership(
-            MembershipChange(
-                req.conversation, self.s.user, tuple((m, 0) for m in members), (), 0
-            )
+            MembershipChange(req.conversation, self.s.user, tuple((m, 0) for m in members), (), 0)
         )
         return events.result(req.id, members=members, seq=info.last_seq)
 
@@ -81,8 +79,11 @@ class Handlers:
         if added:
             self.s.relay.fanout.publish_membership(
                 MembershipChange(
-                    req.conversation, self.s.user,
-                    tuple((a.user, a.joined_seq) for a in added), (), last_seq,
+                    req.conversation,
+                    self.s.user,
+                    tuple((a.user, a.joined_seq) for a in added),
+                    (),
+                    last_seq,
                 )
             )
         return events.result(req.id, added=[a.user for a in added])
@@ -101,8 +102,12 @@ class Handlers:
         return events.result(
             req.id,
             conversations=[
-                {"conversation": c.conversation, "last_seq": c.last_seq,
-                 "joined_seq": c.joined_seq, "first_seq": c.first_seq}
+                {
+                    "conversation": c.conversation,
+                    "last_seq": c.last_seq,
+                    "joined_seq": c.joined_seq,
+                    "first_seq": c.first_seq,
+                }
                 for c in convs
             ],
         )
@@ -154,13 +159,15 @@ class Handlers:
                 events.info(
                     "OutdatedCursor",
                     "cursor is older than retained history; replaying what is left",
-                    conversation=conv, first_seq=by_id[conv].first_seq,
+                    conversation=conv,
+                    first_seq=by_id[conv].first_seq,
                 )
             )
         return events.result(req.id, conversations=len(by_id))
 
-    def _merge_stash(self, by_id: dict[bytes, ConversationInfo],
-                     stash: dict[bytes, int | None]) -> None:
+    def _merge_stash(
+        self, by_id: dict[bytes, ConversationInfo], stash: dict[bytes, int | None]
+    ) -> None:
         for conv, joined in stash.items():
             if joined is None:
                 by_id.pop(conv, None)
@@ -176,5 +183,6 @@ def _check_cursors(cursors: dict[bytes, int], by_id: dict[bytes, ConversationInf
         if seq > info.last_seq:
             raise FutureCursor(
                 f"cursor {seq} is beyond the end of the conversation ({info.last_seq})",
-                conversation=conv, last_seq=info.last_seq,
+                conversation=conv,
+                last_seq=info.last_seq,
             )

@@ -115,16 +115,24 @@ def create_app(relay: Relay) -> QuartTrio:
     async def ready() -> Any:
         checks = await _checks(relay)
         ok = checks["database"] == "healthy" and not relay.state.shutting_down
-        body = {"status": "ready" if ok else "not_ready", "timestamp": int(time.time()),
-                "checks": checks, "shutting_down": relay.state.shutting_down}
+        body = {
+            "status": "ready" if ok else "not_ready",
+            "timestamp": int(time.time()),
+            "checks": checks,
+            "shutting_down": relay.state.shutting_down,
+        }
         return jsonify(body), 200 if ok else 503
 
     @app.get("/health")
     async def health() -> Any:
         checks = await _checks(relay)
         ok = all(v == "healthy" for v in checks.values())
-        body = {"status": "healthy" if ok else "unhealthy", "timestamp": int(time.time()),
-                "version": __version__, "checks": checks}
+        body = {
+            "status": "healthy" if ok else "unhealthy",
+            "timestamp": int(time.time()),
+            "version": __version__,
+            "checks": checks,
+        }
         return jsonify(body), 200 if ok else 503
 
     return app

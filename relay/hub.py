@@ -160,7 +160,10 @@ class Hub:
         added_users = [user for user, _ in change.added]
         wire = binary_frame(
             events.membership(
-                change.conversation, change.actor, added_users, list(change.removed),
+                change.conversation,
+                change.actor,
+                added_users,
+                list(change.removed),
                 change.last_seq,
             )
         )

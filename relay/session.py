@@ -78,9 +78,7 @@ class Session:
     # --- lifecycle ------------------------------------------------------------
 
     async def run(self, early: bytes) -> None:
-        self.send_frame(
-            events.hello(self.user, self.device, self.relay.server_name, self.id)
-        )
+        self.send_frame(events.hello(self.user, self.device, self.relay.server_name, self.id))
         try:
             with self._cancel:
                 async with trio.open_nursery() as nursery:

@@ -44,8 +44,11 @@ def database_url(request: pytest.FixtureRequest, tmp_path) -> Iterator[str]:  # 
     admin_dsn = _with_db(template, "postgres")
     template_name = urlsplit(template).path.lstrip("/")
     with psycopg.connect(admin_dsn, autocommit=True) as admin:
-        admin.execute(sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
-            sql.Identifier(name), sql.Identifier(template_name)))
+        admin.execute(
+            sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
+                sql.Identifier(name), sql.Identifier(template_name)
+            )
+        )
     try:
         yield _with_db(template, name)
     finally:

@@ -44,8 +44,15 @@ def client_frame(payload: bytes, opcode: int = 0x2, fin: bool = True) -> bytes:
 def test_message_event_is_canonical_dag_cbor():
     wire = events.message(b"\x01\x02", 7, "did:example:a", 1_700_000_000_000, b"ct")
     reference = cbor2.dumps({"t": "#message", "op": 1}, canonical=True) + cbor2.dumps(
-        {"conversation": b"\x01\x02", "seq": 7, "sender": "did:example:a",
-         "time": 1_700_000_000_000, "ciphertext": b"ct"}, canonical=True)
+        {
+            "conversation": b"\x01\x02",
+            "seq": 7,
+            "sender": "did:example:a",
+            "time": 1_700_000_000_000,
+            "ciphertext": b"ct",
+        },
+        canonical=True,
+    )
     assert wire == reference
     assert wire.hex().startswith("a2617468236d657373616765626f7001")
 
@@ -67,13 +74,18 @@ def test_error_frame_shape():
 
 @pytest.mark.parametrize(
     "data",
-    [b"", b"\xff", cbor2.dumps({"op": 1, "t": "#send"}), cbor2.dumps([1]) + cbor2.dumps({}),
-     cbor2.dumps({"op": 2, "t": "#x"}) + cbor2.dumps({}),
-     cbor2.dumps({"op": 1, "t": "send"}) + cbor2.dumps({}),
-     cbor2.dumps({"op": 1, "t": "#x"}) + cbor2.dumps({}) + b"\x00",
-     cbor2.dumps({"op": 1, "t": "#x"}) + cbor2.dumps({1: 2}),
-     cbor2.dumps({"op": 1, "t": "#x"}) + cbor2.dumps(cbor2.CBORTag(42, b"cid")),
-     b"\x81" * 5000],
+    [
+        b"",
+        b"\xff",
+        cbor2.dumps({"op": 1, "t": "#send"}),
+        cbor2.dumps([1]) + cbor2.dumps({}),
+        cbor2.dumps({"op": 2, "t": "#x"}) + cbor2.dumps({}),
+        cbor2.dumps({"op": 1, "t": "send"}) + cbor2.dumps({}),
+        cbor2.dumps({"op": 1, "t": "#x"}) + cbor2.dumps({}) + b"\x00",
+        cbor2.dumps({"op": 1, "t": "#x"}) + cbor2.dumps({1: 2}),
+        cbor2.dumps({"op": 1, "t": "#x"}) + cbor2.dumps(cbor2.CBORTag(42, b"cid")),
+        b"\x81" * 5000,
+    ],
 )
 def test_malformed_frames_raise_typed_error(data):
     with pytest.raises(MalformedFrame):
@@ -93,11 +105,19 @@ def test_random_bytes_never_crash_the_decoder(data):
 
 def test_requests_validate_fields():
     limits = Limits(max_ciphertext=4)
-    frame = decode_frame(encode_frame("#send", {"id": 1, "conversation": b"c",
-                                                "ciphertext": b"abcd", "client_message_id": "m"}))
+    frame = decode_frame(
+        encode_frame(
+            "#send",
+            {"id": 1, "conversation": b"c", "ciphertext": b"abcd", "client_message_id": "m"},
+        )
+    )
     assert parse_request(frame, limits) == Send(1, b"c", b"abcd", "m", False)
-    too_big = decode_frame(encode_frame("#send", {
-        "id": 1, "conversation": b"c", "ciphertext": b"abcde", "client_message_id": "m"}))
+    too_big = decode_frame(
+        encode_frame(
+            "#send",
+            {"id": 1, "conversation": b"c", "ciphertext": b"abcde", "client_message_id": "m"},
+        )
+    )
     with pytest.raises(InvalidRequest):
         parse_request(too_big, limits)
     with pytest.raises(UnknownRequest):
@@ -105,17 +125,24 @@ def test_requests_validate_fields():
     with pytest.raises(InvalidRequest):
         parse_request(decode_frame(encode_frame("#listConversations", {})), limits)
     with pytest.raises(InvalidRequest):
-        parse_request(decode_frame(encode_frame("#send", {"id": 2, "conversation": "text",
-                                                          "ciphertext": b"x"})), limits)
-    sub = decode_frame(encode_frame("#subscribe", {"id": 3, "cursors": [
-        {"conversation": b"c", "seq": 5}]}))
+        parse_request(
+            decode_frame(
+                encode_frame("#send", {"id": 2, "conversation": "text", "ciphertext": b"x"})
+            ),
+            limits,
+        )
+    sub = decode_frame(
+        encode_frame("#subscribe", {"id": 3, "cursors": [{"conversation": b"c", "seq": 5}]})
+    )
     assert parse_request(sub, limits) == Subscribe(3, {b"c": 5})
 
 
 def test_handshake_head_and_accept():
-    raw = (b"GET /v1/ws?access_token=abc HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
-           b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-           b"Sec-WebSocket-Version: 13\r\n\r\nEXTRA")
+    raw = (
+        b"GET /v1/ws?access_token=abc HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+        b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        b"Sec-WebSocket-Version: 13\r\n\r\nEXTRA"
+    )
     for cut in range(len(raw) - 5):
         assert parse_head(raw[:cut]) is None
     head = parse_head(raw)

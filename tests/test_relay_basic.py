@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import trio
 
-from .backends import database_url, pg_template  # noqa: F401 (fixtures)
 from .harness import running_relay
 from .relayclient import connect
 

@@ -6,7 +6,6 @@ import uuid
 
 import trio
 
-from .backends import database_url, pg_template  # noqa: F401 (fixtures)
 from .harness import running_relay
 from .relayclient import Client, connect
 
@@ -125,8 +124,10 @@ async def test_retry_with_same_client_message_id_is_stored_once(database_url):
     with trio.fail_after(30):
         async with running_relay(database_url) as r:
             await _setup(r.ws_url, conv, [BOB])
-            async with connect(r.ws_url, ALICE, "a1") as a, \
-                    connect(r.ws_url, BOB, "b1", subscribe=True) as b:
+            async with (
+                connect(r.ws_url, ALICE, "a1") as a,
+                connect(r.ws_url, BOB, "b1", subscribe=True) as b,
+            ):
                 cmid = uuid.uuid4().hex
                 assert await a.send(conv, b"once", cmid) == 1
                 assert await a.send(conv, b"once", cmid) == 1
@@ -159,14 +160,17 @@ async def test_non_members_are_refused(database_url):
                     ("#addMembers", {"conversation": conv, "members": [CAROL]}),
                     ("#removeMembers", {"conversation": conv, "members": [BOB]}),
                     ("#leave", {"conversation": conv}),
-                    ("#send", {"conversation": b"nope", "ciphertext": b"x",
-                               "client_message_id": "2"}),
+                    (
+                        "#send",
+                        {"conversation": b"nope", "ciphertext": b"x", "client_message_id": "2"},
+                    ),
                 ]:
                     reply = await carol.request(t, **body)
                     assert (reply.ok, reply.body["error"]) == (False, "NotMember"), (t, reply)
                 async with connect(r.ws_url, CAROL, "c2") as c2:
-                    reply = await c2.request("#subscribe", cursors=[{"conversation": conv,
-                                                                     "seq": 0}])
+                    reply = await c2.request(
+                        "#subscribe", cursors=[{"conversation": conv, "seq": 0}]
+                    )
                     assert reply.body["error"] == "NotMember"
                 async with connect(r.ws_url, ALICE, "a1") as a:
                     await a.send(conv, b"secret")
@@ -181,8 +185,10 @@ async def test_ephemeral_goes_live_only(database_url):
     with trio.fail_after(30):
         async with running_relay(database_url) as r:
             await _setup(r.ws_url, conv, [BOB])
-            async with connect(r.ws_url, ALICE, "a1") as a, \
-                    connect(r.ws_url, BOB, "b1", subscribe=True) as b:
+            async with (
+                connect(r.ws_url, ALICE, "a1") as a,
+                connect(r.ws_url, BOB, "b1", subscribe=True) as b,
+            ):
                 reply = await a.ok("#send", conversation=conv, ciphertext=b"...", ephemeral=True)
                 assert "seq" not in reply
                 _, event = await b.next_event("#ephemeral")
@@ -197,8 +203,10 @@ async def test_removed_member_stops_receiving(database_url):
     with trio.fail_after(30):
         async with running_relay(database_url) as r:
             await _setup(r.ws_url, conv, [BOB, CAROL])
-            async with connect(r.ws_url, ALICE, "a1", subscribe=True) as a, \
-                    connect(r.ws_url, CAROL, "c1", subscribe=True) as carol:
+            async with (
+                connect(r.ws_url, ALICE, "a1", subscribe=True) as a,
+                connect(r.ws_url, CAROL, "c1", subscribe=True) as carol,
+            ):
                 await a.send(conv, b"before")
                 assert [m["ciphertext"] for m in await carol.messages(1)] == [b"before"]
                 await a.ok("#removeMembers", conversation=conv, members=[CAROL])
@@ -208,8 +216,9 @@ async def test_removed_member_stops_receiving(database_url):
                 with trio.move_on_after(0.3):
                     await carol.next_event("#message")
                     raise AssertionError("removed member still receives")
-                reply = await carol.request("#send", conversation=conv, ciphertext=b"x",
-                                            client_message_id="z")
+                reply = await carol.request(
+                    "#send", conversation=conv, ciphertext=b"x", client_message_id="z"
+                )
                 assert reply.body["error"] == "NotMember"
 
 
@@ -218,8 +227,10 @@ async def test_added_member_gets_messages_after_joining_only(database_url):
     with trio.fail_after(30):
         async with running_relay(database_url) as r:
             await _setup(r.ws_url, conv, [BOB])
-            async with connect(r.ws_url, ALICE, "a1") as a, \
-                    connect(r.ws_url, CAROL, "c1", subscribe=True) as carol:
+            async with (
+                connect(r.ws_url, ALICE, "a1") as a,
+                connect(r.ws_url, CAROL, "c1", subscribe=True) as carol,
+            ):
                 await a.send(conv, b"history")
                 added = await a.ok("#addMembers", conversation=conv, members=[CAROL])
                 assert added["added"] == [CAROL]

@@ -1,0 +1,320 @@
+"""PostgreSQL backend: sync psycopg 3 on Trio worker threads (see pgpool).
+
+Every write that touches a conversation first locks its ``conversations``
+row (``FOR UPDATE``); that row's ``last_seq`` is the only source of seqs, so
+seqs stay gapless across any number of relay nodes.  Each job is one
+``with conn.transaction():`` block on an autocommit connection.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import TypeVar
+
+from protocol.errors import (
+    ConversationExists,
+    FutureCursor,
+    InvalidRequest,
+    NotMember,
+    RelayError,
+    StorageError,
+)
+from storage.base import (
+    AddedMember,
+    Appended,
+    ConversationInfo,
+    NewMessage,
+    Storage,
+    StoredMessage,
+)
+from storage.migrate import migrate_postgres
+from storage.pgpool import PgConn, pg_pool
+
+T = TypeVar("T")
+
+_INFO_SQL = """
+SELECT c.id, c.last_seq, m.joined_seq, c.first_seq
+  FROM members m JOIN conversations c ON c.id = m.conversation_id
+"""
+
+_APPEND_SQL = """
+SELECT r_ord, r_status, r_seq, r_created_ms FROM relay_append_messages(
+    %s::bytea[], %s::text[], %s::text[], %s::text[], %s::bytea[], %s::bigint[])
+"""
+
+
+def _info(row: tuple[bytes, int, int, int]) -> ConversationInfo:
+    return ConversationInfo(bytes(row[0]), row[1], row[2], row[3])
+
+
+def _lock_for_member(conn: PgConn, conversation: bytes, actor: str) -> int:
+    """Lock the conversation row and return last_seq; NotMember if the actor is
+    not a member (which also covers a nonexistent conversation)."""
+    row = conn.execute(
+        "SELECT c.last_seq FROM conversations c JOIN members m ON m.conversation_id = c.id"
+        " WHERE c.id = %s AND m.user_did = %s FOR UPDATE OF c",
+        (conversation, actor),
+    ).fetchone()
+    if row is None:
+        raise NotMember("not a member of this conversation")
+    return int(row[0])
+
+
+class PostgresStorage(Storage):
+    def __init__(
+        self,
+        conninfo: str,
+        *,
+        pool_min: int = 2,
+        pool_max: int = 10,
+        connect_timeout: float = 3.0,
+    ) -> None:
+        self._conninfo = conninfo
+        self._connect_timeout = connect_timeout
+        self._pool = pg_pool(
+            conninfo, min_size=pool_min, max_size=pool_max, connect_timeout=connect_timeout
+        )
+
+    async def _tx(self, job: Callable[[PgConn], T]) -> T:
+        """Run ``job`` inside one transaction on a pooled connection."""
+
+        def in_transaction(conn: PgConn) -> T:
+            with conn.transaction():
+                return job(conn)
+
+        return await self._pool.run(in_transaction)
+
+    # --- lifecycle -------------------------------------------------------------
+
+    async def migrate(self) -> None:
+        # A dedicated one-connection pool: the advisory lock is session-level
+        # and must not leak into a pooled connection; closing it releases the
+        # lock even if migrate_postgres() could not unlock.
+        dedicated = pg_pool(
+            self._conninfo, min_size=0, max_size=1, connect_timeout=self._connect_timeout
+        )
+        try:
+            await dedicated.run(migrate_postgres)
+        finally:
+            await dedicated.aclose()
+        await self._pool.fill()
+
+    async def ping(self) -> None:
+        await self._pool.run(lambda conn: conn.execute("SELECT 1").fetchone())
+
+    async def aclose(self) -> None:
+        await self._pool.aclose()
+
+    # --- conversations and members -----------------------------------------
+
+    async def create_conversation(
+        self, conversation: bytes, creator: str, members: Sequence[str], now_ms: int
+    ) -> ConversationInfo:
+        users = list(dict.fromkeys([creator, *members]))
+
+        def job(conn: PgConn) -> ConversationInfo:
+            created = conn.execute(
+                "INSERT INTO conversations (id, creator, created_ms) VALUES (%s, %s, %s)"
+                " ON CONFLICT (id) DO NOTHING RETURNING id",
+                (conversation, creator, now_ms),
+            ).fetchone()
+            if created is None:
+                raise ConversationExists("conversation already exists")
+            conn.execute(
+                "INSERT INTO members (conversation_id, user_did, joined_seq, added_ms)"
+                " SELECT %s, u, 0, %s FROM unnest(%s::text[]) AS u",
+                (conversation, now_ms, users),
+            )
+            return ConversationInfo(conversation, last_seq=0, joined_seq=0, first_seq=1)
+
+        return await self._tx(job)
+
+    async def add_members(
+        self, conversation: bytes, actor: str, users: Sequence[str], now_ms: int
+    ) -> list[AddedMember]:
+        wanted = list(dict.fromkeys(users))
+
+        def job(conn: PgConn) -> list[AddedMember]:
+            last_seq = _lock_for_member(conn, conversation, actor)
+            rows = conn.execute(
+                "INSERT INTO members (conversation_id, user_did, joined_seq, added_ms)"
+                " SELECT %s, u, %s, %s FROM unnest(%s::text[]) AS u"
+                " ON CONFLICT DO NOTHING RETURNING user_did",
+                (conversation, last_seq, now_ms, wanted),
+            ).fetchall()
+            added = {r[0] for r in rows}
+            return [AddedMember(u, last_seq) for u in wanted if u in added]
+
+        return await self._tx(job)
+
+    async def remove_members(
+        self, conversation: bytes, actor: str, users: Sequence[str]
+    ) -> list[str]:
+        wanted = list(dict.fromkeys(users))
+
+        def job(conn: PgConn) -> list[str]:
+            _lock_for_member(conn, conversation, actor)
+            rows = conn.execute(
+                "DELETE FROM members WHERE conversation_id = %s AND user_did = ANY(%s::text[])"
+                " RETURNING user_did",
+                (conversation, wanted),
+            ).fetchall()
+            removed = {r[0] for r in rows}
+            # A removed member's read positions are meaningless; its messages stay.
+            conn.execute(
+                "DELETE FROM cursors WHERE conversation_id = %s AND user_did = ANY(%s::text[])",
+                (conversation, list(removed)),
+            )
+            return [u for u in wanted if u in removed]
+
+        return await self._tx(job)
+
+    async def list_conversations(self, user: str) -> list[ConversationInfo]:
+        def job(conn: PgConn) -> list[ConversationInfo]:
+            rows = conn.execute(_INFO_SQL + " WHERE m.user_did = %s ORDER BY c.id", (user,))
+            return [_info(r) for r in rows]
+
+        return await self._pool.run(job)
+
+    async def conversation_for_member(self, conversation: bytes, user: str) -> ConversationInfo:
+        def job(conn: PgConn) -> ConversationInfo:
+            row = conn.execute(
+                _INFO_SQL + " WHERE c.id = %s AND m.user_did = %s", (conversation, user)
+            ).fetchone()
+            if row is None:
+                raise NotMember("not a member of this conversation")
+            return _info(row)
+
+        return await self._pool.run(job)
+
+    async def members(self, conversation: bytes) -> list[str]:
+        def job(conn: PgConn) -> list[str]:
+            rows = conn.execute(
+                "SELECT user_did FROM members WHERE conversation_id = %s", (conversation,)
+            )
+            return [r[0] for r in rows]
+
+        # Sorted in Python: identical (code point) order on both backends,
+        # whatever the database collation.
+        return sorted(await self._pool.run(job))
+
+    # --- messages -------------------------------------------------------------
+
+    async def append_messages(self, batch: Sequence[NewMessage]) -> list[Appended | RelayError]:
+        if not batch:
+            return []
+        params = (
+            [m.conversation for m in batch],
+            [m.sender for m in batch],
+            [m.device for m in batch],
+            [m.client_message_id for m in batch],
+            [m.ciphertext for m in batch],
+            [m.created_ms for m in batch],
+        )
+
+        def job(conn: PgConn) -> list[tuple[int, str, int | None, int | None]]:
+            return conn.execute(_APPEND_SQL, params).fetchall()
+
+        rows = await self._tx(job)
+        if len(rows) != len(batch):
+            raise StorageError("append returned a wrong number of results")
+        results: list[Appended | RelayError] = []
+        for (_, status, seq, created_ms), msg in zip(rows, batch, strict=True):
+            if status == "not_member" or seq is None or created_ms is None:
+                results.append(NotMember("not a member of this conversation"))
+            else:
+                results.append(Appended(msg.conversation, seq, created_ms, status == "duplicate"))
+        return results
+
+    async def read_messages(
+        self, conversation: bytes, user: str, after_seq: int, limit: int
+    ) -> list[StoredMessage]:
+        # One round trip: the membership row, laterally joined to the page.
+        sql = """
+        SELECT g.seq, g.sender_did, g.sender_device, g.ciphertext, g.created_ms
+          FROM members m LEFT JOIN LATERAL (
+              SELECT seq, sender_did, sender_device, ciphertext, created_ms FROM messages
+               WHERE conversation_id = m.conversation_id AND seq > greatest(%s, m.joined_seq)
+               ORDER BY seq LIMIT %s) g ON true
+         WHERE m.conversation_id = %s AND m.user_did = %s ORDER BY g.seq
+        """
+
+        def job(conn: PgConn) -> list[StoredMessage]:
+            rows = conn.execute(sql, (after_seq, max(limit, 0), conversation, user)).fetchall()
+            if not rows:
+                raise NotMember("not a member of this conversation")
+            return [
+                StoredMessage(conversation, r[0], r[1], r[2], bytes(r[3]), r[4])
+                for r in rows
+                if r[0] is not None
+            ]
+
+        return await self._pool.run(job)
+
+    async def prune_messages(self, older_than_ms: int) -> int:
+        def job(conn: PgConn) -> int:
+            ids = [
+                r[0]
+                for r in conn.execute(
+                    "SELECT DISTINCT conversation_id FROM messages WHERE created_ms < %s",
+                    (older_than_ms,),
+                )
+            ]
+            if not ids:
+                return 0
+            # Same lock order as appends; once locked, the statements below
+            # (new snapshots under READ COMMITTED) see every committed append,
+            # so first_seq cannot skip a message committed meanwhile.
+            conn.execute(
+                "SELECT 1 FROM conversations WHERE id = ANY(%s) ORDER BY id FOR UPDATE", (ids,)
+            )
+            deleted = conn.execute(
+                "DELETE FROM messages WHERE conversation_id = ANY(%s) AND created_ms < %s",
+                (ids, older_than_ms),
+            ).rowcount
+            conn.execute(
+                "UPDATE conversations c SET first_seq = coalesce("
+                " (SELECT min(seq) FROM messages m WHERE m.conversation_id = c.id),"
+                " c.last_seq + 1) WHERE c.id = ANY(%s)",
+                (ids,),
+            )
+            return deleted
+
+        return await self._tx(job)
+
+    # --- cursors ------------------------------------------------------------
+
+    async def get_cursors(self, user: str, device: str) -> dict[bytes, int]:
+        def job(conn: PgConn) -> dict[bytes, int]:
+            rows = conn.execute(
+                "SELECT conversation_id, seq FROM cursors WHERE user_did = %s AND device_id = %s",
+                (user, device),
+            )
+            return {bytes(r[0]): r[1] for r in rows}
+
+        return await self._pool.run(job)
+
+    async def set_cursor(self, user: str, device: str, conversation: bytes, seq: int) -> int:
+        if seq < 0:
+            raise InvalidRequest("cursor seq must not be negative")
+
+        def job(conn: PgConn) -> int:
+            row = conn.execute(
+                _INFO_SQL + " WHERE c.id = %s AND m.user_did = %s", (conversation, user)
+            ).fetchone()
+            if row is None:
+                raise NotMember("not a member of this conversation")
+            if seq > row[1]:
+                raise FutureCursor("cursor beyond the last message", last_seq=row[1])
+            stored = conn.execute(
+                "INSERT INTO cursors (user_did, device_id, conversation_id, seq, updated_ms)"
+                " VALUES (%s, %s, %s, %s, %s) ON CONFLICT (user_did, device_id, conversation_id)"
+                " DO UPDATE SET seq = greatest(cursors.seq, excluded.seq),"
+                " updated_ms = excluded.updated_ms RETURNING seq",
+                (user, device, conversation, seq, time.time_ns() // 1_000_000),
+            ).fetchone()
+            assert stored is not None  # an upsert always returns its row
+            return int(stored[0])
+
+        return await self._tx(job)

@@ -1,0 +1,338 @@
+"""SQLite backend (the embedded default), stdlib sqlite3 on Trio worker threads.
+
+Same pool machinery as PostgreSQL (:mod:`storage.pgpool`): a one-connection
+writer pool serializes writers in Trio (a cancelled waiter never runs), and a
+small reader pool serves reads concurrently thanks to WAL.  A running
+statement is stopped with ``Connection.interrupt()``.  Every write is a
+``BEGIN IMMEDIATE`` transaction: it takes the database write lock up front,
+which also serializes other processes on the same file, and it is where seqs
+are assigned from ``conversations.last_seq``.
+"""
+
+from __future__ import annotations
+
+import functools
+import sqlite3
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TypeVar
+
+from protocol.errors import (
+    ConversationExists,
+    FutureCursor,
+    InvalidRequest,
+    NotMember,
+    RelayError,
+    StorageError,
+    Unavailable,
+)
+from storage.base import (
+    AddedMember,
+    Appended,
+    ConversationInfo,
+    NewMessage,
+    Storage,
+    StoredMessage,
+)
+from storage.migrate import migrate_sqlite
+from storage.pgpool import ConnectionPool, Driver
+
+T = TypeVar("T")
+Conn = sqlite3.Connection
+
+_INFO_SQL = """
+SELECT c.id, c.last_seq, m.joined_seq, c.first_seq
+  FROM members m JOIN conversations c ON c.id = m.conversation_id
+"""
+_MEMBER_INFO_SQL = _INFO_SQL + " WHERE c.id = ? AND m.user_did = ?"
+
+# Error classes that mean "the database cannot be used right now" (locked for
+# longer than busy_timeout, disk trouble): retryable, like a PostgreSQL outage.
+_OUTAGE_PREFIXES = (
+    "SQLITE_BUSY",
+    "SQLITE_LOCKED",
+    "SQLITE_IOERR",
+    "SQLITE_CANTOPEN",
+    "SQLITE_FULL",
+    "SQLITE_PROTOCOL",
+    "SQLITE_READONLY",
+    "SQLITE_INTERRUPT",
+)
+
+
+def translate_sqlite_error(exc: Exception) -> RelayError | None:
+    if isinstance(exc, OSError):  # e.g. the database directory cannot be created
+        return Unavailable(f"database unavailable ({type(exc).__name__})")
+    if not isinstance(exc, sqlite3.Error):
+        return None
+    name = getattr(exc, "sqlite_errorname", "") or ""
+    if name.startswith(_OUTAGE_PREFIXES):
+        return Unavailable(f"database unavailable ({name})")
+    return StorageError(f"database error ({name or type(exc).__name__})")
+
+
+def sqlite_connect(path: Path, busy_timeout_ms: int) -> Conn:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # isolation_level=None: the sqlite3 module issues no implicit BEGIN/COMMIT;
+    # transactions are explicit.  The pool guarantees one thread at a time.
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    try:
+        conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+        conn.execute("PRAGMA journal_mode = WAL")
+        # FULL: an acknowledged send survives a power loss, not just a crash.
+        conn.execute("PRAGMA synchronous = FULL")
+        conn.execute("PRAGMA foreign_keys = ON")
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def sqlite_pool(
+    path: Path, *, min_size: int = 0, max_size: int = 4, busy_timeout_ms: int = 5000
+) -> ConnectionPool[Conn]:
+    driver: Driver[Conn] = Driver(
+        connect=functools.partial(sqlite_connect, path, busy_timeout_ms),
+        cancel=lambda conn: conn.interrupt(),
+        reusable=lambda conn: not conn.in_transaction,
+        close=lambda conn: conn.close(),
+        translate=translate_sqlite_error,
+    )
+    return ConnectionPool(driver, min_size=min_size, max_size=max_size)
+
+
+def _transaction(begin: str, job: Callable[[Conn], T], conn: Conn) -> T:
+    conn.execute(begin)
+    try:
+        result = job(conn)
+        conn.execute("COMMIT")
+        return result
+    except BaseException:
+        # An interrupted statement may already have rolled the transaction back.
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+
+
+def _member_info(conn: Conn, conversation: bytes, user: str) -> ConversationInfo:
+    row = conn.execute(_MEMBER_INFO_SQL, (conversation, user)).fetchone()
+    if row is None:
+        raise NotMember("not a member of this conversation")
+    return ConversationInfo(bytes(row[0]), row[1], row[2], row[3])
+
+
+def _append_one(conn: Conn, msg: NewMessage) -> Appended | RelayError:
+    if (
+        conn.execute(
+            "SELECT 1 FROM members WHERE conversation_id = ? AND user_did = ?",
+            (msg.conversation, msg.sender),
+        ).fetchone()
+        is None
+    ):
+        return NotMember("not a member of this conversation")
+    dup = conn.execute(
+        "SELECT seq, created_ms FROM messages WHERE conversation_id = ? AND sender_did = ?"
+        " AND sender_device = ? AND client_message_id = ?",
+        (msg.conversation, msg.sender, msg.device, msg.client_message_id),
+    ).fetchone()
+    if dup is not None:
+        return Appended(msg.conversation, dup[0], dup[1], duplicate=True)
+    (seq,) = conn.execute(
+        "UPDATE conversations SET last_seq = last_seq + 1 WHERE id = ? RETURNING last_seq",
+        (msg.conversation,),
+    ).fetchone()
+    conn.execute(
+        "INSERT INTO messages (conversation_id, seq, sender_did, sender_device,"
+        " client_message_id, ciphertext, created_ms) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (msg.conversation, seq, msg.sender, msg.device, msg.client_message_id,
+         msg.ciphertext, msg.created_ms),
+    )  # fmt: skip
+    return Appended(msg.conversation, seq, msg.created_ms, duplicate=False)
+
+
+class SqliteStorage(Storage):
+    def __init__(self, path: str | Path, *, readers: int = 4, busy_timeout_ms: int = 5000) -> None:
+        if str(path) in ("", ":memory:"):
+            raise ValueError("SQLite storage needs a file (readers use separate connections)")
+        # The one-connection writer pool is the Trio-side writer lock.
+        self._writer = sqlite_pool(Path(path), max_size=1, busy_timeout_ms=busy_timeout_ms)
+        self._readers = sqlite_pool(Path(path), max_size=readers, busy_timeout_ms=busy_timeout_ms)
+
+    async def _write(self, job: Callable[[Conn], T]) -> T:
+        return await self._writer.run(functools.partial(_transaction, "BEGIN IMMEDIATE", job))
+
+    async def _read(self, job: Callable[[Conn], T]) -> T:
+        # A read transaction gives multi-statement reads one consistent snapshot.
+        return await self._readers.run(functools.partial(_transaction, "BEGIN", job))
+
+    # --- lifecycle -------------------------------------------------------------
+
+    async def migrate(self) -> None:
+        await self._writer.run(migrate_sqlite)
+
+    async def ping(self) -> None:
+        await self._readers.run(lambda conn: conn.execute("SELECT 1").fetchone())
+
+    async def aclose(self) -> None:
+        await self._writer.aclose()
+        await self._readers.aclose()
+
+    # --- conversations and members -----------------------------------------
+
+    async def create_conversation(
+        self, conversation: bytes, creator: str, members: Sequence[str], now_ms: int
+    ) -> ConversationInfo:
+        users = list(dict.fromkeys([creator, *members]))
+
+        def job(conn: Conn) -> ConversationInfo:
+            if (
+                conn.execute(
+                    "INSERT INTO conversations (id, creator, created_ms) VALUES (?, ?, ?)"
+                    " ON CONFLICT (id) DO NOTHING RETURNING id",
+                    (conversation, creator, now_ms),
+                ).fetchone()
+                is None
+            ):
+                raise ConversationExists("conversation already exists")
+            conn.executemany(
+                "INSERT INTO members (conversation_id, user_did, joined_seq, added_ms)"
+                " VALUES (?, ?, 0, ?)",
+                [(conversation, u, now_ms) for u in users],
+            )
+            return ConversationInfo(conversation, last_seq=0, joined_seq=0, first_seq=1)
+
+        return await self._write(job)
+
+    async def add_members(
+        self, conversation: bytes, actor: str, users: Sequence[str], now_ms: int
+    ) -> list[AddedMember]:
+        def job(conn: Conn) -> list[AddedMember]:
+            last_seq = _member_info(conn, conversation, actor).last_seq
+            added = []
+            for user in dict.fromkeys(users):
+                if conn.execute(
+                    "INSERT INTO members (conversation_id, user_did, joined_seq, added_ms)"
+                    " VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING RETURNING 1",
+                    (conversation, user, last_seq, now_ms),
+                ).fetchone():
+                    added.append(AddedMember(user, last_seq))
+            return added
+
+        return await self._write(job)
+
+    async def remove_members(
+        self, conversation: bytes, actor: str, users: Sequence[str]
+    ) -> list[str]:
+        def job(conn: Conn) -> list[str]:
+            _member_info(conn, conversation, actor)
+            removed = []
+            for user in dict.fromkeys(users):
+                if conn.execute(
+                    "DELETE FROM members WHERE conversation_id = ? AND user_did = ? RETURNING 1",
+                    (conversation, user),
+                ).fetchone():
+                    removed.append(user)
+                    # Its read positions are meaningless now; its messages stay.
+                    conn.execute(
+                        "DELETE FROM cursors WHERE conversation_id = ? AND user_did = ?",
+                        (conversation, user),
+                    )
+            return removed
+
+        return await self._write(job)
+
+    async def list_conversations(self, user: str) -> list[ConversationInfo]:
+        def job(conn: Conn) -> list[ConversationInfo]:
+            rows = conn.execute(_INFO_SQL + " WHERE m.user_did = ? ORDER BY c.id", (user,))
+            return [ConversationInfo(bytes(r[0]), r[1], r[2], r[3]) for r in rows]
+
+        return await self._read(job)
+
+    async def conversation_for_member(self, conversation: bytes, user: str) -> ConversationInfo:
+        job = functools.partial(_member_info, conversation=conversation, user=user)
+        return await self._read(job)
+
+    async def members(self, conversation: bytes) -> list[str]:
+        def job(conn: Conn) -> list[str]:
+            rows = conn.execute(
+                "SELECT user_did FROM members WHERE conversation_id = ?", (conversation,)
+            )
+            return [r[0] for r in rows]
+
+        return sorted(await self._read(job))
+
+    # --- messages -------------------------------------------------------------
+
+    async def append_messages(self, batch: Sequence[NewMessage]) -> list[Appended | RelayError]:
+        if not batch:
+            return []
+        items = list(batch)
+        return await self._write(lambda conn: [_append_one(conn, m) for m in items])
+
+    async def read_messages(
+        self, conversation: bytes, user: str, after_seq: int, limit: int
+    ) -> list[StoredMessage]:
+        def job(conn: Conn) -> list[StoredMessage]:
+            joined = _member_info(conn, conversation, user).joined_seq
+            rows = conn.execute(
+                "SELECT seq, sender_did, sender_device, ciphertext, created_ms FROM messages"
+                " WHERE conversation_id = ? AND seq > ? ORDER BY seq LIMIT ?",
+                (conversation, max(after_seq, joined), max(limit, 0)),
+            )
+            return [StoredMessage(conversation, r[0], r[1], r[2], bytes(r[3]), r[4]) for r in rows]
+
+        return await self._read(job)
+
+    async def prune_messages(self, older_than_ms: int) -> int:
+        def job(conn: Conn) -> int:
+            ids = [
+                r[0]
+                for r in conn.execute(
+                    "SELECT DISTINCT conversation_id FROM messages WHERE created_ms < ?",
+                    (older_than_ms,),
+                )
+            ]
+            deleted = conn.execute(
+                "DELETE FROM messages WHERE created_ms < ?", (older_than_ms,)
+            ).rowcount
+            conn.executemany(
+                "UPDATE conversations SET first_seq = coalesce("
+                " (SELECT min(seq) FROM messages m WHERE m.conversation_id = conversations.id),"
+                " last_seq + 1) WHERE id = ?",
+                [(i,) for i in ids],
+            )
+            return deleted
+
+        return await self._write(job)
+
+    # --- cursors ------------------------------------------------------------
+
+    async def get_cursors(self, user: str, device: str) -> dict[bytes, int]:
+        def job(conn: Conn) -> dict[bytes, int]:
+            rows = conn.execute(
+                "SELECT conversation_id, seq FROM cursors WHERE user_did = ? AND device_id = ?",
+                (user, device),
+            )
+            return {bytes(r[0]): r[1] for r in rows}
+
+        return await self._read(job)
+
+    async def set_cursor(self, user: str, device: str, conversation: bytes, seq: int) -> int:
+        if seq < 0:
+            raise InvalidRequest("cursor seq must not be negative")
+
+        def job(conn: Conn) -> int:
+            last_seq = _member_info(conn, conversation, user).last_seq
+            if seq > last_seq:
+                raise FutureCursor("cursor beyond the last message", last_seq=last_seq)
+            (stored,) = conn.execute(
+                "INSERT INTO cursors (user_did, device_id, conversation_id, seq, updated_ms)"
+                " VALUES (?, ?, ?, ?, ?) ON CONFLICT (user_did, device_id, conversation_id)"
+                " DO UPDATE SET seq = max(cursors.seq, excluded.seq),"
+                " updated_ms = excluded.updated_ms RETURNING seq",
+                (user, device, conversation, seq, time.time_ns() // 1_000_000),
+            ).fetchone()
+            return int(stored)
+
+        return await self._write(job)
