@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import trio
@@ -60,6 +61,8 @@ class Relay:
         self.sessions: dict[tuple[str, str], object] = {}
         self.metrics_slow_consumers = 0
         self._sessions_empty = trio.Event()
+        #: Stops the accept loops (set by relay.server once listening).
+        self.stop_accepting: Callable[[], None] = lambda: None
         self._committer: Committer | None = None
 
     @property

@@ -88,7 +88,7 @@ async def _run_server(cfg: object) -> None:
             )
             async for _ in signals:
                 log.info("shutdown requested; draining (deadline %ss)", cfg.shutdown_deadline_s)
-                await graceful_shutdown(relay, listeners)
+                await graceful_shutdown(relay)
                 nursery.cancel_scope.cancel()
                 break
 

@@ -10,6 +10,7 @@ Anything else is replayed into Hypercorn, which serves the Quart app.
 from __future__ import annotations
 
 import logging
+from functools import partial
 from typing import TYPE_CHECKING
 
 import trio
@@ -43,10 +44,19 @@ async def serve_listeners(
     async def handler(stream: trio.SocketStream) -> None:
         await handle_connection(relay, http, stream)
 
-    async with trio.open_nursery() as nursery:
+    # Connections live in their own nursery so that shutdown can stop
+    # accepting (cancel the accept loops) while open sessions keep running
+    # until they are drained and closed.
+    async with trio.open_nursery() as connections:
+        with trio.CancelScope() as accepting:
+            relay.stop_accepting = accepting.cancel
+            async with trio.open_nursery() as acceptors:
+                acceptors.start_soon(
+                    partial(trio.serve_listeners, handler, listeners, handler_nursery=connections)
+                )
+                task_status.started()
         for listener in listeners:
-            nursery.start_soon(trio.serve_listeners, handler, [listener])
-        task_status.started()
+            await listener.aclose()
 
 
 async def handle_connection(relay: Relay, http: HttpFrontend, stream: trio.SocketStream) -> None:

@@ -12,7 +12,7 @@ if TYPE_CHECKING:
     from .app import Relay
 
 
-async def graceful_shutdown(relay: Relay, listeners: list[trio.SocketListener]) -> None:
+async def graceful_shutdown(relay: Relay) -> None:
     """Readiness goes 503, listeners close, in-flight sends commit, then every
     WebSocket is closed with 1012 (service restart) so clients reconnect
     elsewhere, all within the configured deadline."""
@@ -20,8 +20,7 @@ async def graceful_shutdown(relay: Relay, listeners: list[trio.SocketListener]) 
 
     relay.state.shutting_down = True
     with trio.move_on_after(relay.config.shutdown_deadline_s):
-        for listener in listeners:
-            await listener.aclose()
+        relay.stop_accepting()
         # Let sends already queued reach the database and be acknowledged.
         relay.committer.close()
         await relay.committer.drained.wait()

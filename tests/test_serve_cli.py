@@ -1,0 +1,119 @@
+"""`mls-relay serve` as a newcomer runs it: no configuration at all."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import trio
+
+from .relayclient import connect
+
+ALICE, BOB = "did:example:alice", "did:example:bob"
+CLI = [sys.executable, "-m", "relay.cli"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _env(port: int) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
+    for name in ("DATABASE_URL", "REDIS_URL"):
+        env.pop(name, None)
+    env["PORT"] = str(port)
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+    return env
+
+
+async def _wait_ready(port: int) -> None:
+    with trio.fail_after(20):
+        while True:
+            try:
+                stream = await trio.open_tcp_stream("127.0.0.1", port)
+            except OSError:
+                await trio.sleep(0.1)
+                continue
+            async with stream:
+                await stream.send_all(
+                    b"GET /health/ready HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+                )
+                data = b""
+                while chunk := await stream.receive_some(4096):
+                    data += chunk
+            if data.startswith(b"HTTP/1.1 200"):
+                return
+            await trio.sleep(0.1)
+
+
+async def _token(cwd: Path, port: int, user: str, device: str) -> str:
+    with trio.fail_after(30):
+        out = await trio.run_process(
+            [*CLI, "token", user, "--device", device],
+            cwd=cwd,
+            env=_env(port),
+            capture_stdout=True,
+        )
+    return bytes(out.stdout).decode().strip()
+
+
+async def _stop(proc: trio.Process) -> int:
+    proc.send_signal(signal.SIGTERM)
+    with trio.move_on_after(30):
+        return await proc.wait()
+    proc.kill()
+    return await proc.wait()
+
+
+@pytest.mark.timeout(90)
+async def test_embedded_default_serves_drains_on_sigterm_and_keeps_data(tmp_path):
+    port = _free_port()
+    url = f"ws://127.0.0.1:{port}/v1/ws"
+    conv = b"cli-conv"
+    proc = await trio.lowlevel.open_process([*CLI, "serve"], cwd=tmp_path, env=_env(port))
+    try:
+        await _wait_ready(port)
+        assert (tmp_path / "data" / "relay.db").exists()
+        secret = tmp_path / "data" / "jwt-secret"
+        assert secret.stat().st_mode & 0o777 == 0o600
+        alice = await _token(tmp_path, port, ALICE, "a1")
+        with trio.fail_after(30):
+            async with connect(url, ALICE, "a1", token=alice) as a:
+                await a.ok("#createConversation", conversation=conv, members=[BOB])
+                assert await a.send(conv, b"kept") == 1
+                proc.send_signal(signal.SIGTERM)
+                await a.closed.wait()
+                assert a.close_code == 1012
+        with trio.fail_after(30):
+            assert await proc.wait() == 0
+    finally:
+        if proc.returncode is None:
+            await _stop(proc)
+    # Restart on the same data directory: the acknowledged message is there.
+    proc = await trio.lowlevel.open_process([*CLI, "serve"], cwd=tmp_path, env=_env(port))
+    try:
+        await _wait_ready(port)
+        bob = await _token(tmp_path, port, BOB, "b1")
+        with trio.fail_after(30):
+            async with connect(url, BOB, "b1", token=bob, subscribe=True) as b:
+                [m] = await b.messages(1)
+                assert (m["seq"], m["ciphertext"]) == (1, b"kept")
+    finally:
+        assert await _stop(proc) == 0
+
+
+def test_refuses_well_known_secret_outside_dev_mode(tmp_path):
+    env = _env(_free_port())
+    env["RELAY_JWT_SECRET"] = "test_secret_for_local_development_only_change_in_production"
+    out = subprocess.run(
+        [*CLI, "serve"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=30
+    )
+    assert out.returncode == 2
+    assert "well-known" in out.stderr
