@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Iterator
+from contextlib import contextmanager
 from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
@@ -34,12 +35,8 @@ def pg_template(postgres_dsn: str) -> str:
     return postgres_dsn
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def database_url(request: pytest.FixtureRequest, tmp_path) -> Iterator[str]:  # type: ignore[no-untyped-def]
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path}/relay.db"
-        return
-    template = request.getfixturevalue("pg_template")
+@contextmanager
+def _cloned_pg(template: str) -> Iterator[str]:
     name = f"relay_t_{secrets.token_hex(5)}"
     admin_dsn = _with_db(template, "postgres")
     template_name = urlsplit(template).path.lstrip("/")
@@ -54,3 +51,19 @@ def database_url(request: pytest.FixtureRequest, tmp_path) -> Iterator[str]:  # 
     finally:
         with psycopg.connect(admin_dsn, autocommit=True) as admin:
             admin.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path) -> Iterator[str]:  # type: ignore[no-untyped-def]
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path}/relay.db"
+        return
+    with _cloned_pg(request.getfixturevalue("pg_template")) as url:
+        yield url
+
+
+@pytest.fixture
+def pg_database_url(pg_template: str) -> Iterator[str]:
+    """An empty, migrated PostgreSQL database of this test's own (multi-node tests)."""
+    with _cloned_pg(pg_template) as url:
+        yield url

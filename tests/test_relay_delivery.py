@@ -252,3 +252,26 @@ async def test_new_connection_for_same_device_replaces_old(database_url):
 
 def _unused(c: Client) -> None:  # keeps the import used for type hints in editors
     del c
+
+
+async def test_two_relay_processes_share_one_sequence(pg_database_url):
+    """Two nodes on one PostgreSQL: seqs stay 1..N, assigned by the database."""
+    conv = b"two-nodes"
+    senders = [f"did:example:n{i}" for i in range(10)]
+    with trio.fail_after(50):
+        async with running_relay(pg_database_url) as r1, running_relay(pg_database_url) as r2:
+            await _setup(r1.ws_url, conv, senders)
+            seqs: list[int] = []
+
+            async def sender(url: str, user: str) -> None:
+                async with connect(url, user, "d") as c:
+                    for i in range(50):
+                        seqs.append(await c.send(conv, b"%d" % i))
+
+            async with trio.open_nursery() as nursery:
+                for i, user in enumerate(senders):
+                    nursery.start_soon(sender, (r1, r2)[i % 2].ws_url, user)
+            assert sorted(seqs) == list(range(1, 501))
+            # A reader on either node replays the same, complete history.
+            async with connect(r2.ws_url, ALICE, "reader", subscribe=True) as reader:
+                assert [m["seq"] for m in await reader.messages(500)] == list(range(1, 501))
