@@ -53,6 +53,10 @@ def encode(t: str, body: dict[str, Any]) -> bytes:
     return cbor2.dumps({"t": t, "op": 1}, canonical=True) + cbor2.dumps(body, canonical=True)
 
 
+class ConnectionLost(Exception):
+    """The connection closed while a request was waiting for its reply."""
+
+
 @dataclass
 class Reply:
     ok: bool
@@ -90,6 +94,9 @@ class Client:
             self.close_code = exc.reason.code if exc.reason else None
         finally:
             self.closed.set()
+            for event, _slot in self._waiting.values():
+                event.set()  # an empty slot means: no reply will ever come
+            self._waiting.clear()
             await self.events_send.aclose()
 
     async def send_raw(self, data: bytes) -> None:
@@ -103,6 +110,8 @@ class Client:
         self._waiting[rid] = (event, slot)
         await self.ws.send_message(encode(t, {"id": rid, **body}))
         await event.wait()
+        if not slot:
+            raise ConnectionLost(f"connection closed before the reply to {t}")
         return slot[0]
 
     async def ok(self, t: str, **body: Any) -> dict[str, Any]:
