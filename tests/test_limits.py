@@ -1,0 +1,61 @@
+"""Token buckets and connection counts (no sockets: an injected clock)."""
+
+from __future__ import annotations
+
+import pytest
+
+from protocol.errors import RateLimited
+from relay.limits import Limits, TokenBucket
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_bucket_allows_burst_then_rate():
+    clock = Clock()
+    bucket = TokenBucket(rate=10, burst=5, clock=clock)
+    assert [bucket.take() for _ in range(5)] == [0.0] * 5
+    assert bucket.take() == pytest.approx(0.1)
+    clock.now += 0.25
+    assert bucket.take() == 0.0 and bucket.take() == 0.0
+    assert bucket.take() > 0
+
+
+def test_connections_per_user_are_counted_and_released():
+    limits = Limits(connections_per_user=2)
+    assert limits.connect("did:a") and limits.connect("did:a")
+    assert not limits.connect("did:a")
+    assert limits.connect("did:b")
+    limits.disconnect("did:a")
+    assert limits.connect("did:a")
+    assert limits.rejected == {"TooManyConnections": 1}
+
+
+def test_per_connection_rate():
+    limits = Limits(requests_per_connection=5, requests_per_user=0, clock=Clock())
+    a, b = limits.connection_bucket(), limits.connection_bucket()
+    for _ in range(10):  # the burst is twice the rate
+        limits.check_request("did:a", a)
+    with pytest.raises(RateLimited) as exc:
+        limits.check_request("did:a", a)
+    assert exc.value.retryable and exc.value.details["retry_after_ms"] >= 1
+    limits.check_request("did:a", b)  # another connection has its own bucket
+
+
+def test_per_user_rate_spans_connections():
+    clock = Clock()
+    limits = Limits(requests_per_connection=100, requests_per_user=5, clock=clock)
+    a, b = limits.connection_bucket(), limits.connection_bucket()
+    for _ in range(10):
+        limits.check_request("did:a", a)
+    with pytest.raises(RateLimited):
+        limits.check_request("did:a", b)  # a fresh connection, but the user is spent
+    limits.check_request("did:other", limits.connection_bucket())
+    clock.now += 1.0
+    limits.check_request("did:a", b)
+    assert limits.rejected == {"RateLimited": 1}
