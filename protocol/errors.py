@@ -178,3 +178,54 @@ class MLSUnsupportedCipherSuite(MLSValidationError):
     """The cipher suite has no hash/signature implementation here, so nothing can be checked."""
 
     error = "UnsupportedCipherSuite"
+
+
+# --- MLS delivery service (epochs, key packages, welcomes) --------------------------
+
+
+class EpochError(RelayError):
+    """A handshake or application message does not fit the conversation's epoch.
+
+    ``details`` carry ``epoch`` (the conversation's current epoch).
+    """
+
+    error = "EpochError"
+    http_status = 409
+
+
+class StaleCommit(EpochError):
+    """Another commit for this epoch already won; process it and retry."""
+
+    error = "StaleCommit"
+
+
+class FutureEpoch(EpochError):
+    error = "FutureEpoch"
+
+
+class StaleEpoch(EpochError):
+    """A proposal for a past epoch, or an application message older than the window."""
+
+    error = "StaleEpoch"
+
+
+class WrongGroup(InvalidRequest):
+    """The MLS header's group_id is not the conversation's."""
+
+    error = "WrongGroup"
+
+
+class NotMLSConversation(InvalidRequest):
+    error = "NotMLSConversation"
+
+
+class UnknownKeyPackage(InvalidRequest):
+    """A Welcome names a KeyPackageRef the committer never claimed through the relay."""
+
+    error = "UnknownKeyPackage"
+
+
+class CredentialMismatch(Forbidden):
+    """A KeyPackage's credential identity is not the uploading user's DID."""
+
+    error = "CredentialMismatch"

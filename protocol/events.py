@@ -8,18 +8,19 @@ from .errors import RelayError
 from .frames import PROTOCOL_VERSION, encode_error, encode_frame, encode_presorted
 
 
-def hello(user: str, device: str, server: str, session: str) -> bytes:
-    """First frame on every connection: protocol version and who you are."""
-    return encode_frame(
-        "#hello",
-        {
-            "protocol": PROTOCOL_VERSION,
-            "server": server,
-            "user": user,
-            "device": device,
-            "session": session,
-        },
-    )
+def hello(user: str, device: str, server: str, session: str, node: str = "") -> bytes:
+    """First frame on every connection: protocol version and who you are.
+    ``node`` names the relay process serving it (several share one address)."""
+    body = {
+        "protocol": PROTOCOL_VERSION,
+        "server": server,
+        "user": user,
+        "device": device,
+        "session": session,
+    }
+    if node:
+        body["node"] = node
+    return encode_frame("#hello", body)
 
 
 def message(conversation: bytes, seq: int, sender: str, time_ms: int, ciphertext: bytes) -> bytes:
@@ -67,6 +68,13 @@ def membership(
             "removed": removed,
             "seq": seq,
         },
+    )
+
+
+def welcome(conversation: bytes, seq: int, epoch: int, welcome: bytes) -> bytes:
+    """An MLS Welcome for this device: the commit at ``seq`` (creating ``epoch``) won."""
+    return encode_frame(
+        "#welcome", {"conversation": conversation, "seq": seq, "epoch": epoch, "welcome": welcome}
     )
 
 

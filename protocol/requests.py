@@ -33,6 +33,10 @@ class Send:
     ciphertext: bytes
     client_message_id: str
     ephemeral: bool
+    #: MLS conversations, with a commit only (docs/PROTOCOL.md, "MLS delivery service").
+    welcome: bytes = b""
+    group_info: bytes = b""
+    removes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +44,9 @@ class CreateConversation:
     id: int
     conversation: bytes
     members: tuple[str, ...]
+    #: MLS group id (an MLS conversation), or None for opaque ciphertexts.
+    mls_group_id: bytes | None = None
+    external_join: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +89,13 @@ class Ack:
     seq: int
 
 
+@dataclass(frozen=True, slots=True)
+class ClaimKeyPackages:
+    id: int
+    users: tuple[str, ...]
+    cipher_suite: int
+
+
 Request = (
     Send
     | CreateConversation
@@ -91,6 +105,7 @@ Request = (
     | ListConversations
     | Subscribe
     | Ack
+    | ClaimKeyPackages
 )
 
 
@@ -132,13 +147,13 @@ def _did(value: object, key: str) -> str:
     return value
 
 
-def _members(body: dict[str, Any]) -> tuple[str, ...]:
-    value = body.get("members")
+def _members(body: dict[str, Any], key: str = "members") -> tuple[str, ...]:
+    value = body.get(key)
     if not isinstance(value, list):
-        raise InvalidRequest("members must be a list of DIDs")
+        raise InvalidRequest(f"{key} must be a list of DIDs")
     if len(value) > MAX_MEMBERS_PER_REQUEST:
-        raise InvalidRequest(f"at most {MAX_MEMBERS_PER_REQUEST} members per request")
-    return tuple(dict.fromkeys(_did(v, "members") for v in value))
+        raise InvalidRequest(f"at most {MAX_MEMBERS_PER_REQUEST} {key} per request")
+    return tuple(dict.fromkeys(_did(v, key) for v in value))
 
 
 def _seq(value: object, key: str) -> int:
@@ -164,11 +179,43 @@ def _send(rid: int, body: dict[str, Any], limits: Limits) -> Send:
         raise InvalidRequest(
             f"client_message_id must be text of 1..{MAX_CLIENT_MESSAGE_ID} characters"
         )
-    return Send(rid, conversation, ciphertext, cmid if isinstance(cmid, str) else "", ephemeral)
+    welcome = _optional_bytes(body, "welcome", limits.max_ciphertext)
+    group_info = _optional_bytes(body, "group_info", limits.max_ciphertext)
+    removes = _members(body, "removes") if "removes" in body else ()
+    if ephemeral and (welcome or group_info or removes):
+        raise InvalidRequest("welcome, group_info and removes need a durable send")
+    cmid_text = cmid if isinstance(cmid, str) else ""
+    return Send(rid, conversation, ciphertext, cmid_text, ephemeral, welcome, group_info, removes)
+
+
+def _optional_bytes(body: dict[str, Any], key: str, max_len: int) -> bytes:
+    if key not in body:
+        return b""
+    return _bytes(body, key, max_len)
 
 
 def _create(rid: int, body: dict[str, Any], limits: Limits) -> CreateConversation:
-    return CreateConversation(rid, _conversation(body), _members(body))
+    conversation = _conversation(body)
+    mls = body.get("mls", False)
+    external_join = body.get("external_join", False)
+    if not isinstance(mls, bool) or not isinstance(external_join, bool):
+        raise InvalidRequest("mls and external_join must be booleans")
+    group_id = None
+    if mls:  # the MLS group id defaults to the conversation id
+        group_id = _bytes(body, "group_id", 255) if "group_id" in body else conversation
+    elif "group_id" in body or external_join:
+        raise InvalidRequest("group_id and external_join need mls: true")
+    return CreateConversation(rid, conversation, _members(body), group_id, external_join)
+
+
+def _claim(rid: int, body: dict[str, Any], limits: Limits) -> ClaimKeyPackages:
+    suite = body.get("cipher_suite")
+    if type(suite) is not int or not 0 < suite < 65536:
+        raise InvalidRequest("cipher_suite must be an MLS cipher suite number")
+    users = _members(body, "users")
+    if not users:
+        raise InvalidRequest("users must name at least one DID")
+    return ClaimKeyPackages(rid, users, suite)
 
 
 def _add(rid: int, body: dict[str, Any], limits: Limits) -> AddMembers:
@@ -212,4 +259,5 @@ _PARSERS: dict[str, Callable[[int, dict[str, Any], Limits], Request]] = {
     "#listConversations": _list,
     "#subscribe": _subscribe,
     "#ack": _ack,
+    "#claimKeyPackages": _claim,
 }

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -25,6 +26,8 @@ from .committer import Committer
 from .config import Config
 from .fanout import FanOut, LocalFanOut
 from .hub import Hub
+from .limits import Limits as NodeLimits
+from .metrics import RelayMetrics
 from .outbox import Flusher
 
 log = logging.getLogger("relay")
@@ -44,9 +47,26 @@ class Relay:
         self.server_name = f"mls-relay/{__version__}"
         self.node_id = config.node_id or f"{socket.gethostname()}-{os.getpid()}"
         self.limits = Limits(max_ciphertext=config.max_ciphertext)
+        self.node_limits = NodeLimits(
+            connections_per_user=config.connections_per_user,
+            requests_per_connection=config.requests_per_connection,
+            requests_per_user=config.requests_per_user,
+        )
         self.flusher = Flusher()
         self.hub = Hub(self.flusher)
         self.fanout: FanOut = LocalFanOut(self.hub)
+        if config.redis_url:  # several nodes: fan out through Redis (relay.redisbus)
+            from .redisbus import RedisFanOut
+
+            self.fanout = RedisFanOut(
+                self.hub,
+                config.redis_url,
+                config.redis_prefix,
+                node_id=self.node_id,
+                on_displaced=self._displaced_elsewhere,
+            )
+        #: Wall-clock registration time per (user, device), to order displacements.
+        self._registered_at: dict[tuple[str, str], float] = {}
         self._storage = storage
         self.authenticator = Authenticator(
             AuthConfig(
@@ -64,6 +84,10 @@ class Relay:
         #: Stops the accept loops (set by relay.server once listening).
         self.stop_accepting: Callable[[], None] = lambda: None
         self._committer: Committer | None = None
+        #: Per-relay registry: several relays may share one process (tests).
+        self.metrics = RelayMetrics(self)
+        #: The relay's task nursery once running (SSE streams start tasks in it).
+        self.nursery: trio.Nursery | None = None
 
     @property
     def storage(self) -> Storage:
@@ -95,10 +119,14 @@ class Relay:
         self._committer = Committer(
             self.storage, self.fanout, self.flusher, max_batch=self.config.commit_batch
         )
+        self._committer.observer = self.metrics.observe_batch
         http = HttpFrontend(self)
         try:
             async with trio.open_nursery() as nursery:
+                await nursery.start(self.fanout.run)
                 nursery.start_soon(self._committer.run)
+                nursery.start_soon(self.metrics.run_sampler)
+                self.nursery = nursery
                 await http.startup()
                 await nursery.start(serve_listeners, self, http, listeners)
                 self.state.started = True
@@ -114,7 +142,19 @@ class Relay:
         """Register a device's session; returns the one it displaces, if any."""
         previous = self.sessions.get((user, device))
         self.sessions[(user, device)] = session
+        self._registered_at[(user, device)] = now = time.time()
+        self.fanout.displace(user, device, now)
         return previous
+
+    def _displaced_elsewhere(self, user: str, device: str, registered_at: float) -> None:
+        """Another node registered this device: close ours unless it is newer."""
+        from protocol.websocket import CLOSE_REPLACED
+
+        from .session import Session
+
+        session = self.sessions.get((user, device))
+        if isinstance(session, Session) and self._registered_at[(user, device)] < registered_at:
+            session.close(CLOSE_REPLACED, "ReplacedByNewConnection")
 
     async def all_sessions_closed(self) -> None:
         while self.sessions:
@@ -128,6 +168,7 @@ class Relay:
         key = (session.user, session.device)
         if self.sessions.get(key) is session:
             del self.sessions[key]
+            self._registered_at.pop(key, None)
             if not self.sessions:
                 self._sessions_empty.set()
         self.hub.remove(session.streams, list(session.streams.by_conversation))

@@ -1,4 +1,5 @@
-"""``mls-relay`` command line: serve, migrate, healthcheck, token, inspect."""
+"""``mls-relay`` command line: serve, migrate, healthcheck, token, inspect,
+check, bench, tail."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import argparse
 import contextlib
 import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -17,17 +19,28 @@ import trio
 
 from protocol.errors import RelayError
 
-from .config import ConfigError, from_env, redacted, with_dev_secret
+from .config import ConfigError, from_env, redacted, validate, with_dev_secret
 
 log = logging.getLogger("relay")
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:  # everything after it is bench's own (argparse would parse "-x")
+        from .check import bench as run_bench
+
+        return run_bench(argv[1:])
     parser = argparse.ArgumentParser(prog="mls-relay", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the relay (WebSocket + HTTP on one port)")
     serve.add_argument("--port", type=int, help="listen port (default $PORT or 3000)")
     serve.add_argument("--host", help="listen address (default 0.0.0.0)")
+    serve.add_argument(
+        "--workers", type=int, help="processes serving the port (default 1; >1 needs REDIS_URL)"
+    )
+    # Internal: how the --workers supervisor starts each worker (relay.workers).
+    serve.add_argument("--listen-fd", type=int, help=argparse.SUPPRESS)
+    serve.add_argument("--worker-index", type=int, default=0, help=argparse.SUPPRESS)
     sub.add_parser("migrate", help="apply database migrations (idempotent)")
     health = sub.add_parser("healthcheck", help="exit 0 if the local relay is ready")
     health.add_argument("--url", help="base URL (default http://127.0.0.1:$PORT)")
@@ -38,6 +51,13 @@ def main(argv: list[str] | None = None) -> int:
     token.add_argument("--lifetime", type=int, default=3600, help="seconds")
     inspect = sub.add_parser("inspect", help="decode an MLS object and print JSON", add_help=False)
     inspect.add_argument("rest", nargs=argparse.REMAINDER)
+    sub.add_parser("check", help="print the configuration and test database / Redis access")
+    bench = sub.add_parser("bench", help="run bench/run.py (source checkout)", add_help=False)
+    bench.add_argument("rest", nargs=argparse.REMAINDER)
+    tail = sub.add_parser("tail", help="print a device's events as JSON lines (debugging)")
+    from .tail import add_arguments as tail_arguments
+
+    tail_arguments(tail)
     args = parser.parse_args(argv)
     if args.command == "inspect":
         from .inspect import main as inspect_main
@@ -58,25 +78,42 @@ def _serve(args: argparse.Namespace) -> int:
         cfg = replace(cfg, port=args.port)
     if args.host:
         cfg = replace(cfg, host=args.host)
+    if args.workers is not None:
+        cfg = replace(cfg, workers=args.workers)
+        validate(cfg)
     cfg = with_dev_secret(cfg)
-    logging.basicConfig(
-        level=cfg.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s"
-    )
+    from .logs import configure as configure_logs
+
+    configure_logs(cfg.log_level, cfg.log_format)
+    if cfg.workers > 1 and args.listen_fd is None:
+        from .workers import supervise
+
+        return supervise(cfg)
+    if args.listen_fd is not None:
+        from .workers import worker_config
+
+        cfg = worker_config(cfg, args.worker_index)
     with contextlib.suppress(KeyboardInterrupt):
-        trio.run(_run_server, cfg)
+        trio.run(_run_server, cfg, args.listen_fd)
     return 0
 
 
-async def _run_server(cfg: object) -> None:
+async def _run_server(cfg: object, listen_fd: int | None = None) -> None:
     from .app import Relay
     from .config import Config
     from .shutdown import graceful_shutdown
+    from .workers import inherited_listeners, leave_with_parent
 
     assert isinstance(cfg, Config)
     relay = Relay(cfg)
-    listeners = await trio.open_tcp_listeners(cfg.port, host=cfg.host)
+    if listen_fd is None:
+        listeners = await trio.open_tcp_listeners(cfg.port, host=cfg.host)
+    else:  # a worker: the supervisor bound the port (relay.workers)
+        listeners = inherited_listeners(listen_fd)
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
+            if listen_fd is not None:
+                nursery.start_soon(leave_with_parent, os.getppid())
             await nursery.start(relay.run, listeners)
             port = listeners[0].socket.getsockname()[1]
             log.info(
@@ -150,7 +187,22 @@ def _token(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check(args: argparse.Namespace) -> int:
+    from .check import check
+
+    return check()
+
+
+def _tail(args: argparse.Namespace) -> int:
+    from .tail import main as tail_main
+
+    cfg = from_env()
+    return tail_main(args, cfg.port, cfg.ws_path)
+
+
 _COMMANDS = {
+    "check": _check,
+    "tail": _tail,
     "serve": _serve,
     "migrate": _migrate,
     "healthcheck": _healthcheck,

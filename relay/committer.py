@@ -11,6 +11,7 @@ still commits immediately.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -20,7 +21,7 @@ from protocol.errors import RelayError
 from storage.base import Appended, NewMessage, Storage
 
 from .fanout import FanOut
-from .hub import Published
+from .hub import MembershipChange, Published
 from .outbox import Flusher
 
 
@@ -51,6 +52,9 @@ class Committer:
         self.batches = 0
         self.committed = 0
         self.in_flight = 0
+        #: Called once per batch after its fan-out and acks (relay.metrics
+        #: latency histograms): per batch, never per recipient.
+        self.observer: Callable[[list[PendingSend], float], None] | None = None
         #: Set when the committer stopped after close(): every queued send is committed.
         self.drained = trio.Event()
 
@@ -81,6 +85,7 @@ class Committer:
             results = [exc] * len(batch)
         finally:
             self.in_flight = 0
+        committed_at = time.time()
         self.batches += 1
         fresh: list[Published] = []
         for pending, outcome in zip(batch, results, strict=True):
@@ -100,8 +105,23 @@ class Committer:
         if fresh:
             self._fanout.publish(fresh)
         for pending, outcome in zip(batch, results, strict=True):
+            # An MLS commit that won changed the members (relay/mls_ds.py): announce
+            # it after the commit itself, so joiners follow from the next seq.
+            if isinstance(outcome, Appended) and (outcome.added or outcome.removed):
+                self._fanout.publish_membership(
+                    MembershipChange(
+                        pending.message.conversation,
+                        pending.message.sender,
+                        tuple((user, outcome.seq) for user in outcome.added),
+                        outcome.removed,
+                        outcome.seq,
+                    )
+                )
+        for pending, outcome in zip(batch, results, strict=True):
             pending.on_done(outcome)
         self._flusher.flush()
+        if self.observer is not None:
+            self.observer(batch, committed_at)
 
     def queued(self) -> int:
         return self._receive.statistics().current_buffer_used

@@ -58,8 +58,37 @@ class Config:
     shutdown_deadline_s: float = 30.0
     memory_limit_mb: int = 0
     ws_path: str = "/v1/ws"
+    #: The relay pings every connection this often; one that sends nothing
+    #: (not even a pong) for two intervals is closed as dead.
+    ping_interval_s: float = 30.0
+    #: Per node; 0 disables.  See relay/limits.py.
+    connections_per_user: int = 20
+    requests_per_connection: float = 200.0
+    requests_per_user: float = 400.0
     log_level: str = "INFO"
     secret_source: str = field(default="env", compare=False)
+    #: "json" (one object per line, the default) or "console" (local reading).
+    log_format: str = "json"
+    #: Seconds between keep-alive comments on idle /v1/events streams.
+    sse_keepalive_s: float = 15.0
+    #: Prefix of every Redis key and channel (several deployments, or tests, share a Redis).
+    redis_prefix: str = "mls-relay:"
+    #: Processes serving the port (``serve --workers``); more than one needs REDIS_URL.
+    workers: int = 1
+
+    # --- MLS delivery service (relay/mls_ds.py, relay/keypackages.py) ---
+    #: Application messages are accepted for the current epoch and this many before it.
+    epoch_window: int = 2
+    #: Longest accepted KeyPackage lifetime (not_after - not_before), seconds.
+    keypackage_max_lifetime_s: int = 366 * 86400  # mls-rs: 1 year
+    #: Accept "eternal" lifetimes (not_after = 2^64-1) despite the maximum above.
+    keypackage_allow_eternal: bool = True
+    keypackage_clock_skew_s: int = 300
+    #: Most KeyPackages in one upload.
+    keypackage_max_upload: int = 200
+    #: Claims per minute (token buckets, per process): per claimer, per target user.
+    claim_rate_per_min: int = 60
+    claim_target_rate_per_min: int = 30
 
     @property
     def effective_database_url(self) -> str:
@@ -125,6 +154,18 @@ def validate(cfg: Config) -> None:
     db = cfg.database_url
     if db and not db.startswith(("postgresql://", "postgres://", "sqlite:///")):
         raise ConfigError("DATABASE_URL must start with postgresql:// or sqlite:///")
+    if cfg.workers < 1:
+        raise ConfigError(f"RELAY_WORKERS must be >= 1, got {cfg.workers}")
+    if cfg.workers > 1 and not cfg.redis_url:
+        raise ConfigError(
+            "RELAY_WORKERS / --workers > 1 needs REDIS_URL: worker processes fan out "
+            "to each other through Redis"
+        )
+    if cfg.workers > 1 and not db.startswith(("postgresql://", "postgres://")):
+        raise ConfigError(
+            "RELAY_WORKERS / --workers > 1 needs a PostgreSQL DATABASE_URL: the embedded "
+            "SQLite database is for one process"
+        )
 
 
 def with_dev_secret(cfg: Config) -> Config:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import abc
 
+import trio
+
 from .hub import Ephemeral, Hub, MembershipChange, Published
 
 
@@ -25,6 +27,17 @@ class FanOut(abc.ABC):
 
     @abc.abstractmethod
     def publish_membership(self, change: MembershipChange) -> None: ...
+
+    def displace(self, user: str, device: str, registered_at: float) -> None:
+        """A connection for ``user``/``device`` registered here: other nodes close
+        theirs (one session per device across the deployment).  Local no-op."""
+        return None
+
+    async def run(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Background work of the bus, if any (started with the relay)."""
+        task_status.started()
 
     @property
     def healthy(self) -> bool:

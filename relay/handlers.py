@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import TYPE_CHECKING
 
 from protocol import events
-from protocol.errors import FutureCursor, InvalidRequest, NotMember
+from protocol.errors import FutureCursor, InvalidRequest, NotMember, RelayError
 from protocol.requests import (
     Ack,
     AddMembers,
+    ClaimKeyPackages,
     CreateConversation,
     Leave,
     ListConversations,
@@ -18,12 +20,15 @@ from protocol.requests import (
     Send,
     Subscribe,
 )
-from storage.base import ConversationInfo
+from storage.base import ConversationInfo, NewMessage
 
 from .hub import Ephemeral, MembershipChange
+from .mls_ds import for_relay
 
 if TYPE_CHECKING:
     from .session import Session
+
+log = logging.getLogger("relay.mls_ds")
 
 
 def _now_ms() -> int:
@@ -53,6 +58,41 @@ class Handlers:
                 return await self.subscribe(req)
             case Ack():
                 return await self.ack(req)
+            case ClaimKeyPackages():
+                return await self.claim(req)
+
+    # --- MLS delivery service (relay/mls_ds.py) ----------------------------------
+
+    async def new_message(self, req: Send) -> NewMessage:
+        """The stored form of a durable send (MLS sends are parsed and checked)."""
+        return await for_relay(self.s.relay).new_message(req, self.s.user, self.s.device, _now_ms())
+
+    async def claim(self, req: ClaimKeyPackages) -> bytes:
+        result = await for_relay(self.s.relay).claim(self.s.user, req.users, req.cipher_suite)
+        return events.result(
+            req.id,
+            key_packages=[
+                {"user": c.user, "device": c.device, "ref": c.ref, "key_package": c.data,
+                 "last_resort": c.last_resort}
+                for c in result.claimed
+            ],
+            missing=[{"user": u, "device": d} for u, d in result.missing],
+        )  # fmt: skip
+
+    def on_joined(self, conversation: bytes) -> None:
+        """Streams hook: this device became a member (any node); send its Welcome."""
+        self.s.nursery.start_soon(self.send_welcomes, conversation)
+
+    async def send_welcomes(self, conversation: bytes | None = None) -> None:
+        """Push the device's Welcome inbox (at least once; acking seq removes one)."""
+        try:
+            inbox = await self.storage.welcomes_for(self.s.user, self.s.device)
+        except RelayError:  # a task: must not fail the session; the next #subscribe retries
+            log.warning("could not read the Welcome inbox", exc_info=True)
+            return
+        for w in inbox:
+            if conversation is None or w.conversation == conversation:
+                self.s.send_frame(events.welcome(w.conversation, w.seq, w.epoch, w.welcome))
 
     async def ephemeral(self, req: Send) -> bytes:
         await self.storage.conversation_for_member(req.conversation, self.s.user)
@@ -63,7 +103,12 @@ class Handlers:
 
     async def create(self, req: CreateConversation) -> bytes:
         info = await self.storage.create_conversation(
-            req.conversation, self.s.user, req.members, _now_ms()
+            req.conversation,
+            self.s.user,
+            req.members,
+            _now_ms(),
+            mls_group_id=req.mls_group_id,
+            external_join=req.external_join,
         )
         members = await self.storage.members(req.conversation)
         self.s.relay.fanout.publish_membership(
@@ -150,6 +195,7 @@ class Handlers:
             hub.subscribe(s.streams, conv)
             s.streams.follow(conv, cursor + 1, max(info.last_seq, seen.get(conv, 0)))
         s.subscribed = True
+        s.nursery.start_soon(self.send_welcomes)  # after this reply: it runs later
         # The reply is written when this returns, before the catch-up task
         # runs; the task then replays and announces CaughtUp (kick() makes it
         # announce even when there is nothing to replay).

@@ -23,6 +23,7 @@ from quart_trio import QuartTrio
 from protocol.errors import RelayError
 
 from . import __version__
+from .keypackages import blueprint as keypackages_blueprint
 
 if TYPE_CHECKING:
     from .app import Relay
@@ -94,6 +95,7 @@ def _error(exc: RelayError) -> Any:
 
 def create_app(relay: Relay) -> QuartTrio:
     app = QuartTrio("mls-relay")
+    app.register_blueprint(keypackages_blueprint(relay))  # MLS DS routes
 
     @app.errorhandler(RelayError)
     async def relay_error(exc: RelayError) -> Any:
@@ -135,6 +137,10 @@ def create_app(relay: Relay) -> QuartTrio:
         }
         return jsonify(body), 200 if ok else 503
 
+    from . import sse, status  # observability and SSE routes live in their own modules
+
+    status.register(app, relay)
+    sse.register(app, relay)
     return app
 
 

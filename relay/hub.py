@@ -71,6 +71,8 @@ class Subscriber(Protocol):
 
     def notify(self, conversation: bytes, wire: bytes) -> None: ...
 
+    def recheck(self, conversation: bytes | None, seq: int) -> None: ...
+
 
 class Hub:
     def __init__(self, flusher: Flusher) -> None:
@@ -144,6 +146,23 @@ class Hub:
                 sub.offer(m.conversation, m.seq, m.sender, m.device, wire)
             self.delivered += len(subs)
         self._flusher.flush()
+
+    def repair(self, lost: dict[bytes, int] | None) -> None:
+        """Fan-out was lost (see relay.redisbus): ``lost`` maps conversations to
+        the highest seq that may not have been offered; None means anything may
+        be missing.  Subscribers re-read storage instead of waiting for the
+        next message in the conversation to reveal the gap."""
+        if lost is None:
+            for subs in tuple(self._by_user.values()):
+                for sub in tuple(subs):
+                    sub.recheck(None, 0)
+            return
+        for conversation, seq in lost.items():
+            for seen in self._watchers:
+                if seen.get(conversation, 0) < seq:
+                    seen[conversation] = seq
+            for sub in tuple(self._by_conversation.get(conversation, ())):
+                sub.recheck(conversation, seq)
 
     def publish_ephemeral(self, m: Ephemeral) -> None:
         subs = self._by_conversation.get(m.conversation)

@@ -34,6 +34,9 @@ class Outbox:
         self._room = trio.Event()
         self.overflowed = False
         self.broken = False
+        # Plain counters read by relay.metrics at scrape time (never per-call metrics).
+        self.frames_out = 0
+        self.bytes_out = 0
         #: Set when the owner must close the connection (overflow or error).
         self.failed = trio.Event()
 
@@ -60,6 +63,7 @@ class Outbox:
             self._flusher.mark(self)
         self._pending.append(data)
         self.pending_bytes += len(data)
+        self.frames_out += 1
 
     async def wait_for_room(self, low_water: int) -> None:
         """Replay waits here so a long backlog never overflows the buffer."""
@@ -84,6 +88,7 @@ class Outbox:
         self._consume(data, sent)
 
     def _consume(self, data: bytes, sent: int) -> None:
+        self.bytes_out += sent
         if sent == len(data):
             self._pending.clear()
             self.pending_bytes = 0

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from protocol.errors import AuthError, ProtocolError, RelayError
+from protocol.errors import AuthError, ProtocolError, RateLimited, RelayError
 from protocol.websocket import (
     CLOSE_REPLACED,
     RequestHead,
@@ -101,16 +101,28 @@ async def _websocket(relay: Relay, stream: trio.SocketStream, head: RequestHead)
     except ProtocolError as exc:
         await _refuse(stream, 400, exc)
         return
-    session = Session(relay, identity, stream)
-    previous = relay.register(session, identity.user, identity.device)
-    if isinstance(previous, Session):
-        previous.close(CLOSE_REPLACED, "ReplacedByNewConnection")
-    try:
-        await stream.send_all(response)
-    except (trio.BrokenResourceError, trio.ClosedResourceError):
-        relay.forget(session)
+    if not relay.node_limits.connect(identity.user):
+        limit = relay.node_limits.connections_per_user
+        await _refuse(
+            stream,
+            429,
+            RateLimited(f"at most {limit} connections per user"),
+            error="TooManyConnections",
+        )
         return
-    await session.run(head.rest)
+    try:
+        session = Session(relay, identity, stream)
+        previous = relay.register(session, identity.user, identity.device)
+        if isinstance(previous, Session):
+            previous.close(CLOSE_REPLACED, "ReplacedByNewConnection")
+        try:
+            await stream.send_all(response)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            relay.forget(session)
+            return
+        await session.run(head.rest)
+    finally:
+        relay.node_limits.disconnect(identity.user)
 
 
 async def _refuse(

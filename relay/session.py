@@ -20,6 +20,7 @@ from protocol import events
 from protocol.errors import (
     InvalidRequest,
     ProtocolError,
+    RateLimited,
     RelayError,
     StorageError,
 )
@@ -27,6 +28,7 @@ from protocol.frames import decode_frame
 from protocol.requests import Request, Send, parse_request, request_id
 from protocol.websocket import (
     CLOSE_CONSUMER_TOO_SLOW,
+    CLOSE_GOING_AWAY,
     CLOSE_INTERNAL,
     CLOSE_NORMAL,
     Closed,
@@ -35,12 +37,14 @@ from protocol.websocket import (
     ServerConnection,
     binary_frame,
     close_frame,
+    ping_frame,
     pong_frame,
 )
-from storage.base import Appended, NewMessage
+from storage.base import Appended
 
 from .committer import PendingSend
 from .handlers import Handlers
+from .logs import connection_context
 from .outbox import Outbox
 from .streams import Streams
 
@@ -68,17 +72,39 @@ class Session:
         )
         self._conn = ServerConnection(cfg.max_frame)
         self._in_flight = trio.Semaphore(cfg.max_in_flight)
+        self._requests = relay.node_limits.connection_bucket()
         self._closing: tuple[int, str] | None = None
         self._done = False
         self._cancel = trio.CancelScope()
         self.subscribed = False
+        self._last_heard = trio.current_time()
         self._announced_caught_up = False
         self.handlers = Handlers(self)
+        self.streams.on_joined = self.handlers.on_joined  # MLS Welcome delivery
 
     # --- lifecycle ------------------------------------------------------------
 
     async def run(self, early: bytes) -> None:
-        self.send_frame(events.hello(self.user, self.device, self.relay.server_name, self.id))
+        metrics = self.relay.metrics
+        metrics.opened(self.outbox, "websocket")
+        with connection_context(self.id, self.relay.node_id, self.user, self.device):
+            log.info("connection opened", extra={"transport": "websocket"})
+            try:
+                await self._run(early)
+            finally:
+                metrics.closed(self.outbox)
+                code, reason = self._closing or (CLOSE_NORMAL, "")
+                log.info(
+                    "connection closed",
+                    extra={"code": code, "reason": reason, "frames_out": self.outbox.frames_out},
+                )
+
+    async def _run(self, early: bytes) -> None:
+        self.send_frame(
+            events.hello(
+                self.user, self.device, self.relay.server_name, self.id, self.relay.node_id
+            )
+        )
         try:
             with self._cancel:
                 async with trio.open_nursery() as nursery:
@@ -87,6 +113,7 @@ class Session:
                     nursery.start_soon(self._watch_outbox)
                     nursery.start_soon(self.streams.run_catch_up, self._caught_up)
                     nursery.start_soon(self._expire_token)
+                    nursery.start_soon(self._heartbeat)
                     await self._read_loop(early)
                     nursery.cancel_scope.cancel()
         finally:
@@ -116,6 +143,7 @@ class Session:
         await self.outbox.failed.wait()
         if self.outbox.overflowed:
             self.relay.metrics_slow_consumers += 1
+            self.relay.metrics.error("ConsumerTooSlow")
             self.close(CLOSE_CONSUMER_TOO_SLOW, "ConsumerTooSlow")
         else:
             self.close(CLOSE_NORMAL, "")
@@ -125,6 +153,19 @@ class Session:
             trio.current_time() + max(0.0, self.identity.expires_at - time.time())
         )
         self.close(4401, "TokenExpired")
+
+    async def _heartbeat(self) -> None:
+        """Ping idle connections; close those that stay silent (dead peers
+        would otherwise hold memory and fan-out work forever)."""
+        interval = self.relay.config.ping_interval_s
+        while True:
+            await trio.sleep(interval)
+            silent = trio.current_time() - self._last_heard
+            if silent >= 2 * interval:
+                self.close(CLOSE_GOING_AWAY, "PingTimeout")
+                return
+            if silent >= interval:
+                self.send_frame_raw(ping_frame())
 
     def _caught_up(self) -> None:
         # Announced once, after the replay that #subscribe started; later gap
@@ -144,17 +185,21 @@ class Session:
                         if not await self._on_event(event):
                             return
             except ProtocolError as exc:
+                self.relay.metrics.error(exc.error)
                 self.close(exc.close_code, exc.error)
                 return
             try:
                 data = await self._stream.receive_some(RECEIVE_SIZE)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 return
+            self.relay.metrics.bytes_in += len(data)
             if not data:
                 return
+            self._last_heard = trio.current_time()
 
     async def _on_event(self, event: Message | PingReceived | Closed) -> bool:
         if isinstance(event, Message):
+            self.relay.metrics.frames_in += 1
             await self._on_message(event.data)
             return True
         if isinstance(event, PingReceived):
@@ -167,7 +212,9 @@ class Session:
         frame = decode_frame(data)  # MalformedFrame closes the connection
         try:
             req = parse_request(frame, self.relay.limits)
-        except InvalidRequest as exc:
+            self.relay.node_limits.check_request(self.user, self._requests)
+        except (InvalidRequest, RateLimited) as exc:
+            self.relay.metrics.error(exc.error)
             self.send_frame(events.error(exc, request_id(frame)))
             return
         await self._in_flight.acquire()
@@ -177,20 +224,22 @@ class Session:
             self.nursery.start_soon(self._handle, req)
 
     async def _submit(self, req: Send) -> None:
-        message = NewMessage(
-            conversation=req.conversation,
-            sender=self.user,
-            device=self.device,
-            client_message_id=req.client_message_id,
-            ciphertext=req.ciphertext,
-            created_ms=int(time.time() * 1000),
-        )
+        try:  # MLS conversations: parse the MLSMessage header (relay/mls_ds.py)
+            message = await self.handlers.new_message(req)
+        except RelayError as exc:
+            self._in_flight.release()
+            self.send_frame(events.error(exc, req.id))
+            return
 
         def on_done(outcome: Appended | RelayError) -> None:
             self._in_flight.release()
             if isinstance(outcome, Appended):
-                self.send_frame(events.result(req.id, seq=outcome.seq, time=outcome.created_ms))
+                mls = {} if outcome.epoch is None else {"epoch": outcome.epoch}
+                self.send_frame(
+                    events.result(req.id, seq=outcome.seq, time=outcome.created_ms, **mls)
+                )
             else:
+                self.relay.metrics.error(outcome.error)
                 self.send_frame(events.error(outcome, req.id))
 
         await self.relay.committer.submit(PendingSend(message, on_done, lambda: self._done))
@@ -199,8 +248,10 @@ class Session:
         try:
             reply = await self.handlers.handle(req)
         except RelayError as exc:
+            self.relay.metrics.error(exc.error)
             reply = events.error(exc, req.id)
         except Exception:
+            self.relay.metrics.error("InternalError")
             log.exception("request %s failed", type(req).__name__)
             reply = events.error(StorageError("internal error"), req.id)
         finally:

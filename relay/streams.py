@@ -35,6 +35,9 @@ class Stream:
     next_seq: int
     known_last: int
     catching_up: bool
+    #: Last seq of the initial replay; later messages of this device were sent
+    #: on this connection, so a gap repair must not echo them (live rule).
+    replay_to: int = 0
 
 
 class Streams:
@@ -60,6 +63,10 @@ class Streams:
         self._wake = trio.Event()
         #: While a subscription is being set up, membership changes are stashed.
         self.stash: dict[bytes, int | None] | None = None
+        #: Called when this connection's user joined a conversation (Welcome delivery).
+        self.on_joined: Callable[[bytes], None] | None = None
+        #: A full recheck arrived while subscribing: follow() must read storage.
+        self._recheck_on_follow = False
         self.delivered = 0
 
     # --- hub callbacks (synchronous, hot path) ------------------------------
@@ -90,6 +97,8 @@ class Streams:
     def joined(self, conversation: bytes, joined_seq: int, last_seq: int, wire: bytes) -> bool:
         """Returns True when the hub must subscribe us to the conversation now."""
         self._outbox.write_control(wire)
+        if self.on_joined is not None:
+            self.on_joined(conversation)
         if self.stash is not None:
             self.stash[conversation] = joined_seq
             return False
@@ -109,13 +118,32 @@ class Streams:
     def notify(self, conversation: bytes, wire: bytes) -> None:
         self._outbox.write_control(wire)
 
+    def recheck(self, conversation: bytes | None, seq: int) -> None:
+        """Repair entry point (Hub.repair): fan-out up to ``seq`` may have been
+        lost; for ``None``, anything in any conversation.  Catch-up reads the
+        gap from storage and dedups against what was delivered."""
+        if conversation is None:
+            if self.stash is not None:
+                self._recheck_on_follow = True  # snapshot may predate the loss
+            for conv, st in self.by_conversation.items():
+                if not st.catching_up:
+                    self._start_catch_up(conv, st)
+            return
+        one = self.by_conversation.get(conversation)
+        if one is None:
+            return
+        if seq > one.known_last:
+            one.known_last = seq
+        if not one.catching_up and seq >= one.next_seq:
+            self._start_catch_up(conversation, one)
+
     # --- setup --------------------------------------------------------------
 
     def follow(self, conversation: bytes, next_seq: int, known_last: int) -> Stream:
         """Start following a conversation from ``next_seq``."""
-        st = Stream(next_seq=next_seq, known_last=known_last, catching_up=False)
+        st = Stream(next_seq, known_last, catching_up=False, replay_to=known_last)
         self.by_conversation[conversation] = st
-        if known_last >= next_seq:
+        if known_last >= next_seq or self._recheck_on_follow:
             self._start_catch_up(conversation, st)
         return st
 
@@ -126,6 +154,7 @@ class Streams:
 
     def kick(self) -> None:
         """Make the catch-up loop run (and report idle) even with nothing pending."""
+        self._recheck_on_follow = False  # subscribe() calls this after its follows
         self._wake.set()
 
     # --- catch-up -----------------------------------------------------------
@@ -163,6 +192,8 @@ class Streams:
                 st.next_seq = row.seq + 1
                 if row.seq > st.known_last:
                     st.known_last = row.seq
+                if row.seq > st.replay_to and row.device == self.device and row.sender == self.user:
+                    continue  # its #result carried the seq, as on the live path
                 self._outbox.write_control(
                     binary_frame(
                         events.message(

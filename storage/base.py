@@ -38,6 +38,23 @@ class NewMessage:
     client_message_id: str
     ciphertext: bytes
     created_ms: int
+    # --- MLS conversations only (see docs/PROTOCOL.md, "MLS delivery service") ---
+    #: "" for an opaque conversation; else "application", "proposal", "commit"
+    #: or "external_commit" (a commit whose sender_type is new_member_commit).
+    kind: str = ""
+    #: epoch and group_id from the MLSMessage header.
+    epoch: int = 0
+    group_id: bytes = b""
+    #: A Welcome (MLSMessage) stored for the devices of ``welcome_refs`` if this commit wins.
+    welcome: bytes = b""
+    #: KeyPackageRefs the Welcome names; each must have been claimed by ``sender``.
+    welcome_refs: tuple[bytes, ...] = ()
+    #: The GroupInfo (MLSMessage) of the epoch this commit creates (epoch + 1).
+    group_info: bytes = b""
+    #: Users the commit removes from the relay's member list if it wins.
+    removes: tuple[str, ...] = ()
+    #: Application messages: how many past epochs are still accepted.
+    epoch_window: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +67,12 @@ class Appended:
     #: True when the idempotency key was already stored: ``seq`` and
     #: ``created_ms`` are the original's and nothing new was written.
     duplicate: bool
+    #: MLS: the conversation's epoch after this message (None for opaque ones).
+    epoch: int | None = None
+    #: MLS commits: users that became members (Welcome, external commit) and
+    #: users removed; each added member's joined_seq is ``seq``.
+    added: tuple[str, ...] = ()
+    removed: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +104,51 @@ class AddedMember:
     joined_seq: int
 
 
+@dataclass(frozen=True, slots=True)
+class NewKeyPackage:
+    """A validated KeyPackage to store for (user, device)."""
+
+    ref: bytes
+    cipher_suite: int
+    #: The MLSMessage bytes (wire_format key_package), handed out as is.
+    data: bytes
+    #: Lifetime end in seconds (clamped to 2**63 - 1).
+    not_after: int
+    last_resort: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimedKeyPackage:
+    user: str
+    device: str
+    ref: bytes
+    data: bytes
+    last_resort: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimResult:
+    claimed: list[ClaimedKeyPackage]
+    #: (user, device) with no usable package; device None: the user has none at all.
+    missing: list[tuple[str, str | None]]
+
+
+@dataclass(frozen=True, slots=True)
+class KeyPackageCount:
+    cipher_suite: int
+    #: Unclaimed, unexpired, not last resort.
+    available: int
+    last_resort: bool
+
+
+@dataclass(frozen=True, slots=True)
+class PendingWelcome:
+    conversation: bytes
+    seq: int
+    epoch: int
+    welcome: bytes
+
+
 class Storage(abc.ABC):
     """Persistence for conversations, members, messages and cursors."""
 
@@ -99,10 +167,18 @@ class Storage(abc.ABC):
 
     @abc.abstractmethod
     async def create_conversation(
-        self, conversation: bytes, creator: str, members: Sequence[str], now_ms: int
+        self,
+        conversation: bytes,
+        creator: str,
+        members: Sequence[str],
+        now_ms: int,
+        *,
+        mls_group_id: bytes | None = None,
+        external_join: bool = False,
     ) -> ConversationInfo:
         """Create a conversation; the creator is always a member.  All initial
-        members get joined_seq 0.  Raises ConversationExists."""
+        members get joined_seq 0.  Raises ConversationExists.  With
+        ``mls_group_id`` it is an MLS conversation at epoch 0 (immutable)."""
 
     @abc.abstractmethod
     async def add_members(
@@ -167,3 +243,42 @@ class Storage(abc.ABC):
         """Acknowledge up to ``seq``.  Cursors never move backwards: stores and
         returns max(old, seq).  Raises NotMember, and FutureCursor when seq >
         last_seq."""
+
+    # --- MLS delivery service -------------------------------------------------
+
+    @abc.abstractmethod
+    async def mls_group(self, conversation: bytes) -> tuple[bool, bytes | None]:
+        """(exists, mls_group_id).  Internal: no authorization check."""
+
+    @abc.abstractmethod
+    async def put_key_packages(
+        self, user: str, device: str, packages: Sequence[NewKeyPackage], now_ms: int
+    ) -> list[bool]:
+        """Store packages in one transaction; True for each newly stored one.
+        A ref already stored is left as it is (idempotent; a claimed package
+        never becomes available again).  A new last-resort package retires the
+        device's previous one for that cipher suite."""
+
+    @abc.abstractmethod
+    async def key_package_counts(self, user: str, device: str, now_s: int) -> list[KeyPackageCount]:
+        """The device's inventory by cipher suite (suites with nothing are omitted)."""
+
+    @abc.abstractmethod
+    async def claim_key_packages(
+        self, claimer: str, users: Sequence[str], cipher_suite: int, now_s: int, now_ms: int
+    ) -> ClaimResult:
+        """One package per device of each user for ``cipher_suite``, atomically.
+        A package is handed out at most once, ever (also across processes); a
+        device's last-resort package only when it has nothing else, and it is
+        not consumed.  Every claim is recorded for Welcome resolution."""
+
+    @abc.abstractmethod
+    async def welcomes_for(self, user: str, device: str) -> list[PendingWelcome]:
+        """The device's Welcome inbox, by conversation and seq.  A Welcome leaves
+        the inbox when the device acks (set_cursor) a seq >= its seq."""
+
+    @abc.abstractmethod
+    async def latest_group_info(self, conversation: bytes, user: str) -> tuple[int, bytes]:
+        """(epoch, GroupInfo) of the newest stored epoch.  Allowed to members, and
+        to anyone when the conversation allows external joins; NotMember otherwise
+        (also when none is stored)."""

@@ -20,27 +20,28 @@ from protocol.errors import (
     RelayError,
     StorageError,
 )
+from storage import mls_sql
 from storage.base import (
     AddedMember,
     Appended,
+    ClaimResult,
     ConversationInfo,
+    KeyPackageCount,
+    NewKeyPackage,
     NewMessage,
+    PendingWelcome,
     Storage,
     StoredMessage,
 )
 from storage.migrate import migrate_postgres
 from storage.pgpool import PgConn, pg_pool
+from storage.postgres_mls import append_mls, append_plain, pg_exec
 
 T = TypeVar("T")
 
 _INFO_SQL = """
 SELECT c.id, c.last_seq, m.joined_seq, c.first_seq
   FROM members m JOIN conversations c ON c.id = m.conversation_id
-"""
-
-_APPEND_SQL = """
-SELECT r_ord, r_status, r_seq, r_created_ms FROM relay_append_messages(
-    %s::bytea[], %s::text[], %s::text[], %s::text[], %s::bytea[], %s::bigint[])
 """
 
 
@@ -109,15 +110,22 @@ class PostgresStorage(Storage):
     # --- conversations and members -----------------------------------------
 
     async def create_conversation(
-        self, conversation: bytes, creator: str, members: Sequence[str], now_ms: int
+        self,
+        conversation: bytes,
+        creator: str,
+        members: Sequence[str],
+        now_ms: int,
+        *,
+        mls_group_id: bytes | None = None,
+        external_join: bool = False,
     ) -> ConversationInfo:
         users = list(dict.fromkeys([creator, *members]))
 
         def job(conn: PgConn) -> ConversationInfo:
             created = conn.execute(
-                "INSERT INTO conversations (id, creator, created_ms) VALUES (%s, %s, %s)"
-                " ON CONFLICT (id) DO NOTHING RETURNING id",
-                (conversation, creator, now_ms),
+                "INSERT INTO conversations (id, creator, created_ms, mls_group_id, external_join)"
+                " VALUES (%s, %s, %s, %s, %s) ON CONFLICT (id) DO NOTHING RETURNING id",
+                (conversation, creator, now_ms, mls_group_id, external_join),
             ).fetchone()
             if created is None:
                 raise ConversationExists("conversation already exists")
@@ -204,27 +212,31 @@ class PostgresStorage(Storage):
     async def append_messages(self, batch: Sequence[NewMessage]) -> list[Appended | RelayError]:
         if not batch:
             return []
-        params = (
-            [m.conversation for m in batch],
-            [m.sender for m in batch],
-            [m.device for m in batch],
-            [m.client_message_id for m in batch],
-            [m.ciphertext for m in batch],
-            [m.created_ms for m in batch],
-        )
+        items = list(batch)
 
-        def job(conn: PgConn) -> list[tuple[int, str, int | None, int | None]]:
-            return conn.execute(_APPEND_SQL, params).fetchall()
+        def job(conn: PgConn) -> list[Appended | RelayError]:
+            # Every conversation of the batch, locked in id order (the order the
+            # append function and prune use): no deadlock between nodes.
+            flags = dict(
+                conn.execute(
+                    "SELECT id, mls_group_id IS NOT NULL FROM conversations"
+                    " WHERE id = ANY(%s) ORDER BY id FOR UPDATE",
+                    (sorted({m.conversation for m in items}),),
+                ).fetchall()
+            )
+            out: list[Appended | RelayError | None] = [None] * len(items)
+            plain = [i for i, m in enumerate(items) if not m.kind and not flags.get(m.conversation)]
+            if plain:
+                append_plain(conn, [items[i] for i in plain], plain, out)
+            ex = pg_exec(conn)
+            for i, m in enumerate(items):
+                if out[i] is None:
+                    out[i] = append_mls(conn, ex, m)
+            return [r for r in out if r is not None]
 
-        rows = await self._tx(job)
-        if len(rows) != len(batch):
+        results = await self._tx(job)
+        if len(results) != len(items):
             raise StorageError("append returned a wrong number of results")
-        results: list[Appended | RelayError] = []
-        for (_, status, seq, created_ms), msg in zip(rows, batch, strict=True):
-            if status == "not_member" or seq is None or created_ms is None:
-                results.append(NotMember("not a member of this conversation"))
-            else:
-                results.append(Appended(msg.conversation, seq, created_ms, status == "duplicate"))
         return results
 
     async def read_messages(
@@ -315,6 +327,54 @@ class PostgresStorage(Storage):
                 (user, device, conversation, seq, time.time_ns() // 1_000_000),
             ).fetchone()
             assert stored is not None  # an upsert always returns its row
+            mls_sql.ack_welcomes(pg_exec(conn), user, device, conversation, seq)
             return int(stored[0])
 
         return await self._tx(job)
+
+    # --- MLS delivery service -------------------------------------------------
+
+    async def mls_group(self, conversation: bytes) -> tuple[bool, bytes | None]:
+        def job(conn: PgConn) -> tuple[bool, bytes | None]:
+            row = conn.execute(
+                "SELECT mls_group_id FROM conversations WHERE id = %s", (conversation,)
+            ).fetchone()
+            if row is None:
+                return False, None
+            return True, None if row[0] is None else bytes(row[0])
+
+        return await self._pool.run(job)
+
+    async def put_key_packages(
+        self, user: str, device: str, packages: Sequence[NewKeyPackage], now_ms: int
+    ) -> list[bool]:
+        def job(conn: PgConn) -> list[bool]:
+            # Serialize uploads of one device (the last-resort swap reads then writes).
+            conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"kp:{user}:{device}",))
+            return mls_sql.put_key_packages(pg_exec(conn), user, device, packages, now_ms)
+
+        return await self._tx(job)
+
+    async def key_package_counts(self, user: str, device: str, now_s: int) -> list[KeyPackageCount]:
+        return await self._pool.run(
+            lambda conn: mls_sql.key_package_counts(pg_exec(conn), user, device, now_s)
+        )
+
+    async def claim_key_packages(
+        self, claimer: str, users: Sequence[str], cipher_suite: int, now_s: int, now_ms: int
+    ) -> ClaimResult:
+        def job(conn: PgConn) -> ClaimResult:
+            return mls_sql.claim_key_packages(
+                pg_exec(conn), claimer, users, cipher_suite, now_s, now_ms,
+                lock=" FOR UPDATE SKIP LOCKED",
+            )  # fmt: skip
+
+        return await self._tx(job)
+
+    async def welcomes_for(self, user: str, device: str) -> list[PendingWelcome]:
+        return await self._pool.run(lambda conn: mls_sql.welcomes_for(pg_exec(conn), user, device))
+
+    async def latest_group_info(self, conversation: bytes, user: str) -> tuple[int, bytes]:
+        return await self._pool.run(
+            lambda conn: mls_sql.latest_group_info(pg_exec(conn), conversation, user)
+        )

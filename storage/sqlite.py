@@ -16,22 +16,28 @@ import sqlite3
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from protocol.errors import (
     ConversationExists,
     FutureCursor,
     InvalidRequest,
+    MLSValidationError,
     NotMember,
     RelayError,
     StorageError,
     Unavailable,
 )
+from storage import mls_sql
 from storage.base import (
     AddedMember,
     Appended,
+    ClaimResult,
     ConversationInfo,
+    KeyPackageCount,
+    NewKeyPackage,
     NewMessage,
+    PendingWelcome,
     Storage,
     StoredMessage,
 )
@@ -122,15 +128,27 @@ def _member_info(conn: Conn, conversation: bytes, user: str) -> ConversationInfo
     return ConversationInfo(bytes(row[0]), row[1], row[2], row[3])
 
 
+def _ex(conn: Conn) -> mls_sql.Exec:
+    def ex(sql: str, params: Sequence[Any] = ()) -> Any:
+        return conn.execute(sql, params)
+
+    return ex
+
+
 def _append_one(conn: Conn, msg: NewMessage) -> Appended | RelayError:
-    if (
-        conn.execute(
-            "SELECT 1 FROM members WHERE conversation_id = ? AND user_did = ?",
-            (msg.conversation, msg.sender),
-        ).fetchone()
-        is None
-    ):
+    if msg.kind:
+        return mls_sql.append_mls_sqlite(_ex(conn), msg)
+    row = conn.execute(
+        "SELECT c.mls_group_id IS NOT NULL FROM members m JOIN conversations c"
+        " ON c.id = m.conversation_id WHERE m.conversation_id = ? AND m.user_did = ?",
+        (msg.conversation, msg.sender),
+    ).fetchone()
+    if row is None:
         return NotMember("not a member of this conversation")
+    if row[0]:
+        return MLSValidationError(
+            "this MLS conversation accepts MLSMessages only", field="ciphertext"
+        )
     dup = conn.execute(
         "SELECT seq, created_ms FROM messages WHERE conversation_id = ? AND sender_did = ?"
         " AND sender_device = ? AND client_message_id = ?",
@@ -181,16 +199,24 @@ class SqliteStorage(Storage):
     # --- conversations and members -----------------------------------------
 
     async def create_conversation(
-        self, conversation: bytes, creator: str, members: Sequence[str], now_ms: int
+        self,
+        conversation: bytes,
+        creator: str,
+        members: Sequence[str],
+        now_ms: int,
+        *,
+        mls_group_id: bytes | None = None,
+        external_join: bool = False,
     ) -> ConversationInfo:
         users = list(dict.fromkeys([creator, *members]))
 
         def job(conn: Conn) -> ConversationInfo:
             if (
                 conn.execute(
-                    "INSERT INTO conversations (id, creator, created_ms) VALUES (?, ?, ?)"
-                    " ON CONFLICT (id) DO NOTHING RETURNING id",
-                    (conversation, creator, now_ms),
+                    "INSERT INTO conversations (id, creator, created_ms, mls_group_id,"
+                    " external_join) VALUES (?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING"
+                    " RETURNING id",
+                    (conversation, creator, now_ms, mls_group_id, external_join),
                 ).fetchone()
                 is None
             ):
@@ -333,6 +359,49 @@ class SqliteStorage(Storage):
                 " updated_ms = excluded.updated_ms RETURNING seq",
                 (user, device, conversation, seq, time.time_ns() // 1_000_000),
             ).fetchone()
+            mls_sql.ack_welcomes(_ex(conn), user, device, conversation, seq)
             return int(stored)
 
         return await self._write(job)
+
+    # --- MLS delivery service -------------------------------------------------
+
+    async def mls_group(self, conversation: bytes) -> tuple[bool, bytes | None]:
+        def job(conn: Conn) -> tuple[bool, bytes | None]:
+            row = conn.execute(
+                "SELECT mls_group_id FROM conversations WHERE id = ?", (conversation,)
+            ).fetchone()
+            if row is None:
+                return False, None
+            return True, None if row[0] is None else bytes(row[0])
+
+        return await self._read(job)
+
+    async def put_key_packages(
+        self, user: str, device: str, packages: Sequence[NewKeyPackage], now_ms: int
+    ) -> list[bool]:
+        return await self._write(
+            lambda conn: mls_sql.put_key_packages(_ex(conn), user, device, packages, now_ms)
+        )
+
+    async def key_package_counts(self, user: str, device: str, now_s: int) -> list[KeyPackageCount]:
+        return await self._read(
+            lambda conn: mls_sql.key_package_counts(_ex(conn), user, device, now_s)
+        )
+
+    async def claim_key_packages(
+        self, claimer: str, users: Sequence[str], cipher_suite: int, now_s: int, now_ms: int
+    ) -> ClaimResult:
+        return await self._write(
+            lambda conn: mls_sql.claim_key_packages(
+                _ex(conn), claimer, users, cipher_suite, now_s, now_ms
+            )
+        )
+
+    async def welcomes_for(self, user: str, device: str) -> list[PendingWelcome]:
+        return await self._read(lambda conn: mls_sql.welcomes_for(_ex(conn), user, device))
+
+    async def latest_group_info(self, conversation: bytes, user: str) -> tuple[int, bytes]:
+        return await self._read(
+            lambda conn: mls_sql.latest_group_info(_ex(conn), conversation, user)
+        )

@@ -250,3 +250,29 @@ def _websockets_client(url: str, conv: bytes) -> dict[str, object]:
                     return {"created": created["id"] == 1, "seq": body["seq"]}
 
     return asyncio.run(main())
+
+
+async def test_connection_and_request_limits(tmp_path):
+    with trio.fail_after(20):
+        async with running_relay(
+            f"sqlite:///{tmp_path}/r.db",
+            connections_per_user=2,
+            requests_per_connection=5,
+            requests_per_user=1000,
+        ) as r:
+            async with connect(r.ws_url, ALICE, "d1"), connect(r.ws_url, ALICE, "d2") as c:
+                status, _, body = await http_request(
+                    r.port, upgrade_request("/v1/ws", make_token(ALICE, "d3"))
+                )
+                assert status == 429 and json.loads(body)["error"] == "TooManyConnections"
+                # Another user is not affected.
+                async with connect(r.ws_url, BOB, "b1"):
+                    pass
+                replies = [await c.request("#listConversations") for _ in range(15)]
+                limited = [x for x in replies if not x.ok]
+                assert limited and all(x.body["error"] == "RateLimited" for x in limited)
+                assert all(x.body["retryable"] and x.body["retry_after_ms"] > 0 for x in limited)
+                assert r.relay.node_limits.rejected["TooManyConnections"] == 1
+            # Closing a connection frees its slot.
+            async with connect(r.ws_url, ALICE, "d3") as c3:
+                assert (await c3.request("#listConversations")).ok

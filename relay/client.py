@@ -1,0 +1,402 @@
+"""Python client SDK (Trio, trio-websocket) for the mls-relay wire protocol.
+
+::
+
+    async with RelayClient.connect("ws://localhost:3000/v1/ws", token) as client:
+        await client.create_conversation(b"room", ["did:example:bob"])
+        seq = await client.send(b"room", ciphertext)
+        async for event in client.events():
+            if isinstance(event, Message):
+                ...
+                await client.ack(event.conversation, event.seq)
+
+The client reconnects by itself (jittered exponential backoff, capped) and
+resumes without gaps or duplicates: it remembers the highest seq it has
+*yielded* per conversation and re-subscribes with exactly those cursors, so
+anything buffered but not yet consumed is delivered again and de-duplicated
+by seq on the way out.  Sends are re-sent after a reconnect with the same
+``client_message_id`` (the relay stores each at most once and answers the
+retry with the original seq).  Requests that are not idempotent (create,
+add, remove) fail with :class:`ConnectionLost` instead: the caller decides.
+Ciphertext is opaque here: MLS encryption is the application's job.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import random
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass, field
+from typing import Any
+
+import cbor2
+import trio
+from trio_websocket import (
+    ConnectionClosed,
+    ConnectionRejected,
+    HandshakeError,
+    WebSocketConnection,
+    connect_websocket_url,
+)
+
+__all__ = [
+    "ConnectionLost",
+    "Ephemeral",
+    "Event",
+    "Info",
+    "Membership",
+    "Message",
+    "Other",
+    "RelayClient",
+    "RequestFailed",
+]
+
+#: Requests safe to send again on a new connection.
+_IDEMPOTENT = frozenset({"#send", "#ack", "#listConversations"})
+#: Close codes after which reconnecting with the same token is pointless.
+_FATAL_CLOSES = frozenset({4401, 4403})
+
+
+# --- events ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    conversation: bytes
+    seq: int
+    sender: str
+    time_ms: int
+    ciphertext: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Membership:
+    conversation: bytes
+    actor: str
+    added: tuple[str, ...]
+    removed: tuple[str, ...]
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class Ephemeral:
+    conversation: bytes
+    sender: str
+    time_ms: int
+    ciphertext: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Info:
+    """``#info``: CaughtUp, OutdatedCursor, ... (``details`` holds extra fields)."""
+
+    name: str
+    message: str
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Other:
+    """Any event type this SDK version does not model (forward compatibility)."""
+
+    type: str
+    body: dict[str, Any]
+
+
+Event = Message | Membership | Ephemeral | Info | Other
+
+
+def _event(t: str, b: dict[str, Any]) -> Event:
+    if t == "#message":
+        return Message(b["conversation"], b["seq"], b["sender"], b["time"], b["ciphertext"])
+    if t == "#membership":
+        return Membership(
+            b["conversation"], b["actor"], tuple(b["added"]), tuple(b["removed"]), b["seq"]
+        )
+    if t == "#ephemeral":
+        return Ephemeral(b["conversation"], b["sender"], b["time"], b["ciphertext"])
+    if t == "#info":
+        rest = {k: v for k, v in b.items() if k not in ("name", "message")}
+        return Info(b["name"], b.get("message", ""), rest)
+    return Other(t, b)
+
+
+# --- errors ----------------------------------------------------------------------
+
+
+class RequestFailed(Exception):
+    """The relay answered a request with an error frame."""
+
+    def __init__(self, error: str, message: str, body: dict[str, Any]) -> None:
+        super().__init__(f"{error}: {message}")
+        self.error, self.message, self.body = error, message, body
+
+
+class ConnectionLost(Exception):
+    """The connection dropped before a non-idempotent request was answered."""
+
+
+# --- frames ----------------------------------------------------------------------
+
+
+def _encode(t: str, body: dict[str, Any]) -> bytes:
+    return cbor2.dumps({"t": t, "op": 1}, canonical=True) + cbor2.dumps(body, canonical=True)
+
+
+def _decode(data: bytes) -> tuple[dict[str, Any], dict[str, Any]]:
+    stream = io.BytesIO(data)
+    decoder = cbor2.CBORDecoder(stream)
+    return decoder.decode(), decoder.decode()
+
+
+@dataclass
+class _Pending:
+    t: str
+    body: dict[str, Any]
+    done: trio.Event = field(default_factory=trio.Event)
+    reply: dict[str, Any] | None = None
+    error: Exception | None = None
+    #: The connection generation it was last sent on (0: not sent yet).
+    sent_on: int = 0
+
+
+class RelayClient:
+    def __init__(
+        self,
+        url: str,
+        token: str | Callable[[], str],
+        *,
+        subscribe: bool = True,
+        initial_backoff: float = 0.25,
+        max_backoff: float = 30.0,
+        request_timeout: float = 60.0,
+    ) -> None:
+        self.url = url
+        self._token = token
+        self._subscribe = subscribe
+        self.initial_backoff = initial_backoff
+        self.max_backoff = max_backoff
+        self.request_timeout = request_timeout
+        self.hello: dict[str, Any] = {}
+        self.connections = 0
+        self._ws: WebSocketConnection | None = None
+        self._generation = 0
+        self._next_id = 1
+        self._pending: dict[int, _Pending] = {}
+        #: Highest seq yielded by events(), per conversation: the resume cursors.
+        self._yielded: dict[bytes, int] = {}
+        self._connected = trio.Event()
+        self._fatal: Exception | None = None
+        self._send_events, self._events = trio.open_memory_channel[Event](math.inf)
+
+    @classmethod
+    @asynccontextmanager
+    async def connect(
+        cls, url: str, token: str | Callable[[], str], **options: Any
+    ) -> AsyncIterator[RelayClient]:
+        """Connect (retrying as configured) and keep the connection up until exit."""
+        client = cls(url, token, **options)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(client._maintain)
+            with trio.move_on_after(client.request_timeout):
+                await client._connected.wait()
+            if client._connected.is_set() and client._fatal is None:
+                try:
+                    yield client
+                finally:
+                    nursery.cancel_scope.cancel()
+                return
+            nursery.cancel_scope.cancel()
+        # Raised outside the nursery, so callers catch it without an ExceptionGroup.
+        raise client._fatal or TimeoutError(f"could not connect to {url}")
+
+    # --- requests --------------------------------------------------------------
+
+    async def send(
+        self, conversation: bytes, ciphertext: bytes, client_message_id: str | None = None
+    ) -> int:
+        """Store a message; returns its seq once the relay has committed it."""
+        reply = await self.request(
+            "#send",
+            conversation=conversation,
+            ciphertext=ciphertext,
+            client_message_id=client_message_id or uuid.uuid4().hex,
+        )
+        return int(reply["seq"])
+
+    async def create_conversation(self, conversation: bytes, members: list[str]) -> list[str]:
+        reply = await self.request(
+            "#createConversation", conversation=conversation, members=members
+        )
+        return list(reply.get("members", []))
+
+    async def add_members(self, conversation: bytes, members: list[str]) -> list[str]:
+        reply = await self.request("#addMembers", conversation=conversation, members=members)
+        return list(reply.get("added", []))
+
+    async def remove_members(self, conversation: bytes, members: list[str]) -> list[str]:
+        reply = await self.request("#removeMembers", conversation=conversation, members=members)
+        return list(reply.get("removed", []))
+
+    async def list_conversations(self) -> list[dict[str, Any]]:
+        return list((await self.request("#listConversations"))["conversations"])
+
+    async def ack(self, conversation: bytes, seq: int) -> int:
+        """Move this device's stored cursor (where a fresh connection resumes)."""
+        return int((await self.request("#ack", conversation=conversation, seq=seq))["seq"])
+
+    async def request(self, t: str, **body: Any) -> dict[str, Any]:
+        """Send any request and wait for its #result body (raises RequestFailed)."""
+        if self._fatal is not None:
+            raise self._fatal
+        rid, self._next_id = self._next_id, self._next_id + 1
+        pending = _Pending(t, body)
+        self._pending[rid] = pending
+        try:
+            await self._transmit(rid, pending)  # while disconnected: sent on reconnect
+            with trio.fail_after(self.request_timeout):
+                await pending.done.wait()
+        finally:
+            self._pending.pop(rid, None)
+        if pending.error is not None:
+            raise pending.error
+        assert pending.reply is not None
+        return pending.reply
+
+    async def _transmit(self, rid: int, pending: _Pending) -> None:
+        ws = self._ws
+        if ws is None or pending.sent_on == self._generation:
+            return
+        pending.sent_on = self._generation
+        # A dropped connection is noticed by the reader; the request waits for the next.
+        with suppress(ConnectionClosed):
+            await ws.send_message(_encode(pending.t, {"id": rid, **pending.body}))
+
+    # --- events ----------------------------------------------------------------
+
+    async def events(self) -> AsyncIterator[Event]:
+        """Events in order, across reconnects; each message exactly once (by seq)."""
+        async for event in self._events:
+            if isinstance(event, Message):
+                if event.seq <= self._yielded.get(event.conversation, 0):
+                    continue  # re-delivered after a reconnect: already yielded
+                self._yielded[event.conversation] = event.seq
+            yield event
+        if self._fatal is not None:
+            raise self._fatal
+
+    # --- connection management ---------------------------------------------------
+
+    def _backoff(self, attempt: int) -> float:
+        # Equal jitter: never zero (no reconnect storms), never above the cap.
+        ceiling = min(self.max_backoff, self.initial_backoff * 2**attempt)
+        return ceiling / 2 + random.uniform(0, ceiling / 2)
+
+    async def _maintain(self) -> None:
+        attempt = 0
+        try:
+            while True:
+                try:
+                    await self._run_connection()
+                    attempt = 0  # it was up: start the backoff afresh
+                except ConnectionRejected as exc:
+                    if exc.status_code in (401, 403):
+                        self._fail_all(RequestFailed("AuthRejected", str(exc), {}))
+                        return
+                except RequestFailed as exc:  # closed for good, or our resume cursors refused
+                    self._fail_all(exc)
+                    return
+                except (OSError, HandshakeError, trio.BrokenResourceError):
+                    pass
+                await trio.sleep(self._backoff(attempt))
+                attempt += 1
+        finally:
+            self._send_events.close()
+
+    def _fail_all(self, exc: Exception) -> None:
+        self._fatal = exc
+        self._connected.set()
+        for pending in self._pending.values():
+            pending.error = exc
+            pending.done.set()
+
+    async def _run_connection(self) -> None:
+        token = self._token() if callable(self._token) else self._token
+        headers = [(b"authorization", f"Bearer {token}".encode())]
+        self._close_code: int | None = None
+        async with trio.open_nursery() as nursery:
+            ws = await connect_websocket_url(nursery, self.url, extra_headers=headers)
+            try:
+                try:
+                    header, hello = _decode(await ws.get_message())  # type: ignore[arg-type]
+                except ConnectionClosed as exc:
+                    self._close_code = exc.reason.code if exc.reason else None
+                    return
+                if header.get("t") != "#hello":
+                    raise HandshakeError()
+                self.hello = hello
+                self._generation += 1
+                self.connections += 1
+                self._ws = ws
+                nursery.start_soon(self._read, ws, nursery.cancel_scope)
+                if self._subscribe:
+                    await self._resubscribe()
+                for rid, pending in list(self._pending.items()):
+                    await self._transmit(rid, pending)
+                self._connected.set()
+                await trio.sleep_forever()  # until _read sees the close and cancels us
+            finally:
+                self._ws = None
+                self._connection_lost()
+                nursery.cancel_scope.cancel()
+                with trio.CancelScope(shield=True), trio.move_on_after(1):
+                    await ws.aclose()
+        if self._close_code in _FATAL_CLOSES:
+            code = self._close_code
+            raise RequestFailed("Closed", f"closed with code {code}", {"code": code})
+
+    async def _resubscribe(self) -> None:
+        """Subscribe with the yielded positions as explicit cursors."""
+        while True:
+            cursors = [{"conversation": c, "seq": s} for c, s in self._yielded.items()]
+            try:
+                await self.request("#subscribe", cursors=cursors)
+                return
+            except RequestFailed as exc:
+                gone = exc.body.get("conversation")
+                if exc.error != "NotMember" or gone not in self._yielded:
+                    raise
+                del self._yielded[gone]  # removed while away: nothing more to resume
+
+    def _connection_lost(self) -> None:
+        for pending in self._pending.values():
+            if pending.t not in _IDEMPOTENT and pending.sent_on and not pending.done.is_set():
+                pending.error = ConnectionLost(f"connection lost during {pending.t}")
+                pending.done.set()
+
+    async def _read(self, ws: WebSocketConnection, connection: trio.CancelScope) -> None:
+        try:
+            while True:
+                data = await ws.get_message()
+                if isinstance(data, bytes):
+                    self._dispatch(*_decode(data))
+        except ConnectionClosed as exc:
+            self._close_code = exc.reason.code if exc.reason else None
+            connection.cancel()
+
+    def _dispatch(self, header: dict[str, Any], body: dict[str, Any]) -> None:
+        rid = body.get("id")
+        is_reply = header.get("t") == "#result" or header.get("op") == -1
+        if is_reply and rid in self._pending:
+            pending = self._pending[rid]
+            if header.get("op") == -1:
+                error = RequestFailed(body.get("error", "?"), body.get("message", ""), body)
+                pending.error = error
+            else:
+                pending.reply = body
+            pending.done.set()
+        elif header.get("op") == 1 and header.get("t") not in ("#result", "#hello"):
+            self._send_events.send_nowait(_event(str(header["t"]), body))

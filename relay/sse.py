@@ -1,0 +1,302 @@
+"""Server-Sent Events: a receive-only fallback for clients without WebSockets.
+
+``GET /v1/events`` (token in ``Authorization: Bearer`` or ``?access_token=``)
+answers ``text/event-stream``.  Each event is one protocol event as JSON:
+``event:`` is its type without the ``#`` (``hello``, ``message``,
+``membership``, ``ephemeral``, ``info``, ``error``) and ``data:`` its body,
+with byte strings (conversation ids, ciphertext) in standard base64.
+
+Resuming: every ``message`` event has an ``id:`` that is an opaque cursor,
+``v1.`` + base64url(CBOR list of [conversation, seq]) holding the position
+of EVERY conversation this stream (and the stream it resumed) delivered, not
+just the event's own: resuming from one conversation's position would replay
+the others from the stored cursor, which a receive-only client never
+advances.  Browsers send it back as ``Last-Event-ID`` on reconnect; other
+clients may pass it as ``?cursor=``.  Conversations absent from it resume
+from the device's stored cursor.  Keep-alive comments (``: keep-alive``)
+flow while idle.
+
+No parallel delivery path: a stream is the WebSocket machinery (hub
+subscription, :class:`~relay.streams.Streams` with its replay/live seam, the
+#subscribe handler) writing into :class:`SseSink`, an Outbox whose consumer
+is the HTTP response instead of a socket, with the same byte bound: a client
+that reads too slowly is cut off (ConsumerTooSlow) and resumes by cursor.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any, cast
+
+import cbor2
+import trio
+from quart import Response, request
+
+from protocol import events
+from protocol.errors import FutureCursor, InvalidRequest, NotMember, ShuttingDown
+from protocol.frames import OP_ERROR, decode_frame
+from protocol.requests import Subscribe
+from protocol.websocket import binary_frame
+
+from .auth import token_from_request
+from .handlers import Handlers
+from .logs import user_hash
+from .outbox import Flusher, Outbox
+from .streams import Streams
+
+if TYPE_CHECKING:
+    from quart_trio import QuartTrio
+
+    from .app import Relay
+    from .auth import Identity
+    from .session import Session
+
+log = logging.getLogger("relay.sse")
+
+MAX_CURSOR = 64 * 1024
+CURSOR_PREFIX = "v1."
+
+
+def encode_cursor(positions: dict[bytes, int]) -> str:
+    raw = cbor2.dumps([[conv, seq] for conv, seq in sorted(positions.items())])
+    return CURSOR_PREFIX + base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+def decode_cursor(text: str) -> dict[bytes, int]:
+    """Positions from a cursor; raises InvalidRequest on anything malformed."""
+    if not text:
+        return {}
+    if len(text) > MAX_CURSOR or not text.startswith(CURSOR_PREFIX):
+        raise InvalidRequest("Last-Event-ID is not a cursor issued by this relay")
+    body = text[len(CURSOR_PREFIX) :]
+    try:
+        entries = cbor2.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
+        out = {bytes(conv): int(seq) for conv, seq in entries}
+    except (ValueError, TypeError, binascii.Error, cbor2.CBORDecodeError):
+        raise InvalidRequest("Last-Event-ID is not a cursor issued by this relay") from None
+    if any(seq < 0 or not conv for conv, seq in out.items()):
+        raise InvalidRequest("Last-Event-ID is not a cursor issued by this relay")
+    return out
+
+
+class SseSink(Outbox):
+    """An Outbox drained by a response body instead of a socket.
+
+    Producers (hub, catch-up, replies) append WebSocket-framed bytes exactly
+    as for a socket; flush() only wakes the response, which takes everything
+    pending (freeing room for the replay) and renders it as SSE."""
+
+    def __init__(self, flusher: Flusher, limit: int) -> None:
+        super().__init__(-1, flusher, limit)
+        self.ready = trio.Event()
+
+    def flush(self) -> None:
+        if self._pending:
+            self.ready.set()
+
+    def take(self) -> list[bytes]:
+        frames, self._pending = self._pending, []
+        self.pending_bytes = 0
+        self.ready = trio.Event()
+        self._room.set()
+        return frames
+
+    async def run_writer(self) -> None:
+        """Nothing to do: the response body is the writer."""
+
+
+def _payload(wire: bytes) -> bytes:
+    """Strip the (unmasked, server-side) WebSocket frame header."""
+    n = wire[1] & 0x7F
+    if n == 126:
+        return wire[4:]
+    if n == 127:
+        return wire[10:]
+    return wire[2:]
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return base64.b64encode(value).decode()
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+class SseStream:
+    """One SSE client.  Exposes what Handlers.subscribe needs of a session."""
+
+    #: Where request handlers start follow-up tasks (a session's nursery).
+    nursery: trio.Nursery
+
+    def __init__(self, relay: Relay, identity: Identity, positions: dict[bytes, int]) -> None:
+        self.relay = relay
+        self.identity = identity
+        self.user = identity.user
+        self.device = identity.device
+        self.id = secrets.token_hex(8)
+        self.positions = positions
+        self.sink = SseSink(relay.flusher, relay.config.outbox_limit)
+        self.streams = Streams(
+            self.user, self.device, self.sink, relay.flusher, relay.storage, self._unfollow
+        )
+        self.subscribed = False
+        self._announced = False
+        self._cancel = trio.CancelScope()
+        self._ended: str | None = None
+
+    # --- the session surface used by Handlers.subscribe ---------------------
+
+    def send_frame(self, payload: bytes) -> None:
+        self.sink.write_control(binary_frame(payload))
+        self.relay.flusher.flush()
+
+    def _unfollow(self, conversation: bytes) -> None:
+        self.relay.hub.unsubscribe(self.streams, conversation)
+
+    def _caught_up(self) -> None:
+        if self.subscribed and not self._announced:
+            self._announced = True
+            self.send_frame(events.info("CaughtUp", "replay complete; live from here"))
+
+    # --- lifecycle -----------------------------------------------------------
+
+    async def start(self) -> None:
+        self.relay.metrics.opened(self.sink, "sse")
+        self.send_frame(events.hello(self.user, self.device, self.relay.server_name, self.id))
+        assert self.relay.nursery is not None, "relay not running"
+        # Tasks live in the relay's nursery: a response body cannot own one
+        # (it is an async generator that suspends at every yield).
+        await self.relay.nursery.start(self._background)
+        for attempt in range(3):
+            cursors = await self._valid_cursors()
+            try:
+                await Handlers(cast("Session", self)).subscribe(Subscribe(0, cursors))
+                break
+            except (NotMember, FutureCursor):
+                # Membership changed between our check and the subscription.
+                if attempt == 2:
+                    raise
+        log.info(
+            "sse stream opened",
+            extra={"session": self.id, "node": self.relay.node_id, "user": user_hash(self.user)},
+        )
+
+    async def _valid_cursors(self) -> dict[bytes, int]:
+        """Positions of conversations we still belong to, clamped to their end."""
+        convs = {c.conversation: c for c in await self.relay.storage.list_conversations(self.user)}
+        return {
+            conv: min(seq, convs[conv].last_seq)
+            for conv, seq in self.positions.items()
+            if conv in convs
+        }
+
+    async def _background(self, *, task_status: trio.TaskStatus[None]) -> None:
+        with self._cancel:
+            try:
+                async with trio.open_nursery() as nursery:
+                    self.nursery = nursery
+                    nursery.start_soon(self.streams.run_catch_up, self._caught_up)
+                    task_status.started()
+                    await trio.sleep_until(
+                        trio.current_time() + max(0.0, self.identity.expires_at - time.time())
+                    )
+                    self._end("TokenExpired")
+            except Exception:
+                log.exception("sse stream failed", extra={"session": self.id})
+                self._end("InternalError")
+
+    def _end(self, reason: str) -> None:
+        if self._ended is None:
+            self._ended = reason
+        self.sink.ready.set()
+
+    def close(self) -> None:
+        """Synchronous cleanup (runs in the body's finally, possibly cancelled)."""
+        self._cancel.cancel()
+        self.relay.hub.remove(self.streams, list(self.streams.by_conversation))
+        self.relay.metrics.closed(self.sink)
+
+    # --- the response body ---------------------------------------------------
+
+    async def body(self) -> AsyncIterator[bytes]:
+        keepalive = self.relay.config.sse_keepalive_s
+        reason = "closed"
+        try:
+            yield b"retry: 2000\n\n"
+            while True:
+                with trio.move_on_after(keepalive):
+                    await self.sink.ready.wait()
+                if self.sink.failed.is_set():
+                    self._end("ConsumerTooSlow" if self.sink.overflowed else "closed")
+                if self.relay.state.shutting_down:
+                    self._end("ServiceRestart")
+                chunk = self._render(self.sink.take()) if self.sink.ready.is_set() else b""
+                if self._ended is not None:
+                    reason = self._ended
+                    if reason == "ConsumerTooSlow":
+                        self.relay.metrics_slow_consumers += 1
+                    if reason != "closed":
+                        self.relay.metrics.error(reason)
+                    info = events.info(reason, "stream closed; resume with Last-Event-ID")
+                    yield chunk + self._render([binary_frame(info)])
+                    return
+                chunk = chunk or b": keep-alive\n\n"
+                self.sink.bytes_out += len(chunk)
+                yield chunk
+        finally:
+            self.close()
+            log.info("sse stream closed", extra={"session": self.id, "reason": reason})
+
+    def _render(self, frames: list[bytes]) -> bytes:
+        out: list[str] = []
+        for wire in frames:
+            if wire[0] & 0x0F != 0x2:
+                continue  # only binary frames carry events (no close/ping here)
+            frame = decode_frame(_payload(wire))
+            body = frame.body
+            lines = []
+            if frame.op == OP_ERROR:
+                name = "error"
+            else:
+                name = (frame.t or "#").lstrip("#")
+                if name == "message":
+                    self.positions[body["conversation"]] = body["seq"]
+                    lines.append("id: " + encode_cursor(self.positions))
+            lines.append("event: " + name)
+            lines.append("data: " + json.dumps(_jsonable(body), separators=(",", ":")))
+            out.append("\n".join(lines) + "\n\n")
+        return "".join(out).encode()
+
+
+def register(app: QuartTrio, relay: Relay) -> None:
+    @app.get("/v1/events")
+    async def sse_events() -> Any:
+        if relay.state.shutting_down:
+            raise ShuttingDown("relay is shutting down")
+        headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in request.headers.items()]
+        identity = relay.authenticator.verify(token_from_request(headers, request.query_string))
+        positions = decode_cursor(
+            request.headers.get("Last-Event-ID") or request.args.get("cursor", "")
+        )
+        stream = SseStream(relay, identity, positions)
+        try:
+            await stream.start()
+        except BaseException:
+            stream.close()
+            raise
+        response = Response(
+            stream.body(),
+            content_type="text/event-stream; charset=utf-8",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+        response.timeout = None  # Quart's default would cut the stream after 60 s
+        return response

@@ -1,0 +1,74 @@
+"""``mls-relay tail``: print a device's events as JSON lines, for debugging.
+
+Connects with a token (``--token`` or ``RELAY_TOKEN``), subscribes from the
+device's stored cursor and prints every event as it arrives: one JSON object
+per line, ``type`` plus the event's fields, byte strings hex-encoded.  It
+never acknowledges unless ``--ack`` is given, so tailing a device does not
+move the cursor its real client resumes from.  Uses the SDK, so it survives
+relay restarts the same way an application does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from typing import Any
+
+import trio
+
+from .client import Message, RelayClient, RequestFailed
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--url", help="WebSocket URL (default ws://127.0.0.1:$PORT/v1/ws)")
+    parser.add_argument("--token", help="bearer token (default $RELAY_TOKEN)")
+    parser.add_argument("--ack", action="store_true", help="acknowledge each message printed")
+    parser.add_argument("--count", type=int, default=0, help="exit after N messages")
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return value.hex()
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def event_line(event: Any) -> str:
+    body = {"type": type(event).__name__.lower(), **dataclasses.asdict(event)}
+    return json.dumps(_jsonable(body), sort_keys=False)
+
+
+async def tail(url: str, token: str, *, ack: bool, count: int) -> None:
+    async with RelayClient.connect(url, token) as client:
+        print(json.dumps({"type": "connected", **_jsonable(client.hello)}), flush=True)
+        seen = 0
+        async for event in client.events():
+            print(event_line(event), flush=True)
+            if isinstance(event, Message):
+                seen += 1
+                if ack:
+                    await client.ack(event.conversation, event.seq)
+                if count and seen >= count:
+                    return
+
+
+def main(args: argparse.Namespace, port: int, ws_path: str) -> int:
+    token = args.token or os.environ.get("RELAY_TOKEN", "")
+    if not token:
+        print("mls-relay tail: needs --token or RELAY_TOKEN", file=sys.stderr)
+        return 2
+    url = args.url or f"ws://127.0.0.1:{port}{ws_path}"
+    try:
+        trio.run(lambda: tail(url, token, ack=args.ack, count=args.count))
+    except RequestFailed as exc:
+        print(f"mls-relay tail: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        pass
+    return 0

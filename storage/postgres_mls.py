@@ -1,0 +1,67 @@
+"""PostgreSQL appends: the set-based function for opaque conversations and the
+per-message MLS function (epoch check under the conversation row lock).
+
+Both run inside :meth:`storage.postgres.PostgresStorage.append_messages`'
+transaction, after it locked every conversation of the batch in id order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from protocol.errors import MLSValidationError, NotMember, RelayError, StorageError
+from storage import mls_sql
+from storage.base import Appended, NewMessage
+from storage.pgpool import PgConn
+
+_APPEND_SQL = """
+SELECT r_ord, r_status, r_seq, r_created_ms FROM relay_append_messages(
+    %s::bytea[], %s::text[], %s::text[], %s::text[], %s::bytea[], %s::bigint[])
+"""
+
+
+def pg_exec(conn: PgConn) -> mls_sql.Exec:
+    def ex(sql: str, params: Sequence[Any] = ()) -> Any:
+        return conn.execute(sql.replace("?", "%s"), params)
+
+    return ex
+
+
+def append_plain(
+    conn: PgConn, msgs: list[NewMessage], where: list[int], out: list[Appended | RelayError | None]
+) -> None:
+    """Opaque conversations: the set-based append function, one round trip."""
+    params = (
+        [m.conversation for m in msgs],
+        [m.sender for m in msgs],
+        [m.device for m in msgs],
+        [m.client_message_id for m in msgs],
+        [m.ciphertext for m in msgs],
+        [m.created_ms for m in msgs],
+    )
+    rows = conn.execute(_APPEND_SQL, params).fetchall()
+    if len(rows) != len(msgs):
+        raise StorageError("append returned a wrong number of results")
+    for (_, status, seq, created_ms), msg, i in zip(rows, msgs, where, strict=True):
+        if status == "not_member" or seq is None or created_ms is None:
+            out[i] = NotMember("not a member of this conversation")
+        else:
+            out[i] = Appended(msg.conversation, seq, created_ms, status == "duplicate")
+
+
+def append_mls(conn: PgConn, ex: mls_sql.Exec, m: NewMessage) -> Appended | RelayError:
+    if not m.kind:
+        return MLSValidationError(
+            "this MLS conversation accepts MLSMessages only", field="ciphertext"
+        )
+    targets = mls_sql.welcome_targets(ex, m)
+    if isinstance(targets, RelayError):
+        return targets
+    row = conn.execute(
+        "SELECT * FROM relay_append_mls(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+        (m.conversation, m.sender, m.device, m.client_message_id, m.ciphertext,
+         m.created_ms, m.kind, m.epoch, m.group_id, m.epoch_window),
+    ).fetchone()  # fmt: skip
+    assert row is not None  # the function always returns one row
+    return mls_sql.finish_append(ex, m, row[0], (row[1], row[2], row[3]), targets)

@@ -1,0 +1,395 @@
+"""Several relay nodes sharing PostgreSQL and Redis (relay.redisbus).
+
+In-process tests run two nodes in the test's Trio loop, each with its own
+Redis connections; the kill test runs three ``mls-relay serve`` processes and
+SIGKILLs one in the middle of traffic.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+
+import pytest
+import trio
+
+from relay.redisbus import RedisFanOut
+
+from .conftest import RedisTarget
+from .harness import Running, running_relay
+from .nodes import RedisProxy, clone_database
+from .relayclient import connect
+
+ALICE, BOB, CAROL = "did:example:alice", "did:example:bob", "did:example:carol"
+
+
+@pytest.fixture
+def pg_url(pg_template: str) -> Iterator[str]:
+    with clone_database(pg_template) as url:
+        yield url
+
+
+def _prefix(redis: RedisTarget) -> str:
+    # Per test: the session prefix is shared by every test of this run.
+    return f"{redis.prefix}{secrets.token_hex(4)}:"
+
+
+@asynccontextmanager
+async def _node(pg_url: str, redis_url: str, prefix: str, name: str) -> AsyncIterator[Running]:
+    async with running_relay(pg_url, redis_url=redis_url, redis_prefix=prefix, node_id=name) as r:
+        assert isinstance(r.relay.fanout, RedisFanOut)
+        yield r
+
+
+def _bus(r: Running) -> RedisFanOut:
+    assert isinstance(r.relay.fanout, RedisFanOut)
+    return r.relay.fanout
+
+
+async def _wait_for(predicate, what: str, limit: float = 10) -> None:  # type: ignore[no-untyped-def]
+    with trio.move_on_after(limit):
+        while not predicate():  # noqa: ASYNC110 (polling the relay's bus state)
+            await trio.sleep(0.02)
+        return
+    raise AssertionError(f"timed out waiting until {what}")
+
+
+async def test_messages_membership_and_ephemeral_cross_nodes(pg_url, redis_url):
+    prefix = _prefix(redis_url)
+    conv = b"cross"
+    with trio.fail_after(40):
+        async with (
+            _node(pg_url, redis_url.url, prefix, "a") as a,
+            _node(pg_url, redis_url.url, prefix, "b") as b,
+            connect(a.ws_url, ALICE, "a1", subscribe=True) as alice,
+            connect(b.ws_url, BOB, "b1", subscribe=True) as bob,
+        ):
+            await alice.caught_up()
+            await bob.caught_up()
+            # Created on node a: bob, live on node b, learns it through Redis.
+            await alice.ok("#createConversation", conversation=conv, members=[BOB])
+            _, change = await bob.next_event("#membership")
+            assert change["conversation"] == conv and BOB in change["added"]
+            sent_a = [await alice.send(conv, b"a%d" % i) for i in range(30)]
+            got = await bob.messages(30, conv)
+            assert [m["seq"] for m in got] == sent_a
+            assert [m["ciphertext"] for m in got] == [b"a%d" % i for i in range(30)]
+            seq = await bob.send(conv, b"from b")
+            (back,) = await alice.messages(1, conv)
+            assert (back["seq"], back["ciphertext"], back["sender"]) == (seq, b"from b", BOB)
+            await alice.ok("#send", conversation=conv, ciphertext=b"typing", ephemeral=True)
+            _, eph = await bob.next_event("#ephemeral")
+            assert eph["ciphertext"] == b"typing"
+            # A member added on node b starts receiving on node a.
+            async with connect(a.ws_url, CAROL, "c1", subscribe=True) as carol:
+                await carol.caught_up()
+                await bob.ok("#addMembers", conversation=conv, members=[CAROL])
+                await carol.next_event("#membership")
+                seq = await bob.send(conv, b"hello carol")
+                (m,) = await carol.messages(1, conv)
+                assert m["seq"] == seq
+            assert _bus(a).healthy and _bus(b).healthy
+            assert _bus(b).stats.received_events > 0
+
+
+async def test_concurrent_senders_on_two_nodes_are_delivered_in_order_once(pg_url, redis_url):
+    """Publishers on two nodes race through Redis: receivers see out-of-order
+    seqs, repair the gap from storage and drop the late copy."""
+    prefix = _prefix(redis_url)
+    conv = b"race"
+    per_sender = 60
+    senders = [f"did:example:s{i}" for i in range(4)]
+    with trio.fail_after(50):
+        async with (
+            _node(pg_url, redis_url.url, prefix, "a") as a,
+            _node(pg_url, redis_url.url, prefix, "b") as b,
+        ):
+            async with connect(a.ws_url, ALICE, "setup") as c:
+                await c.ok("#createConversation", conversation=conv, members=[BOB, *senders])
+            async with (
+                connect(a.ws_url, ALICE, "r", subscribe=True) as ra,
+                connect(b.ws_url, BOB, "r", subscribe=True) as rb,
+            ):
+
+                async def sender(i: int, user: str) -> None:
+                    node = a if i % 2 else b
+                    async with connect(node.ws_url, user, "d") as s:
+                        for j in range(per_sender):
+                            await s.send(conv, f"{user}/{j}".encode())
+
+                async with trio.open_nursery() as nursery:
+                    for i, user in enumerate(senders):
+                        nursery.start_soon(sender, i, user)
+                total = per_sender * len(senders)
+                for reader in (ra, rb):
+                    got = [m["seq"] for m in await reader.messages(total, conv)]
+                    assert got == list(range(1, total + 1))
+                # Nothing more arrives: no duplicates after the repair.
+                await alice_quiet(ra, rb)
+
+
+async def alice_quiet(*clients) -> None:  # type: ignore[no-untyped-def]
+    with trio.move_on_after(0.5):
+        for c in clients:
+            _, body = await c.next_event("#message")
+            raise AssertionError(f"unexpected extra message {body['seq']}")
+
+
+async def test_same_device_on_another_node_is_displaced(pg_url, redis_url):
+    prefix = _prefix(redis_url)
+    with trio.fail_after(30):
+        async with (
+            _node(pg_url, redis_url.url, prefix, "a") as a,
+            _node(pg_url, redis_url.url, prefix, "b") as b,
+            connect(a.ws_url, BOB, "phone") as old,
+        ):
+            await trio.sleep(0.2)  # let node b hear of the first registration first
+            async with connect(b.ws_url, BOB, "phone") as new:
+                with trio.fail_after(10):
+                    await old.closed.wait()
+                assert old.close_code == 4409
+                await new.ok("#listConversations")  # the newer one stays
+
+
+@pytest.mark.timeout(90)
+async def test_redis_outage_is_repaired_from_storage(pg_url, redis_url):
+    """Node b loses Redis (both directions).  A message sent on a during the
+    outage reaches b's client through the resubscribe recheck, and one sent
+    on b reaches a's client through b's repair announcement; in both cases no
+    later message in the conversation reveals the gap."""
+    prefix = _prefix(redis_url)
+    conv = b"outage"
+    with trio.fail_after(70):
+        async with (
+            RedisProxy(redis_url.url).running() as proxy,
+            _node(pg_url, redis_url.url, prefix, "a") as a,
+            _node(pg_url, proxy.url, prefix, "b") as b,
+        ):
+            async with connect(a.ws_url, ALICE, "setup") as c:
+                await c.ok("#createConversation", conversation=conv, members=[BOB])
+            async with (
+                connect(a.ws_url, ALICE, "a1", subscribe=True) as alice,
+                connect(b.ws_url, BOB, "b1", subscribe=True) as bob,
+            ):
+                await alice.caught_up()
+                await bob.caught_up()
+                first = await alice.send(conv, b"before")
+                assert [m["seq"] for m in await bob.messages(1, conv)] == [first]
+                proxy.cut()
+                await _wait_for(lambda: not _bus(b).healthy, "b notices the outage")
+                from_a = await alice.send(conv, b"during, from a")
+                from_b = await bob.send(conv, b"during, from b")
+                await trio.sleep(0.5)
+                assert not _bus(b).healthy and _bus(b).stats.dropped >= 1
+                proxy.restore()
+                (m,) = await bob.messages(1, conv)  # from_b is bob's own: not echoed
+                assert m["seq"] == from_a
+                (m,) = await alice.messages(1, conv)
+                assert m["seq"] == from_b
+                await _wait_for(lambda: _bus(b).healthy, "b healthy again")
+                assert _bus(b).stats.resubscribes >= 1 and _bus(b).stats.repairs_sent >= 1
+                await alice_quiet(alice, bob)
+
+
+@pytest.mark.timeout(60)
+async def test_silent_peer_makes_others_recheck_storage(pg_url, redis_url):
+    """Node b commits a message it can never publish (cut from Redis for good,
+    like a node killed between commit and PUBLISH).  No later message follows;
+    a's client still gets it once b's heartbeats stop."""
+    prefix = _prefix(redis_url)
+    conv = b"silent"
+    with trio.fail_after(45):
+        async with (
+            RedisProxy(redis_url.url).running() as proxy,
+            _node(pg_url, redis_url.url, prefix, "a") as a,
+            _node(pg_url, proxy.url, prefix, "b") as b,
+        ):
+            async with connect(a.ws_url, ALICE, "setup") as c:
+                await c.ok("#createConversation", conversation=conv, members=[BOB])
+            async with (
+                connect(a.ws_url, ALICE, "a1", subscribe=True) as alice,
+                connect(b.ws_url, BOB, "b1", subscribe=True) as bob,
+            ):
+                await alice.caught_up()
+                await bob.caught_up()
+                first = await bob.send(conv, b"heard")
+                assert [m["seq"] for m in await alice.messages(1, conv)] == [first]
+                proxy.cut()
+                await _wait_for(lambda: not _bus(b).healthy, "b notices the outage")
+                lost = await bob.send(conv, b"never published")
+                (m,) = await alice.messages(1, conv)
+                assert (m["seq"], m["ciphertext"]) == (lost, b"never published")
+                assert _bus(a).stats.peers_lost == 1 and _bus(a).healthy
+
+
+# --- three processes, one SIGKILLed in the middle of traffic -----------------------
+
+
+class KillClient:
+    """A client that keeps its own position, reconnects to the next live node
+    and retries unacknowledged sends with the same client_message_id."""
+
+    def __init__(self, index: int, ports: list[int], convs: list[bytes], sends: int) -> None:
+        self.user = f"did:example:k{index}"
+        self.order = [ports[(index + i) % len(ports)] for i in range(len(ports))]
+        self.convs = convs
+        self.to_send = [(convs[j % len(convs)], f"{self.user}/{j}") for j in range(sends)]
+        self.acked: dict[bytes, set[int]] = {c: set() for c in convs}
+        self.messages: dict[bytes, list[int]] = {c: [] for c in convs}
+        self.connections = 0
+        self.nodes_used: list[int] = []
+        self.out_of_order = 0
+        self.finished = trio.Event()
+
+    def have(self, conv: bytes) -> set[int]:
+        return self.acked[conv] | set(self.messages[conv])
+
+    def contiguous(self, conv: bytes) -> int:
+        have, n = self.have(conv), 0
+        while n + 1 in have:
+            n += 1
+        return n
+
+    async def run(self, dead: set[int], final: dict[bytes, int], all_sent: trio.Event) -> None:
+        attempt = 0
+        while not self.finished.is_set():
+            port = self.order[attempt % len(self.order)]
+            attempt += 1
+            if port in dead:
+                continue
+            try:
+                await self._connection(port, final, all_sent)
+            except Exception:  # killed node, refused connection: try the next one
+                await trio.sleep(0.1)
+
+    async def _connection(self, port: int, final: dict[bytes, int], all_sent: trio.Event) -> None:
+        url = f"ws://127.0.0.1:{port}/v1/ws"
+        async with connect(url, self.user, "d") as c, trio.open_nursery() as nursery:
+            self.connections += 1
+            self.nodes_used.append(port)
+            cursors = [{"conversation": v, "seq": self.contiguous(v)} for v in self.convs]
+            await c.ok("#subscribe", cursors=cursors)
+
+            async def closed() -> None:
+                await c.closed.wait()
+                nursery.cancel_scope.cancel()
+
+            async def reader() -> None:
+                last: dict[bytes, int] = {}
+                while True:
+                    _, body = await c.next_event("#message")
+                    conv, seq = body["conversation"], body["seq"]
+                    if seq <= last.get(conv, 0):
+                        self.out_of_order += 1
+                    last[conv] = seq
+                    self.messages[conv].append(seq)
+                    if self._complete(final, all_sent):
+                        self.finished.set()
+                        nursery.cancel_scope.cancel()
+
+            async def sender() -> None:
+                while self.to_send:
+                    conv, cmid = self.to_send[0]
+                    seq = await c.send(conv, cmid.encode(), cmid)
+                    self.acked[conv].add(seq)
+                    self.to_send.pop(0)
+                    if len(self.to_send) % 10 == 0:
+                        await c.ok("#ack", conversation=conv, seq=self.contiguous(conv))
+                    await trio.sleep(0.01)
+
+            async def completion() -> None:
+                await all_sent.wait()
+                while not self._complete(final, all_sent):  # noqa: ASYNC110 (polling state)
+                    await trio.sleep(0.05)
+                self.finished.set()
+                nursery.cancel_scope.cancel()
+
+            for task in (closed, reader, sender, completion):
+                nursery.start_soon(task)
+
+    def _complete(self, final: dict[bytes, int], all_sent: trio.Event) -> bool:
+        return all_sent.is_set() and all(self.contiguous(v) >= final[v] for v in self.convs)
+
+
+@pytest.mark.timeout(150)
+async def test_kill_one_of_three_nodes_loses_and_duplicates_nothing(pg_url, redis_url, tmp_path):
+    from .nodes import free_port, migrate, node_env, start, stop, wait_ready
+
+    prefix = _prefix(redis_url)
+    convs = [b"k0", b"k1", b"k2"]
+    n_clients, sends = 9, 40
+    dead: set[int] = set()
+    final: dict[bytes, int] = {}
+    ports = [free_port() for _ in range(3)]
+    envs = [
+        node_env(p, pg_url, redis_url.url, prefix, RELAY_NODE_ID=f"n{i}")
+        for i, p in enumerate(ports)
+    ]
+    procs: list[trio.Process] = []
+    clients: list[KillClient] = []
+    try:
+        with trio.fail_after(130):
+            await migrate(envs[0])
+            for i, env in enumerate(envs):
+                procs.append(await start(env, log=tmp_path / f"node{i}.log"))
+            for port, proc in zip(ports, procs, strict=True):
+                await wait_ready(port, proc, deadline=40)
+            users = [f"did:example:k{i}" for i in range(n_clients)]
+            async with connect(f"ws://127.0.0.1:{ports[0]}/v1/ws", ALICE, "setup") as c:
+                for conv in convs:
+                    await c.ok("#createConversation", conversation=conv, members=users)
+            clients += [KillClient(i, ports, convs, sends) for i in range(n_clients)]
+            all_sent = trio.Event()
+
+            def acked_total() -> int:
+                return sum(len(s) for k in clients for s in k.acked.values())
+
+            async def killer() -> None:
+                # In the middle of traffic: a third of all sends acknowledged.
+                while acked_total() < n_clients * sends // 3:  # noqa: ASYNC110 (polling)
+                    await trio.sleep(0.01)
+                dead.add(ports[1])
+                procs[1].kill()  # SIGKILL: no drain, no goodbye
+                await procs[1].wait()
+
+            async def watch_sends() -> None:
+                while any(k.to_send for k in clients):  # noqa: ASYNC110 (polling)
+                    await trio.sleep(0.05)
+                for conv in convs:
+                    final[conv] = max(s for k in clients for s in k.acked[conv])
+                all_sent.set()
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(killer)
+                nursery.start_soon(watch_sends)
+                for k in clients:
+                    nursery.start_soon(k.run, dead, final, all_sent)
+    except trio.TooSlowError:
+        state = [(k.user, len(k.to_send), k.nodes_used, _progress(k)) for k in clients]
+        raise AssertionError(f"timed out; final={final} clients={state}") from None
+    finally:
+        with trio.CancelScope(shield=True):
+            for proc in procs:
+                await stop(proc)
+    assert dead == {ports[1]}
+    for conv in convs:
+        acked = set().union(*(k.acked[conv] for k in clients))
+        assert acked == set(range(1, final[conv] + 1)), "acknowledged seqs are gapless"
+        assert len(acked) == sum(len(k.acked[conv]) for k in clients)
+    assert sum(final.values()) == n_clients * sends
+    for k in clients:
+        assert k.out_of_order == 0, k.user
+        for conv in convs:
+            got = k.messages[conv]
+            assert len(got) == len(set(got)), f"{k.user} got duplicates in {conv!r}"
+            assert k.have(conv) == set(range(1, final[conv] + 1)), (k.user, conv)
+    moved = [k for k in clients if k.order[0] == ports[1]]
+    assert moved and all(k.connections >= 2 and k.nodes_used[-1] != ports[1] for k in moved)
+
+
+def _progress(k: KillClient) -> dict[str, object]:
+    return {
+        v.decode(): (k.contiguous(v), sorted(set(range(1, max(k.have(v), default=0))) - k.have(v)))
+        for v in k.convs
+    }
