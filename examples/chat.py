@@ -1,10 +1,17 @@
 """A terminal chat on mls-relay with the Python SDK (relay.client).
 
     mls-relay serve &                                   # embedded default, port 3000
-    ALICE=$(mls-relay token did:example:alice --device laptop)
-    BOB=$(mls-relay token did:example:bob --device phone)
-    python examples/chat.py --token "$ALICE" --room demo --invite did:example:bob
-    python examples/chat.py --token "$BOB" --room demo        # in another terminal
+    python examples/chat.py --user did:example:alice --device laptop \
+        --secret-file data/jwt-secret --room demo --invite did:example:bob
+    python examples/chat.py --user did:example:bob --device phone \
+        --secret-file data/jwt-secret --room demo          # in another terminal
+
+Tokens are single-use (RELAY_TOKEN_SINGLE_USE, the default): each connection,
+reconnects included, needs a fresh one, so the client is given a token
+*provider*.  Here it mints development tokens with the relay's HS256 secret;
+a real application asks its identity service.  ``--token "$(mls-relay token
+did:example:alice)"`` also works, for one connection only (or with
+RELAY_TOKEN_SINGLE_USE=0 on the relay).
 
 Lines typed are sent; messages from others are printed and acknowledged.
 The relay only ever sees ciphertext: a real application encrypts with MLS
@@ -16,13 +23,30 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
 
+import jwt
 import trio
 
 from relay.client import Membership, Message, RelayClient, RequestFailed
 
 
-async def chat(url: str, token: str, room: bytes, invite: list[str]) -> None:
+def token_minter(secret: str, user: str, device: str, audience: str) -> Callable[[], str]:
+    """A provider of fresh development tokens (a new jti on every call)."""
+
+    def mint() -> str:
+        now = int(time.time())
+        claims = {"sub": user, "aud": audience, "iat": now, "exp": now + 3600,
+                  "jti": uuid.uuid4().hex, "device": device}  # fmt: skip
+        return jwt.encode(claims, secret, algorithm="HS256")
+
+    return mint
+
+
+async def chat(url: str, token: str | Callable[[], str], room: bytes, invite: list[str]) -> None:
     async with RelayClient.connect(url, token) as client:
         me = client.hello["user"]
         try:
@@ -55,11 +79,23 @@ async def chat(url: str, token: str, room: bytes, invite: list[str]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--url", default="ws://127.0.0.1:3000/v1/ws")
-    parser.add_argument("--token", required=True, help="from `mls-relay token <did>`")
+    parser.add_argument("--token", help="one token, from `mls-relay token <did>`")
+    parser.add_argument("--user", help="your DID; tokens are minted with --secret-file")
+    parser.add_argument("--device", default="dev1")
+    parser.add_argument("--secret-file", help="the relay's HS256 secret (data/jwt-secret)")
+    parser.add_argument("--audience", default="did:web:localhost", help="RELAY_SERVICE_ID")
     parser.add_argument("--room", default="demo")
     parser.add_argument("--invite", action="append", default=[], metavar="DID")
     args = parser.parse_args()
-    trio.run(chat, args.url, args.token, args.room.encode(), args.invite)
+    token: str | Callable[[], str]
+    if args.user and args.secret_file:
+        secret = Path(args.secret_file).read_text().strip()
+        token = token_minter(secret, args.user, args.device, args.audience)
+    elif args.token:
+        token = args.token
+    else:
+        parser.error("give --user and --secret-file (fresh tokens), or --token")
+    trio.run(chat, args.url, token, args.room.encode(), args.invite)
 
 
 if __name__ == "__main__":

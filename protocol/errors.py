@@ -229,3 +229,12 @@ class CredentialMismatch(Forbidden):
     """A KeyPackage's credential identity is not the uploading user's DID."""
 
     error = "CredentialMismatch"
+
+
+# --- single-use tokens (relay/retention.py) ------------------------------------------
+
+
+class TokenReplayed(InvalidToken):
+    """The token's ``jti`` already opened a connection (on any node): mint a fresh token."""
+
+    error = "TokenReplayed"

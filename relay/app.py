@@ -29,6 +29,8 @@ from .hub import Hub
 from .limits import Limits as NodeLimits
 from .metrics import RelayMetrics
 from .outbox import Flusher
+from .reader import NodeReader
+from .retention import Retention
 
 log = logging.getLogger("relay")
 
@@ -53,6 +55,7 @@ class Relay:
             requests_per_user=config.requests_per_user,
         )
         self.flusher = Flusher()
+        self.reader = NodeReader(self.flusher)
         self.hub = Hub(self.flusher)
         self.fanout: FanOut = LocalFanOut(self.hub)
         if config.redis_url:  # several nodes: fan out through Redis (relay.redisbus)
@@ -88,6 +91,8 @@ class Relay:
         self.metrics = RelayMetrics(self)
         #: The relay's task nursery once running (SSE streams start tasks in it).
         self.nursery: trio.Nursery | None = None
+        #: Retention and used-token purge (relay/retention.py).
+        self.retention = Retention(self)
 
     @property
     def storage(self) -> Storage:
@@ -126,6 +131,10 @@ class Relay:
                 await nursery.start(self.fanout.run)
                 nursery.start_soon(self._committer.run)
                 nursery.start_soon(self.metrics.run_sampler)
+                if self.retention.enabled:
+                    nursery.start_soon(self.retention.run)
+                nursery.start_soon(self._sweep)
+                nursery.start_soon(self.reader.run)
                 self.nursery = nursery
                 await http.startup()
                 await nursery.start(serve_listeners, self, http, listeners)
@@ -160,6 +169,18 @@ class Relay:
         while self.sessions:
             self._sessions_empty = trio.Event()
             await self._sessions_empty.wait()
+
+    async def _sweep(self) -> None:
+        """Heartbeats and token expiry for every connection, from one task."""
+        from .session import Session
+
+        period = min(5.0, self.config.ping_interval_s / 2)
+        while True:
+            await trio.sleep(period)
+            now, wall = trio.current_time(), time.time()
+            for session in list(self.sessions.values()):
+                if isinstance(session, Session):
+                    session.tick(now, wall)
 
     def forget(self, session: object) -> None:
         from .session import Session

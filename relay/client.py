@@ -19,11 +19,18 @@ by seq on the way out.  Sends are re-sent after a reconnect with the same
 retry with the original seq).  Requests that are not idempotent (create,
 add, remove) fail with :class:`ConnectionLost` instead: the caller decides.
 Ciphertext is opaque here: MLS encryption is the application's job.
+
+``token`` is a string or a callable returning one, called before every
+connection.  Relays make tokens single-use by default (a replayed ``jti`` is
+refused with 401 ``TokenReplayed``), so a client that must survive reconnects
+passes a callable that mints or fetches a fresh token; with a plain string the
+first reconnect fails with ``RequestFailed("AuthRejected", ...)``.
 """
 
 from __future__ import annotations
 
 import io
+import json
 import math
 import random
 import uuid
@@ -137,6 +144,24 @@ class RequestFailed(Exception):
 
 class ConnectionLost(Exception):
     """The connection dropped before a non-idempotent request was answered."""
+
+
+def _unwrap(exc: BaseException) -> BaseException:
+    """The one exception inside (nested) single-exception groups."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
+
+
+def _rejected(exc: ConnectionRejected) -> RequestFailed:
+    """An upgrade refused by the relay: its JSON body names the reason (TokenReplayed...)."""
+    text = (exc.body or b"").decode("utf-8", "replace")
+    try:
+        body = json.loads(text)
+    except ValueError:
+        body = {}
+    details = {"status": exc.status_code, **(body if isinstance(body, dict) else {})}
+    return RequestFailed("AuthRejected", f"{exc.status_code} {text}".strip(), details)
 
 
 # --- frames ----------------------------------------------------------------------
@@ -302,15 +327,18 @@ class RelayClient:
                 try:
                     await self._run_connection()
                     attempt = 0  # it was up: start the backoff afresh
-                except ConnectionRejected as exc:
-                    if exc.status_code in (401, 403):
-                        self._fail_all(RequestFailed("AuthRejected", str(exc), {}))
+                except BaseException as raised:
+                    # Raised inside the connection's nursery: wrapped in a group.
+                    exc = _unwrap(raised)
+                    if isinstance(exc, ConnectionRejected):
+                        if exc.status_code in (401, 403):  # e.g. TokenReplayed: a string token
+                            self._fail_all(_rejected(exc))  # cannot be used twice
+                            return
+                    elif isinstance(exc, RequestFailed):  # closed for good, or cursors refused
+                        self._fail_all(exc)
                         return
-                except RequestFailed as exc:  # closed for good, or our resume cursors refused
-                    self._fail_all(exc)
-                    return
-                except (OSError, HandshakeError, trio.BrokenResourceError):
-                    pass
+                    elif not isinstance(exc, OSError | HandshakeError | trio.BrokenResourceError):
+                        raise
                 await trio.sleep(self._backoff(attempt))
                 attempt += 1
         finally:

@@ -12,12 +12,13 @@ still commits immediately.
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import trio
 
-from protocol.errors import RelayError
+from protocol.errors import RelayError, ShuttingDown, Unavailable
 from storage.base import Appended, NewMessage, Storage
 
 from .fanout import FanOut
@@ -48,7 +49,12 @@ class Committer:
         self._fanout = fanout
         self._flusher = flusher
         self._max_batch = max_batch
-        self._send, self._receive = trio.open_memory_channel[PendingSend](queue)
+        # A deque and one event per batch instead of a memory channel: submit()
+        # is a plain append, with no task switch per send.
+        self._queue: deque[PendingSend] = deque()
+        self._limit = queue
+        self._arrived = trio.Event()
+        self._closed = False
         self.batches = 0
         self.committed = 0
         self.in_flight = 0
@@ -58,19 +64,29 @@ class Committer:
         #: Set when the committer stopped after close(): every queued send is committed.
         self.drained = trio.Event()
 
-    async def submit(self, item: PendingSend) -> None:
-        await self._send.send(item)
+    def submit(self, item: PendingSend) -> None:
+        """Queue a send (synchronous).  Refused, retryably, when draining or full:
+        it was never stored, so the client resends with the same id."""
+        if self._closed:
+            item.on_done(ShuttingDown("relay is shutting down; send again elsewhere"))
+        elif len(self._queue) >= self._limit:
+            item.on_done(Unavailable("the commit queue is full; retry shortly"))
+        else:
+            self._queue.append(item)
+            self._arrived.set()
 
     async def run(self) -> None:
-        async with self._receive:
-            async for first in self._receive:  # ends once close() was called and all is taken
-                batch = [first]
-                while len(batch) < self._max_batch:
-                    try:
-                        batch.append(self._receive.receive_nowait())
-                    except trio.WouldBlock:
-                        break
-                await self._commit([p for p in batch if not p.abandoned()])
+        queue = self._queue
+        while True:
+            if not queue:
+                if self._closed:
+                    break  # close() was called and everything queued is committed
+                await self._arrived.wait()
+                self._arrived = trio.Event()
+                continue
+            n = min(len(queue), self._max_batch)
+            batch = [queue.popleft() for _ in range(n)]
+            await self._commit([p for p in batch if not p.abandoned()])
         self.drained.set()
 
     async def _commit(self, batch: list[PendingSend]) -> None:
@@ -124,8 +140,9 @@ class Committer:
             self.observer(batch, committed_at)
 
     def queued(self) -> int:
-        return self._receive.statistics().current_buffer_used
+        return len(self._queue)
 
     def close(self) -> None:
         """Stop accepting sends; queued ones are still committed by run()."""
-        self._send.close()
+        self._closed = True
+        self._arrived.set()

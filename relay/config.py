@@ -25,6 +25,9 @@ WELL_KNOWN_SECRETS = frozenset(
         "changeme",
         "change-me",
         "your-secret-key",
+        # The deployment note of the service we replace (shared/LESSONS.md).
+        "catbird_secure_password_change_in_production",
+        "redis_secure_password_change_in_production",
     }
 )
 
@@ -90,6 +93,15 @@ class Config:
     claim_rate_per_min: int = 60
     claim_target_rate_per_min: int = 30
 
+    # --- retention and single-use tokens (relay/retention.py) ---
+    #: Prune messages older than this many days (0: keep everything).  What a
+    #: group still needs is never pruned (storage/retention_sql.py).
+    retention_days: float = 0.0
+    #: Seconds between retention runs (each also purges expired used-token ids).
+    retention_interval_s: float = 3600.0
+    #: A token's jti opens one WebSocket / SSE stream, once, across all nodes.
+    token_single_use: bool = True
+
     @property
     def effective_database_url(self) -> str:
         if self.database_url:
@@ -144,13 +156,21 @@ def validate(cfg: Config) -> None:
     if cfg.max_ciphertext > cfg.max_frame:
         raise ConfigError("RELAY_MAX_CIPHERTEXT must not exceed RELAY_MAX_FRAME")
     if cfg.jwt_secret and not cfg.dev_mode:
-        if cfg.jwt_secret in WELL_KNOWN_SECRETS or "change" in cfg.jwt_secret.lower():
+        if _is_placeholder(cfg.jwt_secret):
             raise ConfigError(
                 "RELAY_JWT_SECRET is a well-known placeholder; set a random secret "
                 "(or RELAY_DEV_MODE=1 for local development)"
             )
         if len(cfg.jwt_secret.encode()) < 32:
             raise ConfigError("RELAY_JWT_SECRET must be at least 32 bytes")
+    if cfg.retention_days < 0 or cfg.retention_interval_s <= 0:
+        raise ConfigError("RELAY_RETENTION_DAYS must be >= 0, RELAY_RETENTION_INTERVAL_S > 0")
+    for name, url in (("DATABASE_URL", cfg.database_url), ("REDIS_URL", cfg.redis_url)):
+        if not cfg.dev_mode and _is_placeholder(_url_password(url)):
+            raise ConfigError(
+                f"{name} uses a well-known placeholder password; set a random one "
+                "(or RELAY_DEV_MODE=1 for local development)"
+            )
     db = cfg.database_url
     if db and not db.startswith(("postgresql://", "postgres://", "sqlite:///")):
         raise ConfigError("DATABASE_URL must start with postgresql:// or sqlite:///")
@@ -166,6 +186,16 @@ def validate(cfg: Config) -> None:
             "RELAY_WORKERS / --workers > 1 needs a PostgreSQL DATABASE_URL: the embedded "
             "SQLite database is for one process"
         )
+
+
+def _is_placeholder(secret: str) -> bool:
+    return bool(secret) and (secret in WELL_KNOWN_SECRETS or "change" in secret.lower())
+
+
+def _url_password(url: str) -> str:
+    """The password of ``scheme://user:password@host/...`` ('' when none)."""
+    creds, at, _ = url.partition("://")[2].rpartition("@")
+    return creds.partition(":")[2] if at else ""
 
 
 def with_dev_secret(cfg: Config) -> Config:

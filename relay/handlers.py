@@ -67,6 +67,11 @@ class Handlers:
         """The stored form of a durable send (MLS sends are parsed and checked)."""
         return await for_relay(self.s.relay).new_message(req, self.s.user, self.s.device, _now_ms())
 
+    def new_message_nowait(self, req: Send) -> NewMessage | None:
+        """The same without I/O; None when the conversation's kind is not cached."""
+        ds = for_relay(self.s.relay)
+        return ds.new_message_nowait(req, self.s.user, self.s.device, _now_ms())
+
     async def claim(self, req: ClaimKeyPackages) -> bytes:
         result = await for_relay(self.s.relay).claim(self.s.user, req.users, req.cipher_suite)
         return events.result(
@@ -192,6 +197,8 @@ class Handlers:
             cursor = max(req.cursors.get(conv, stored.get(conv, 0)), info.joined_seq)
             if cursor < info.first_seq - 1:
                 outdated.append(conv)
+                # Replay what is left: a catch-up waiting for pruned seqs would never end.
+                cursor = info.first_seq - 1
             hub.subscribe(s.streams, conv)
             s.streams.follow(conv, cursor + 1, max(info.last_seq, seen.get(conv, 0)))
         s.subscribed = True

@@ -121,15 +121,29 @@ class DeliveryService:
             return self._groups[conversation]
         exists, group = await self.relay.storage.mls_group(conversation)
         if exists:
+            if len(self._groups) >= 200_000:
+                self._groups.clear()  # a bound, not an LRU: refilling costs one read each
             self._groups[conversation] = group
         return group
 
     async def new_message(self, req: Send, user: str, device: str, now_ms: int) -> NewMessage:
         """The NewMessage for a durable send; raises for a malformed MLS send."""
+        return self._build(req, user, device, now_ms, await self.group_of(req.conversation))
+
+    def new_message_nowait(
+        self, req: Send, user: str, device: str, now_ms: int
+    ) -> NewMessage | None:
+        """Like new_message without I/O: None if the group state is not cached."""
+        if req.conversation not in self._groups:
+            return None
+        return self._build(req, user, device, now_ms, self._groups[req.conversation])
+
+    def _build(
+        self, req: Send, user: str, device: str, now_ms: int, group: bytes | None
+    ) -> NewMessage:
         base = NewMessage(
             req.conversation, user, device, req.client_message_id, req.ciphertext, now_ms
         )
-        group = await self.group_of(req.conversation)
         if group is None:
             if req.welcome or req.group_info or req.removes:
                 raise NotMLSConversation("welcome, group_info and removes need an MLS conversation")

@@ -173,13 +173,7 @@ class RedisFanOut(FanOut):
         """Publisher and subscriber.  Reports started once the first subscription
         attempt finished either way: a node without Redis still serves its own
         clients, and the repair on reconnect covers what it missed."""
-        client: coredis.Redis[bytes] = coredis.Redis.from_url(
-            self._url,
-            retry_policy=NoRetryPolicy(),  # a retried PUBLISH could deliver twice
-            connect_timeout=5,
-            client_name=self._client_name + ":pub",
-        )
-        async with client, trio.open_nursery() as nursery:
+        async with self._new_client("pub") as client, trio.open_nursery() as nursery:
             await nursery.start(self._subscriber)
             nursery.start_soon(self._watch_peers)
             task_status.started()
@@ -189,12 +183,26 @@ class RedisFanOut(FanOut):
                 # Shutdown: what the committer published last must still reach
                 # the other nodes, or their clients wait for the next message;
                 # then say goodbye so that they do not take us for crashed.
+                # A fresh client: the cancellation that stops us also stopped
+                # the connection tasks of the first one.
                 with trio.CancelScope(shield=True), trio.move_on_after(2):
                     self._enqueue([_BYE], 0, retained=True)
-                    while self._queue or self._lost_pending():
-                        if not await self._publish_batch(client):
-                            break
+                    try:
+                        async with self._new_client("bye") as last:
+                            while self._queue or self._lost_pending():
+                                if not await self._publish_batch(last):
+                                    break
+                    except Exception as exc:
+                        log.warning("could not flush fan-out at shutdown: %r", exc)
                 nursery.cancel_scope.cancel()
+
+    def _new_client(self, role: str) -> coredis.Redis[bytes]:
+        return coredis.Redis.from_url(
+            self._url,
+            retry_policy=NoRetryPolicy(),  # a retried PUBLISH could deliver twice
+            connect_timeout=5,
+            client_name=f"{self._client_name}:{role}",
+        )
 
     async def _publisher(self, client: coredis.Redis[bytes]) -> None:
         backoff = 0.05
@@ -294,12 +302,7 @@ class RedisFanOut(FanOut):
         missed = False  # True once anything might have been published unseen
         while True:
             try:
-                client: coredis.Redis[bytes] = coredis.Redis.from_url(
-                    self._url,
-                    retry_policy=NoRetryPolicy(),
-                    connect_timeout=5,
-                    client_name=self._client_name + ":sub",
-                )
+                client = self._new_client("sub")
                 async with (
                     client,
                     client.pubsub(

@@ -25,6 +25,7 @@ from protocol.websocket import (
 )
 
 from .auth import token_from_request
+from .retention import consume_jti
 from .session import Session
 
 if TYPE_CHECKING:
@@ -42,7 +43,12 @@ async def serve_listeners(
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     async def handler(stream: trio.SocketStream) -> None:
-        await handle_connection(relay, http, stream)
+        # One connection's bug must never take the node (and everyone on it) down.
+        try:
+            await handle_connection(relay, http, stream)
+        except Exception:
+            log.exception("connection failed")
+            await trio.aclose_forcefully(stream)
 
     # Connections live in their own nursery so that shutdown can stop
     # accepting (cancel the accept loops) while open sessions keep running
@@ -111,6 +117,11 @@ async def _websocket(relay: Relay, stream: trio.SocketStream, head: RequestHead)
         )
         return
     try:
+        try:  # single-use tokens: spend the jti in the shared database (relay/retention.py)
+            await consume_jti(relay, identity)
+        except RelayError as exc:  # TokenReplayed (401), Unavailable (503)
+            await _refuse(stream, exc.http_status, exc)
+            return
         session = Session(relay, identity, stream)
         previous = relay.register(session, identity.user, identity.device)
         if isinstance(previous, Session):

@@ -9,9 +9,10 @@ go through the connection's :class:`~relay.outbox.Outbox`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import secrets
-import time
+from collections import deque
 from typing import TYPE_CHECKING
 
 import trio
@@ -31,7 +32,6 @@ from protocol.websocket import (
     CLOSE_GOING_AWAY,
     CLOSE_INTERNAL,
     CLOSE_NORMAL,
-    Closed,
     Message,
     PingReceived,
     ServerConnection,
@@ -40,7 +40,7 @@ from protocol.websocket import (
     ping_frame,
     pong_frame,
 )
-from storage.base import Appended
+from storage.base import Appended, NewMessage
 
 from .committer import PendingSend
 from .handlers import Handlers
@@ -71,7 +71,13 @@ class Session:
             self.user, self.device, self.outbox, relay.flusher, relay.storage, self._unfollow
         )
         self._conn = ServerConnection(cfg.max_frame)
-        self._in_flight = trio.Semaphore(cfg.max_in_flight)
+        # Requests in flight on this connection (bounded by max_in_flight; the
+        # reader waits on _slot_freed, created only when it has to wait).
+        self._in_flight = 0
+        self._paused = False
+        self._slow_sends: deque[Send] = deque()
+        self._fd = stream.socket.fileno()
+        self.outbox.on_fail = self._on_outbox_failed
         self._requests = relay.node_limits.connection_bucket()
         self._closing: tuple[int, str] | None = None
         self._done = False
@@ -109,14 +115,18 @@ class Session:
             with self._cancel:
                 async with trio.open_nursery() as nursery:
                     self.nursery = nursery
-                    nursery.start_soon(self.outbox.run_writer)
-                    nursery.start_soon(self._watch_outbox)
-                    nursery.start_soon(self.streams.run_catch_up, self._caught_up)
-                    nursery.start_soon(self._expire_token)
-                    nursery.start_soon(self._heartbeat)
-                    await self._read_loop(early)
-                    nursery.cancel_scope.cancel()
+                    self.outbox.nursery = nursery
+                    self.streams.attach(nursery, self._caught_up)
+                    self.relay.reader.add(self._fd, self)
+                    try:
+                        if early:
+                            self.feed(early)
+                            self.relay.flusher.flush()
+                        await trio.sleep_forever()  # until close() cancels us
+                    finally:
+                        self.relay.reader.remove(self._fd)
         finally:
+            self.outbox.nursery = None
             self._done = True
             self.relay.forget(self)
             await self._finish()
@@ -131,16 +141,18 @@ class Session:
         code, reason = self._closing or (CLOSE_NORMAL, "")
         with trio.CancelScope(shield=True), trio.move_on_after(2):
             self.outbox.write_control(close_frame(code, reason))
-            nursery_writer = self.outbox
-            async with trio.open_nursery() as n:
-                n.start_soon(nursery_writer.run_writer)
-                await nursery_writer.drain()
-                n.cancel_scope.cancel()
+            await self.outbox.drain()
+            # Closing handshake (RFC 6455 §7.1.1): half-close, then read to the
+            # client's EOF.  Closing with its frames still arriving would reset
+            # the connection, and a reset client can lose our close frame (1006).
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                await self._stream.send_eof()
+                while await self._stream.receive_some(RECEIVE_SIZE):
+                    pass
         with trio.CancelScope(shield=True):
             await self._stream.aclose()
 
-    async def _watch_outbox(self) -> None:
-        await self.outbox.failed.wait()
+    def _on_outbox_failed(self) -> None:
         if self.outbox.overflowed:
             self.relay.metrics_slow_consumers += 1
             self.relay.metrics.error("ConsumerTooSlow")
@@ -148,24 +160,21 @@ class Session:
         else:
             self.close(CLOSE_NORMAL, "")
 
-    async def _expire_token(self) -> None:
-        await trio.sleep_until(
-            trio.current_time() + max(0.0, self.identity.expires_at - time.time())
-        )
-        self.close(4401, "TokenExpired")
+    def tick(self, now: float, wall: float) -> None:
+        """Called by the node's sweeper (Relay.sweep) every few seconds.
 
-    async def _heartbeat(self) -> None:
-        """Ping idle connections; close those that stay silent (dead peers
-        would otherwise hold memory and fan-out work forever)."""
+        Token expiry and heartbeats are checked here rather than by timer
+        tasks of each connection: three sleeping tasks per socket were a
+        third of the memory of an idle connection."""
+        if wall >= self.identity.expires_at:
+            self.close(4401, "TokenExpired")
+            return
         interval = self.relay.config.ping_interval_s
-        while True:
-            await trio.sleep(interval)
-            silent = trio.current_time() - self._last_heard
-            if silent >= 2 * interval:
-                self.close(CLOSE_GOING_AWAY, "PingTimeout")
-                return
-            if silent >= interval:
-                self.send_frame_raw(ping_frame())
+        silent = now - self._last_heard
+        if silent >= 2 * interval:
+            self.close(CLOSE_GOING_AWAY, "PingTimeout")
+        elif silent >= interval:
+            self.send_frame_raw(ping_frame())
 
     def _caught_up(self) -> None:
         # Announced once, after the replay that #subscribe started; later gap
@@ -176,73 +185,110 @@ class Session:
 
     # --- reading ----------------------------------------------------------------
 
-    async def _read_loop(self, early: bytes) -> None:
-        data = early
-        while True:
-            try:
-                if data:
-                    for event in self._conn.receive(data):
-                        if not await self._on_event(event):
-                            return
-            except ProtocolError as exc:
-                self.relay.metrics.error(exc.error)
-                self.close(exc.close_code, exc.error)
-                return
-            try:
-                data = await self._stream.receive_some(RECEIVE_SIZE)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                return
-            self.relay.metrics.bytes_in += len(data)
-            if not data:
-                return
-            self._last_heard = trio.current_time()
+    def feed(self, data: bytes) -> None:
+        """Bytes from the socket (b"" at end of stream), from the node's reader.
 
-    async def _on_event(self, event: Message | PingReceived | Closed) -> bool:
-        if isinstance(event, Message):
-            self.relay.metrics.frames_in += 1
-            await self._on_message(event.data)
-            return True
-        if isinstance(event, PingReceived):
-            self.send_frame_raw(pong_frame(event.payload))
-            return True
-        self._closing = (event.code if event.code in (1000, 1001) else CLOSE_NORMAL, "")
-        return False
+        Synchronous on purpose: requests are validated and dispatched without
+        a task switch; only requests that need I/O start tasks."""
+        if not data:
+            self.close(CLOSE_NORMAL, "")
+            return
+        self.relay.metrics.bytes_in += len(data)
+        self._last_heard = trio.current_time()
+        try:
+            for event in self._conn.receive(data):
+                if isinstance(event, Message):
+                    self.relay.metrics.frames_in += 1
+                    self._on_message(event.data)
+                elif isinstance(event, PingReceived):
+                    self.outbox.write_control(pong_frame(event.payload))
+                else:
+                    code = event.code if event.code in (1000, 1001) else CLOSE_NORMAL
+                    self.close(code, "")
+                    return
+        except ProtocolError as exc:  # includes a malformed frame body
+            self.relay.metrics.error(exc.error)
+            self.close(exc.close_code, exc.error)
 
-    async def _on_message(self, data: bytes) -> None:
+    def _on_message(self, data: bytes) -> None:
+        if self._closing is not None:
+            return
         frame = decode_frame(data)  # MalformedFrame closes the connection
         try:
             req = parse_request(frame, self.relay.limits)
             self.relay.node_limits.check_request(self.user, self._requests)
         except (InvalidRequest, RateLimited) as exc:
             self.relay.metrics.error(exc.error)
-            self.send_frame(events.error(exc, request_id(frame)))
+            self.outbox.write_control(binary_frame(events.error(exc, request_id(frame))))
             return
-        await self._in_flight.acquire()
+        self._take_slot()
         if isinstance(req, Send) and not req.ephemeral:
-            await self._submit(req)
+            self._send(req)
         else:
             self.nursery.start_soon(self._handle, req)
 
-    async def _submit(self, req: Send) -> None:
-        try:  # MLS conversations: parse the MLSMessage header (relay/mls_ds.py)
-            message = await self.handlers.new_message(req)
-        except RelayError as exc:
-            self._in_flight.release()
-            self.send_frame(events.error(exc, req.id))
+    def _take_slot(self) -> None:
+        """Backpressure: a client with max_in_flight requests pending is not
+        read until replies went out (the requests already read still run)."""
+        self._in_flight += 1
+        if self._in_flight >= self.relay.config.max_in_flight and not self._paused:
+            self._paused = True
+            self.relay.reader.pause(self._fd)
+
+    def _release_slot(self) -> None:
+        self._in_flight -= 1
+        if self._paused and self._in_flight < self.relay.config.max_in_flight // 2:
+            self._paused = False
+            self.relay.reader.resume(self._fd)
+
+    def _send(self, req: Send) -> None:
+        """Sends enter the committer in arrival order.  One whose MLS group
+        state is not cached yet waits for a lookup, and later sends of this
+        connection queue behind it so they keep their order."""
+        if self._slow_sends:
+            self._slow_sends.append(req)
             return
+        try:
+            message = self.handlers.new_message_nowait(req)
+        except RelayError as exc:
+            self._reply_failed(req, exc)
+            return
+        if message is None:
+            self._slow_sends.append(req)
+            self.nursery.start_soon(self._send_slowly)
+        else:
+            self._commit(req, message)
 
+    async def _send_slowly(self) -> None:
+        while self._slow_sends:
+            req = self._slow_sends[0]
+            try:
+                message = await self.handlers.new_message(req)
+            except RelayError as exc:
+                self._slow_sends.popleft()
+                self._reply_failed(req, exc)
+                continue
+            self._slow_sends.popleft()
+            self._commit(req, message)
+        self.relay.flusher.flush()
+
+    def _reply_failed(self, req: Send, exc: RelayError) -> None:
+        self._release_slot()
+        self.relay.metrics.error(exc.error)
+        self.outbox.write_control(binary_frame(events.error(exc, req.id)))
+
+    def _commit(self, req: Send, message: NewMessage) -> None:
         def on_done(outcome: Appended | RelayError) -> None:
-            self._in_flight.release()
+            # Runs in the committer after the commit; it flushes once per batch.
             if isinstance(outcome, Appended):
+                self._release_slot()
                 mls = {} if outcome.epoch is None else {"epoch": outcome.epoch}
-                self.send_frame(
-                    events.result(req.id, seq=outcome.seq, time=outcome.created_ms, **mls)
-                )
+                reply = events.result(req.id, seq=outcome.seq, time=outcome.created_ms, **mls)
+                self.outbox.write_control(binary_frame(reply))
             else:
-                self.relay.metrics.error(outcome.error)
-                self.send_frame(events.error(outcome, req.id))
+                self._reply_failed(req, outcome)
 
-        await self.relay.committer.submit(PendingSend(message, on_done, lambda: self._done))
+        self.relay.committer.submit(PendingSend(message, on_done, lambda: self._done))
 
     async def _handle(self, req: Request) -> None:
         try:
@@ -255,7 +301,7 @@ class Session:
             log.exception("request %s failed", type(req).__name__)
             reply = events.error(StorageError("internal error"), req.id)
         finally:
-            self._in_flight.release()
+            self._release_slot()
         self.send_frame(reply)
 
     # --- writing ----------------------------------------------------------------

@@ -48,6 +48,7 @@ from .auth import token_from_request
 from .handlers import Handlers
 from .logs import user_hash
 from .outbox import Flusher, Outbox
+from .retention import consume_jti
 from .streams import Streams
 
 if TYPE_CHECKING:
@@ -95,6 +96,10 @@ class SseSink(Outbox):
     def __init__(self, flusher: Flusher, limit: int) -> None:
         super().__init__(-1, flusher, limit)
         self.ready = trio.Event()
+        self.on_fail = self._wake  # overflow: wake the body, which ends the stream
+
+    def _wake(self) -> None:
+        self.ready.set()
 
     def flush(self) -> None:
         if self._pending:
@@ -104,11 +109,8 @@ class SseSink(Outbox):
         frames, self._pending = self._pending, []
         self.pending_bytes = 0
         self.ready = trio.Event()
-        self._room.set()
+        self._progress()
         return frames
-
-    async def run_writer(self) -> None:
-        """Nothing to do: the response body is the writer."""
 
 
 def _payload(wire: bytes) -> bytes:
@@ -204,7 +206,7 @@ class SseStream:
             try:
                 async with trio.open_nursery() as nursery:
                     self.nursery = nursery
-                    nursery.start_soon(self.streams.run_catch_up, self._caught_up)
+                    self.streams.attach(nursery, self._caught_up)
                     task_status.started()
                     await trio.sleep_until(
                         trio.current_time() + max(0.0, self.identity.expires_at - time.time())
@@ -235,7 +237,7 @@ class SseStream:
             while True:
                 with trio.move_on_after(keepalive):
                     await self.sink.ready.wait()
-                if self.sink.failed.is_set():
+                if self.sink.has_failed:
                     self._end("ConsumerTooSlow" if self.sink.overflowed else "closed")
                 if self.relay.state.shutting_down:
                     self._end("ServiceRestart")
@@ -284,6 +286,7 @@ def register(app: QuartTrio, relay: Relay) -> None:
             raise ShuttingDown("relay is shutting down")
         headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in request.headers.items()]
         identity = relay.authenticator.verify(token_from_request(headers, request.query_string))
+        await consume_jti(relay, identity)  # single-use tokens (relay/retention.py)
         positions = decode_cursor(
             request.headers.get("Last-Event-ID") or request.args.get("cursor", "")
         )

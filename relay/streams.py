@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import trio
 
 from protocol import events
-from protocol.errors import NotMember
+from protocol.errors import NotMember, Unavailable
 from protocol.websocket import binary_frame
 from storage.base import Storage
 
@@ -60,7 +60,12 @@ class Streams:
         self._on_left = on_left
         self.by_conversation: dict[bytes, Stream] = {}
         self._pending: dict[bytes, None] = {}
-        self._wake = trio.Event()
+        # The catch-up task exists only while there is something to replay:
+        # a permanent one per connection cost memory at 10k+ idle sockets.
+        self._nursery: trio.Nursery | None = None
+        self._on_idle: Callable[[], None] = _nothing
+        self._running = False
+        self._kicked = False
         #: While a subscription is being set up, membership changes are stashed.
         self.stash: dict[bytes, int | None] | None = None
         #: Called when this connection's user joined a conversation (Welcome delivery).
@@ -150,25 +155,50 @@ class Streams:
     def _start_catch_up(self, conversation: bytes, st: Stream) -> None:
         st.catching_up = True
         self._pending[conversation] = None
-        self._wake.set()
+        self._ensure_running()
 
     def kick(self) -> None:
-        """Make the catch-up loop run (and report idle) even with nothing pending."""
+        """Make the catch-up task run (and report idle) even with nothing pending."""
         self._recheck_on_follow = False  # subscribe() calls this after its follows
-        self._wake.set()
+        self._kicked = True
+        self._ensure_running()
 
     # --- catch-up -----------------------------------------------------------
 
-    async def run_catch_up(self, on_idle: Callable[[], None]) -> None:
-        """Forever: replay whatever conversation fell behind, oldest request first."""
-        while True:
-            await self._wake.wait()
-            self._wake = trio.Event()
+    def attach(self, nursery: trio.Nursery, on_idle: Callable[[], None]) -> None:
+        """Where catch-up tasks run, and whom to tell when a catch-up ends."""
+        self._nursery = nursery
+        self._on_idle = on_idle
+        if self._pending or self._kicked:
+            self._ensure_running()
+
+    def _ensure_running(self) -> None:
+        if not self._running and self._nursery is not None:
+            self._running = True
+            self._nursery.start_soon(self._run_pending)
+
+    async def _run_pending(self) -> None:
+        """Replay whatever conversation fell behind, oldest request first, then end."""
+        backoff = 0.2
+        try:
             while self._pending:
                 conversation = next(iter(self._pending))
-                await self._catch_up(conversation)
+                try:
+                    await self._catch_up(conversation)
+                except Unavailable:
+                    # Storage outage: the connection stays up and the replay
+                    # resumes from next_seq once the database is back.
+                    await trio.sleep(backoff)
+                    backoff = min(5.0, backoff * 2)
+                    continue
+                backoff = 0.2
                 self._pending.pop(conversation, None)
-            on_idle()
+        finally:
+            # No await between the empty check above and this: a catch-up
+            # requested meanwhile always finds either this loop or no task.
+            self._running = False
+            self._kicked = False
+        self._on_idle()
 
     async def _catch_up(self, conversation: bytes) -> None:
         while True:
@@ -206,3 +236,7 @@ class Streams:
             if len(rows) < REPLAY_PAGE and st.next_seq > st.known_last:
                 st.catching_up = False  # no await since the read: see module doc
                 return
+
+
+def _nothing() -> None:
+    pass

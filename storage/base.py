@@ -229,8 +229,31 @@ class Storage(abc.ABC):
 
     @abc.abstractmethod
     async def prune_messages(self, older_than_ms: int) -> int:
-        """Delete messages created before the cutoff, advancing each
-        conversation's first_seq; returns how many were deleted."""
+        """Retention: delete each conversation's oldest messages created before
+        the cutoff, advancing its first_seq; returns how many were deleted.
+
+        Only a prefix goes (retained history has no holes), and never what a
+        group needs: in an MLS conversation, the commit that produced the
+        current epoch, the previous epoch and everything after; and the
+        messages after any Welcome still in an inbox.  The exact rule is in
+        :mod:`storage.retention_sql`."""
+
+    @abc.abstractmethod
+    async def prune_group_infos(self, older_than_ms: int) -> int:
+        """Delete GroupInfo of older epochs created before the cutoff; the newest
+        epoch's GroupInfo of each conversation is always kept."""
+
+    # --- single-use tokens ------------------------------------------------------
+
+    @abc.abstractmethod
+    async def consume_token(self, jti: str, user: str, expires_ms: int, now_ms: int) -> bool:
+        """Record a token id as used, atomically across every process sharing the
+        database; False if it was already used (a replay).  ``expires_ms`` is
+        when the token stops being accepted: after it the id may be reused."""
+
+    @abc.abstractmethod
+    async def purge_token_uses(self, now_ms: int) -> int:
+        """Forget used token ids that expired before ``now_ms``; returns how many."""
 
     # --- cursors ------------------------------------------------------------
 

@@ -94,6 +94,12 @@ def apply_commit(
 ) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """After a winning commit: members, Welcome inbox rows, GroupInfo.  Returns (added, removed)."""
     conv = msg.conversation
+    # Retention keeps this commit and the epoch before it (storage/retention_sql.py);
+    # SET expressions read the old row, so prev_commit_seq gets the previous commit.
+    ex(
+        "UPDATE conversations SET prev_commit_seq = commit_seq, commit_seq = ? WHERE id = ?",
+        (seq, conv),
+    )
     joiners = [user for user, _ in targets]
     if msg.kind == "external_commit":
         joiners.append(msg.sender)

@@ -20,7 +20,7 @@ from protocol.errors import (
     RelayError,
     StorageError,
 )
-from storage import mls_sql
+from storage import mls_sql, retention_sql
 from storage.base import (
     AddedMember,
     Appended,
@@ -169,11 +169,14 @@ class PostgresStorage(Storage):
                 (conversation, wanted),
             ).fetchall()
             removed = {r[0] for r in rows}
-            # A removed member's read positions are meaningless; its messages stay.
-            conn.execute(
-                "DELETE FROM cursors WHERE conversation_id = %s AND user_did = ANY(%s::text[])",
-                (conversation, list(removed)),
-            )
+            # A removed member's read positions and pending Welcomes are meaningless
+            # (and must not reach it on resume); its messages stay.
+            for table in ("cursors", "welcomes"):
+                conn.execute(
+                    f"DELETE FROM {table} WHERE conversation_id = %s"
+                    " AND user_did = ANY(%s::text[])",
+                    (conversation, list(removed)),
+                )
             return [u for u in wanted if u in removed]
 
         return await self._tx(job)
@@ -266,34 +269,32 @@ class PostgresStorage(Storage):
 
     async def prune_messages(self, older_than_ms: int) -> int:
         def job(conn: PgConn) -> int:
-            ids = [
-                r[0]
-                for r in conn.execute(
-                    "SELECT DISTINCT conversation_id FROM messages WHERE created_ms < %s",
-                    (older_than_ms,),
-                )
-            ]
+            ex = pg_exec(conn)
+            ids = retention_sql.prune_candidates(ex, older_than_ms)
             if not ids:
                 return 0
-            # Same lock order as appends; once locked, the statements below
-            # (new snapshots under READ COMMITTED) see every committed append,
-            # so first_seq cannot skip a message committed meanwhile.
+            # Same lock order as appends (no deadlock); once locked, the statements
+            # below (new snapshots under READ COMMITTED) see every committed append
+            # and commit, so neither first_seq nor the kept commit can be stale.
             conn.execute(
                 "SELECT 1 FROM conversations WHERE id = ANY(%s) ORDER BY id FOR UPDATE", (ids,)
             )
-            deleted = conn.execute(
-                "DELETE FROM messages WHERE conversation_id = ANY(%s) AND created_ms < %s",
-                (ids, older_than_ms),
-            ).rowcount
-            conn.execute(
-                "UPDATE conversations c SET first_seq = coalesce("
-                " (SELECT min(seq) FROM messages m WHERE m.conversation_id = c.id),"
-                " c.last_seq + 1) WHERE c.id = ANY(%s)",
-                (ids,),
-            )
-            return deleted
+            return sum(retention_sql.prune_conversation(ex, c, older_than_ms) for c in ids)
 
         return await self._tx(job)
+
+    async def prune_group_infos(self, older_than_ms: int) -> int:
+        return await self._tx(
+            lambda conn: retention_sql.prune_group_infos(pg_exec(conn), older_than_ms)
+        )
+
+    async def consume_token(self, jti: str, user: str, expires_ms: int, now_ms: int) -> bool:
+        return await self._tx(
+            lambda conn: retention_sql.consume_token(pg_exec(conn), jti, user, expires_ms, now_ms)
+        )
+
+    async def purge_token_uses(self, now_ms: int) -> int:
+        return await self._tx(lambda conn: retention_sql.purge_token_uses(pg_exec(conn), now_ms))
 
     # --- cursors ------------------------------------------------------------
 

@@ -40,7 +40,8 @@ def append_plain(
         [m.ciphertext for m in msgs],
         [m.created_ms for m in msgs],
     )
-    rows = conn.execute(_APPEND_SQL, params).fetchall()
+    # Binary parameters: 1 KiB ciphertexts are not hex-escaped under the GIL.
+    rows = conn.execute(_APPEND_SQL, params, binary=True).fetchall()
     if len(rows) != len(msgs):
         raise StorageError("append returned a wrong number of results")
     for (_, status, seq, created_ms), msg, i in zip(rows, msgs, where, strict=True):

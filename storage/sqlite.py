@@ -28,7 +28,7 @@ from protocol.errors import (
     StorageError,
     Unavailable,
 )
-from storage import mls_sql
+from storage import mls_sql, retention_sql
 from storage.base import (
     AddedMember,
     Appended,
@@ -259,11 +259,13 @@ class SqliteStorage(Storage):
                     (conversation, user),
                 ).fetchone():
                     removed.append(user)
-                    # Its read positions are meaningless now; its messages stay.
-                    conn.execute(
-                        "DELETE FROM cursors WHERE conversation_id = ? AND user_did = ?",
-                        (conversation, user),
-                    )
+                    # Its read positions and pending Welcomes are meaningless now
+                    # (and must not reach it on resume); its messages stay.
+                    for table in ("cursors", "welcomes"):
+                        conn.execute(
+                            f"DELETE FROM {table} WHERE conversation_id = ? AND user_did = ?",
+                            (conversation, user),
+                        )
             return removed
 
         return await self._write(job)
@@ -311,26 +313,22 @@ class SqliteStorage(Storage):
         return await self._read(job)
 
     async def prune_messages(self, older_than_ms: int) -> int:
-        def job(conn: Conn) -> int:
-            ids = [
-                r[0]
-                for r in conn.execute(
-                    "SELECT DISTINCT conversation_id FROM messages WHERE created_ms < ?",
-                    (older_than_ms,),
-                )
-            ]
-            deleted = conn.execute(
-                "DELETE FROM messages WHERE created_ms < ?", (older_than_ms,)
-            ).rowcount
-            conn.executemany(
-                "UPDATE conversations SET first_seq = coalesce("
-                " (SELECT min(seq) FROM messages m WHERE m.conversation_id = conversations.id),"
-                " last_seq + 1) WHERE id = ?",
-                [(i,) for i in ids],
-            )
-            return deleted
+        def job(conn: Conn) -> int:  # BEGIN IMMEDIATE: no append runs meanwhile
+            ids = retention_sql.prune_candidates(_ex(conn), older_than_ms)
+            return sum(retention_sql.prune_conversation(_ex(conn), c, older_than_ms) for c in ids)
 
         return await self._write(job)
+
+    async def prune_group_infos(self, older_than_ms: int) -> int:
+        return await self._write(lambda c: retention_sql.prune_group_infos(_ex(c), older_than_ms))
+
+    async def consume_token(self, jti: str, user: str, expires_ms: int, now_ms: int) -> bool:
+        return await self._write(
+            lambda c: retention_sql.consume_token(_ex(c), jti, user, expires_ms, now_ms)
+        )
+
+    async def purge_token_uses(self, now_ms: int) -> int:
+        return await self._write(lambda c: retention_sql.purge_token_uses(_ex(c), now_ms))
 
     # --- cursors ------------------------------------------------------------
 

@@ -26,7 +26,10 @@ from storage.sqlite import SqliteStorage
 
 ADMIN_URL = os.environ.get("MLS_RELAY_TEST_PG", "postgresql://127.0.0.1:5432/test")
 
-DATA_TABLES = ("messages", "cursors", "members", "conversations")
+DATA_TABLES = (
+    "messages", "cursors", "members", "conversations", "welcomes", "group_infos",
+    "key_package_claims", "key_packages", "token_uses",
+)  # fmt: skip
 
 
 def url_for_database(admin_url: str, dbname: str) -> str:

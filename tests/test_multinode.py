@@ -223,6 +223,17 @@ async def test_silent_peer_makes_others_recheck_storage(pg_url, redis_url):
                 assert _bus(a).stats.peers_lost == 1 and _bus(a).healthy
 
 
+async def test_a_cleanly_stopped_peer_is_not_taken_for_crashed(pg_url, redis_url):
+    prefix = _prefix(redis_url)
+    with trio.fail_after(30):
+        async with _node(pg_url, redis_url.url, prefix, "a") as a:
+            async with _node(pg_url, redis_url.url, prefix, "b"):
+                await _wait_for(lambda: len(_bus(a)._peers) == 1, "a hears b's heartbeat")
+            await _wait_for(lambda: not _bus(a)._peers, "b's goodbye reaches a")
+            await trio.sleep(5)  # longer than the peer timeout
+            assert _bus(a).stats.peers_lost == 0
+
+
 # --- three processes, one SIGKILLed in the middle of traffic -----------------------
 
 

@@ -48,8 +48,13 @@ async def test_forced_disconnects_lose_and_duplicate_nothing(database_url):
     with trio.fail_after(50):
         async with (
             running_relay(database_url) as r,
-            RelayClient.connect(r.ws_url, make_token(ALICE, "a1"), initial_backoff=0.05) as alice,
-            RelayClient.connect(r.ws_url, make_token(BOB, "b1"), initial_backoff=0.05) as bob,
+            # Token providers: every reconnect needs a fresh single-use token.
+            RelayClient.connect(
+                r.ws_url, lambda: make_token(ALICE, "a1"), initial_backoff=0.05
+            ) as alice,
+            RelayClient.connect(
+                r.ws_url, lambda: make_token(BOB, "b1"), initial_backoff=0.05
+            ) as bob,
         ):
             await alice.create_conversation(CONV, [BOB])
             acked: list[int] = []

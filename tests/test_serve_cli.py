@@ -117,3 +117,63 @@ def test_refuses_well_known_secret_outside_dev_mode(tmp_path):
     )
     assert out.returncode == 2
     assert "well-known" in out.stderr
+
+
+# The deployment note of the service we replace shipped these (shared/LESSONS.md).
+CATBIRD_JWT = "test_secret_for_local_development_only_change_in_production"
+CATBIRD_DB = "catbird_secure_password_change_in_production"
+CATBIRD_REDIS = "redis_secure_password_change_in_production"
+
+
+def _serve_refuses(tmp_path: Path, **env_vars: str) -> str:
+    env = _env(_free_port())
+    env.update(env_vars)
+    out = subprocess.run(
+        [*CLI, "serve"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=30
+    )
+    assert out.returncode == 2, out.stderr
+    assert not (tmp_path / "data" / "relay.db").exists()  # refused before touching anything
+    return out.stderr
+
+
+@pytest.mark.parametrize(
+    ("variables", "named"),
+    [
+        ({"RELAY_JWT_SECRET": CATBIRD_JWT}, "RELAY_JWT_SECRET"),
+        ({"RELAY_JWT_SECRET": CATBIRD_DB}, "RELAY_JWT_SECRET"),
+        ({"RELAY_JWT_SECRET": CATBIRD_REDIS}, "RELAY_JWT_SECRET"),
+        ({"DATABASE_URL": f"postgresql://cb:{CATBIRD_DB}@127.0.0.1:1/cb"}, "DATABASE_URL"),
+        ({"REDIS_URL": f"redis://:{CATBIRD_REDIS}@127.0.0.1:1/0"}, "REDIS_URL"),
+        ({"RELAY_JWT_SECRET": "changeme"}, "RELAY_JWT_SECRET"),
+    ],
+)
+def test_refuses_each_well_known_secret(tmp_path, variables, named):
+    stderr = _serve_refuses(tmp_path, **variables)
+    assert named in stderr and "well-known" in stderr
+
+
+def test_refuses_a_short_secret(tmp_path):
+    stderr = _serve_refuses(tmp_path, RELAY_JWT_SECRET="only-31-bytes-of-random-0123456")
+    assert "at least 32 bytes" in stderr
+
+
+@pytest.mark.timeout(60)
+async def test_dev_mode_allows_the_placeholder(tmp_path):
+    port = _free_port()
+    env = _env(port) | {"RELAY_JWT_SECRET": CATBIRD_JWT, "RELAY_DEV_MODE": "1"}
+    proc = await trio.lowlevel.open_process([*CLI, "serve"], cwd=tmp_path, env=env)
+    try:
+        await _wait_ready(port)
+    finally:
+        assert await _stop(proc) == 0
+
+
+def test_compose_file_ships_no_default_secret():
+    compose = (Path(__file__).resolve().parents[1] / "docker-compose.yml").read_text()
+    for placeholder in (CATBIRD_JWT, CATBIRD_DB, CATBIRD_REDIS, "change_in_production"):
+        assert placeholder not in compose
+    # Every secret is required from the environment: ${VAR:?message}, never ${VAR:-default}.
+    for name in ("RELAY_JWT_SECRET", "POSTGRES_PASSWORD"):
+        uses = [line for line in compose.splitlines() if "${" + name in line]
+        assert uses, name
+        assert all("${" + name + ":?" in line for line in uses), uses

@@ -160,7 +160,8 @@ async def test_sse_live_then_resume_exactly_the_missed_ones(database_url):
             await alice.send(C2, b"two-2")
             await alice.send(C2, b"two-3")
             last_id = six.id
-            bob = await open_sse(r.port, token, last_id)
+            # A fresh token: each one opens one stream (RELAY_TOKEN_SINGLE_USE).
+            bob = await open_sse(r.port, make_token(BOB, "sse"), last_id)
             replay = await bob.until("info", "CaughtUp")
             assert sorted(messages(replay)) == sorted(
                 [(C1, i, b"one-%d" % i) for i in range(7, 10)]

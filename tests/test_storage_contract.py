@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -18,7 +19,7 @@ from protocol.errors import (
     Unavailable,
 )
 from storage import NewMessage, Storage, open_storage
-from storage.base import Appended
+from storage.base import Appended, NewKeyPackage
 from storage.migrate import load_migrations, migrate_postgres
 from storage.pgpool import pg_pool
 from storage.postgres import PostgresStorage
@@ -284,6 +285,165 @@ async def test_prune_advances_first_seq(storage: Storage) -> None:
     assert again.seq == 4  # seqs keep counting after a full prune
     info = await storage.conversation_for_member(conv(2), "alice")
     assert (info.first_seq, info.last_seq) == (4, 4)
+
+
+def mls(c: bytes, cmid: str, kind: str, epoch: int, at: int = 100, **extra: Any) -> NewMessage:
+    """An MLS message of ``kind`` at ``epoch`` (storage checks only the header fields)."""
+    return dataclasses.replace(
+        msg(c, "alice", cmid, at=at), kind=kind, epoch=epoch, group_id=b"G", **extra
+    )
+
+
+async def _seqs(s: Storage, c: bytes, user: str = "alice") -> list[int]:
+    return [m.seq for m in await s.read_messages(c, user, 0, 100)]
+
+
+async def test_prune_keeps_the_commit_of_the_current_epoch(storage: Storage) -> None:
+    """LESSONS: a retention job that deletes old commits leaves a returning client
+    unable to rebuild state.  However old, the current epoch's commit, the epoch
+    before it (its proposals) and everything after stay."""
+    g = conv(1)
+    await storage.create_conversation(g, "alice", [], 10, mls_group_id=b"G")
+    await storage.create_conversation(conv(2), "alice", [], 10)
+    await append_ok(
+        storage,
+        mls(g, "a0", "application", 0),  # 1
+        mls(g, "c0", "commit", 0),  # 2: epoch 0 -> 1
+        mls(g, "a1", "application", 1),  # 3
+        mls(g, "p1", "proposal", 1),  # 4: referenced by the next commit
+        mls(g, "c1", "commit", 1),  # 5: epoch 1 -> 2, the current epoch's commit
+        mls(g, "a2", "application", 2),  # 6
+        msg(conv(2), "alice", "plain", at=100),
+    )
+    # Everything is past the cutoff: the opaque conversation loses all, the MLS one
+    # keeps the previous epoch (after commit 2), commit 5 and what follows.
+    assert await storage.prune_messages(10**12) == 2 + 1
+    assert await _seqs(storage, g) == [3, 4, 5, 6]
+    assert (await storage.conversation_for_member(g, "alice")).first_seq == 3
+    assert (await storage.conversation_for_member(conv(2), "alice")).first_seq == 2
+    assert await storage.prune_messages(10**12) == 0
+    # The next commit moves the protected window forward: epoch 2 (after commit 5)
+    # and commit 7 stay.
+    await append_ok(storage, mls(g, "c2", "commit", 2))  # 7
+    assert await storage.prune_messages(10**12) == 3
+    assert await _seqs(storage, g) == [6, 7]
+    # A losing commit records nothing.
+    [lost] = await storage.append_messages([mls(g, "late", "commit", 2)])
+    assert not isinstance(lost, Appended)
+    assert await storage.prune_messages(10**12) == 0
+    # Young messages are kept by age alone, commits or not.
+    await append_ok(storage, mls(g, "a3", "application", 3, at=5000))
+    assert await storage.prune_messages(4000) == 0
+    assert await _seqs(storage, g) == [6, 7, 8]
+
+
+async def test_prune_deletes_only_a_prefix(storage: Storage) -> None:
+    await storage.create_conversation(conv(1), "alice", [], 10)
+    # created_ms is not monotonic in seq (clocks of several nodes): seq 3 is old
+    # but follows a young message, so it stays and history keeps no hole.
+    ages = [100, 100, 500, 100, 600]
+    await append_ok(storage, *(msg(conv(1), "alice", str(i), at=a) for i, a in enumerate(ages)))
+    assert await storage.prune_messages(200) == 2
+    assert await _seqs(storage, conv(1)) == [3, 4, 5]
+    info = await storage.conversation_for_member(conv(1), "alice")
+    assert (info.first_seq, info.last_seq) == (3, 5)
+
+
+async def _welcome_bob(s: Storage, g: bytes, epoch: int) -> int:
+    """alice claims bob's KeyPackage and commits a Welcome for it; returns the commit seq."""
+    ref = f"ref-{epoch}".encode()
+    await s.put_key_packages("bob", "b1", [NewKeyPackage(ref, 1, b"kp", 2**40)], 1)
+    claim = await s.claim_key_packages("alice", ["bob"], 1, 2, 2)
+    assert [c.ref for c in claim.claimed] == [ref]
+    [won] = await append_ok(
+        s, mls(g, f"w{epoch}", "commit", epoch, welcome=b"W", welcome_refs=(ref,))
+    )
+    assert won.added == ("bob",)
+    return won.seq
+
+
+async def test_prune_never_drops_what_a_pending_welcome_needs(storage: Storage) -> None:
+    g = conv(1)
+    await storage.create_conversation(g, "alice", [], 10, mls_group_id=b"G")
+    await append_ok(storage, mls(g, "a0", "application", 0))  # 1
+    assert await _welcome_bob(storage, g, 0) == 2
+    await append_ok(
+        storage,
+        *(mls(g, f"c{e}", "commit", e) for e in (1, 2, 3)),  # 3, 4, 5
+        mls(g, "a4", "application", 4),  # 6
+    )
+    # Commits alone would allow pruning up to seq 4; bob's unconsumed Welcome
+    # (commit seq 2: bob reads from seq 3) keeps everything after it, and stays.
+    assert await storage.prune_messages(10**12) == 2
+    assert await _seqs(storage, g) == [3, 4, 5, 6]
+    assert [w.seq for w in await storage.welcomes_for("bob", "b1")] == [2]
+    # Once bob acks past it, the Welcome is gone and so is the pin.
+    assert await storage.set_cursor("bob", "b1", g, 3) == 3
+    assert await storage.welcomes_for("bob", "b1") == []
+    assert await storage.prune_messages(10**12) == 2
+    assert await _seqs(storage, g) == [5, 6]
+
+
+async def test_removed_member_loses_its_pending_welcome(storage: Storage) -> None:
+    g = conv(1)
+    await storage.create_conversation(g, "alice", [], 10, mls_group_id=b"G")
+    await _welcome_bob(storage, g, 0)
+    assert len(await storage.welcomes_for("bob", "b1")) == 1
+    assert await storage.remove_members(g, "alice", ["bob"]) == ["bob"]
+    assert await storage.welcomes_for("bob", "b1") == []
+
+
+async def test_prune_group_infos_keeps_the_newest(storage: Storage) -> None:
+    g = conv(1)
+    await storage.create_conversation(g, "alice", [], 10, mls_group_id=b"G")
+    for e in range(3):
+        gi = b"GI%d" % (e + 1)
+        await append_ok(storage, mls(g, f"c{e}", "commit", e, at=100 * (e + 1), group_info=gi))
+    assert await storage.prune_group_infos(150) == 1  # epoch 1 only (epoch 2 is younger)
+    assert await storage.latest_group_info(g, "alice") == (3, b"GI3")
+    assert await storage.prune_group_infos(10**12) == 1  # epoch 2; epoch 3 is the newest
+    assert await storage.prune_group_infos(10**12) == 0
+    assert await storage.latest_group_info(g, "alice") == (3, b"GI3")
+
+
+# --- single-use tokens -------------------------------------------------------------------
+
+
+async def test_consume_token_once(storage: Storage) -> None:
+    assert await storage.consume_token("j1", "alice", 10_000, 1_000) is True
+    assert await storage.consume_token("j1", "alice", 10_000, 2_000) is False
+    assert await storage.consume_token("j1", "mallory", 10_000, 2_000) is False
+    assert await storage.consume_token("j2", "alice", 10_000, 2_000) is True
+    # After its expiry the id may be used again (the old token is refused by then),
+    # even before a purge ran.
+    assert await storage.consume_token("j1", "alice", 30_000, 20_000) is True
+    assert await storage.consume_token("j1", "alice", 30_000, 20_001) is False
+    assert await storage.purge_token_uses(25_000) == 1  # j2 (expired at 10 000)
+    assert await storage.purge_token_uses(25_000) == 0
+    assert await storage.consume_token("j2", "alice", 40_000, 25_000) is True
+
+
+async def test_consume_token_races_two_nodes(pg_url: str) -> None:
+    """Two pools on one PostgreSQL database: exactly one consumer wins each jti."""
+    truncate_pg(pg_url)
+    nodes = Backend("postgres", pg_url)
+    try:
+        stores = [await nodes.open(), await nodes.open()]
+        wins: list[str] = []
+
+        async def attempt(i: int, jti: str) -> None:
+            if await stores[i % 2].consume_token(jti, "alice", 10**13, 1):
+                wins.append(jti)
+
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                for jti in ("x", "y", "z"):
+                    for i in range(8):
+                        nursery.start_soon(attempt, i, jti)
+        assert sorted(wins) == ["x", "y", "z"]
+    finally:
+        for s in nodes.opened:
+            await s.aclose()
 
 
 # --- cursors ----------------------------------------------------------------------------
