@@ -128,14 +128,20 @@ def create_app(relay: Relay) -> QuartTrio:
     @app.get("/health")
     async def health() -> Any:
         checks = await _checks(relay)
+        if relay.config.redis_url:
+            # Several nodes: a broken fan-out must not look green (a known
+            # failure of other relays).  "degraded", not "unhealthy": this node
+            # still serves its own clients and repairs from the database later.
+            checks["fanout"] = "healthy" if relay.fanout.healthy else "degraded"
         ok = all(v == "healthy" for v in checks.values())
+        degraded = not ok and all(v in ("healthy", "degraded") for v in checks.values())
         body = {
-            "status": "healthy" if ok else "unhealthy",
+            "status": "healthy" if ok else "degraded" if degraded else "unhealthy",
             "timestamp": int(time.time()),
             "version": __version__,
             "checks": checks,
         }
-        return jsonify(body), 200 if ok else 503
+        return jsonify(body), 200 if ok or degraded else 503
 
     from . import sse, status  # observability and SSE routes live in their own modules
 

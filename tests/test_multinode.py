@@ -7,9 +7,11 @@ SIGKILLs one in the middle of traffic.
 
 from __future__ import annotations
 
+import json
 import secrets
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import pytest
 import trio
@@ -20,6 +22,7 @@ from .conftest import RedisTarget
 from .harness import Running, running_relay
 from .nodes import RedisProxy, clone_database
 from .relayclient import connect
+from .test_relay_edges import http_request
 
 ALICE, BOB, CAROL = "did:example:alice", "did:example:bob", "did:example:carol"
 
@@ -153,6 +156,14 @@ async def test_same_device_on_another_node_is_displaced(pg_url, redis_url):
 
 
 @pytest.mark.timeout(90)
+async def _health(port: int) -> dict[str, Any]:
+    status, _, body = await http_request(
+        port, b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    assert status == 200, status  # degraded fan-out keeps the node in service
+    return dict(json.loads(body))
+
+
 async def test_redis_outage_is_repaired_from_storage(pg_url, redis_url):
     """Node b loses Redis (both directions).  A message sent on a during the
     outage reaches b's client through the resubscribe recheck, and one sent
@@ -182,6 +193,9 @@ async def test_redis_outage_is_repaired_from_storage(pg_url, redis_url):
                 from_b = await bob.send(conv, b"during, from b")
                 await trio.sleep(0.5)
                 assert not _bus(b).healthy and _bus(b).stats.dropped >= 1
+                health = await _health(b.port)
+                assert health["status"] == "degraded" and health["checks"]["fanout"] == "degraded"
+                assert (await _health(a.port))["checks"]["fanout"] == "healthy"
                 proxy.restore()
                 (m,) = await bob.messages(1, conv)  # from_b is bob's own: not echoed
                 assert m["seq"] == from_a
@@ -189,6 +203,7 @@ async def test_redis_outage_is_repaired_from_storage(pg_url, redis_url):
                 assert m["seq"] == from_b
                 await _wait_for(lambda: _bus(b).healthy, "b healthy again")
                 assert _bus(b).stats.resubscribes >= 1 and _bus(b).stats.repairs_sent >= 1
+                assert (await _health(b.port))["status"] == "healthy"
                 await alice_quiet(alice, bob)
 
 
