@@ -256,7 +256,10 @@ class PostgresStorage(Storage):
         """
 
         def job(conn: PgConn) -> list[StoredMessage]:
-            rows = conn.execute(sql, (after_seq, max(limit, 0), conversation, user)).fetchall()
+            # Binary results: ciphertext arrives as raw bytes, not hex text
+            # decoded under the GIL (the catch-up path reads 1,000 rows a page).
+            params = (after_seq, max(limit, 0), conversation, user)
+            rows = conn.execute(sql, params, binary=True).fetchall()
             if not rows:
                 raise NotMember("not a member of this conversation")
             return [

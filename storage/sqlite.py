@@ -78,6 +78,24 @@ def translate_sqlite_error(exc: Exception) -> RelayError | None:
     return StorageError(f"database error ({name or type(exc).__name__})")
 
 
+def _enable_wal(conn: Conn, patience_s: float) -> None:
+    """Switch a (possibly brand-new) database to WAL.  When several
+    connections open a new file at once, SQLite answers SQLITE_BUSY at once
+    to all but one (deadlock avoidance: the busy timeout does not apply), so
+    retry briefly.  Runs in a worker thread: sleeping blocks nobody."""
+    deadline = time.monotonic() + patience_s
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) and "busy" not in str(exc).lower():
+                raise
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
+
+
 def sqlite_connect(path: Path, busy_timeout_ms: int) -> Conn:
     path.parent.mkdir(parents=True, exist_ok=True)
     # isolation_level=None: the sqlite3 module issues no implicit BEGIN/COMMIT;
@@ -85,7 +103,7 @@ def sqlite_connect(path: Path, busy_timeout_ms: int) -> Conn:
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     try:
         conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
-        conn.execute("PRAGMA journal_mode = WAL")
+        _enable_wal(conn, busy_timeout_ms / 1000)
         # FULL: an acknowledged send survives a power loss, not just a crash.
         conn.execute("PRAGMA synchronous = FULL")
         conn.execute("PRAGMA foreign_keys = ON")

@@ -21,18 +21,29 @@ def _with_db(dsn: str, name: str) -> str:
 
 
 @pytest.fixture(scope="session")
-def pg_template(postgres_dsn: str) -> str:
-    """The session database, migrated once; tests clone it (CREATE DATABASE … TEMPLATE)."""
+def pg_template(postgres_dsn: str) -> Iterator[str]:
+    """A migrated database that only ever serves as a template: tests clone it
+    (CREATE DATABASE … TEMPLATE).  Not the session database itself, which
+    other tests write to: a clone would inherit their rows."""
+    name = f"relay_tmpl_{secrets.token_hex(5)}"
+    admin_dsn = _with_db(postgres_dsn, "postgres")
+    with psycopg.connect(admin_dsn, autocommit=True) as admin:
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    template = _with_db(postgres_dsn, name)
 
     async def migrate() -> None:
-        storage = open_storage(postgres_dsn, pool_min=0, pool_max=1)
+        storage = open_storage(template, pool_min=0, pool_max=1)
         try:
             await storage.migrate()
         finally:
             await storage.aclose()
 
-    trio.run(migrate)
-    return postgres_dsn
+    try:
+        trio.run(migrate)
+        yield template
+    finally:
+        with psycopg.connect(admin_dsn, autocommit=True) as admin:
+            admin.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
 
 
 @contextmanager

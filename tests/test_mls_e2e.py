@@ -7,14 +7,12 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-import pytest
+import mls_rs_uniffi as mls  # a dev dependency: missing means a broken install
 import trio
 
 from .harness import running_relay
 from .mls_helpers import http
 from .relayclient import Client, connect, make_token
-
-mls = pytest.importorskip("mls_rs_uniffi")
 
 ALICE, BOB = "did:example:alice", "did:example:bob"
 CONV, GROUP = b"e2e", b"e2e-group"

@@ -33,6 +33,7 @@ from protocol.mls import (
 from protocol.mls import content as c
 from protocol.mls import group as g
 from protocol.mls.tls import decode_exact, encode_with
+from tests.conftest import service_unavailable
 
 VECTORS = Path(__file__).resolve().parents[1].parent / "shared" / "mls-vectors"
 FUZZ = settings(max_examples=300, deadline=2000, suppress_health_check=[HealthCheck.too_slow])
@@ -73,7 +74,7 @@ Target = tuple[str, Callable[[bytes], None], bytes]
 @cache
 def corpus() -> tuple[Target, ...]:
     if not VECTORS.exists():
-        pytest.skip(f"MLS test vectors not found at {VECTORS}")
+        service_unavailable(f"MLS test vectors not found at {VECTORS}")
     messages: list[dict[str, Any]] = json.loads(
         (VECTORS / "mlswg-subsets" / "messages.30-entries.json").read_text()
     )

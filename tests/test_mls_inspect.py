@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from relay.inspect import main
+from tests.conftest import service_unavailable
 
 VECTORS = Path(__file__).resolve().parents[1].parent / "shared" / "mls-vectors"
 PROJECT = Path(__file__).resolve().parents[1]
@@ -19,7 +20,7 @@ PROJECT = Path(__file__).resolve().parents[1]
 def vector(name: str, index: int = 0) -> dict[str, Any]:
     path = VECTORS / name
     if not path.exists():
-        pytest.skip(f"MLS test vector {name} not found under {VECTORS}")
+        service_unavailable(f"MLS test vector {name} not found under {VECTORS}")
     entry: dict[str, Any] = json.loads(path.read_text())[index]
     return entry
 

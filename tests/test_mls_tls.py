@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from protocol.errors import MLSDecodeError, MLSUnsupportedError, MLSValidationError, RelayError
 from protocol.mls.structs import ContentType
 from protocol.mls.tls import VARINT_MAX, Reader, Writer, decode_exact, encode_varint
+from tests.conftest import service_unavailable
 
 VECTORS = Path(__file__).resolve().parents[1].parent / "shared" / "mls-vectors"
 DESERIALIZATION = VECTORS / "mlswg" / "deserialization.json"
@@ -19,7 +20,7 @@ DESERIALIZATION = VECTORS / "mlswg" / "deserialization.json"
 
 def _deserialization_cases() -> list[dict[str, object]]:
     if not DESERIALIZATION.exists():
-        pytest.skip(f"MLS test vectors not found at {VECTORS}")
+        service_unavailable(f"MLS test vectors not found at {VECTORS}")
     cases: list[dict[str, object]] = json.loads(DESERIALIZATION.read_text())
     return cases
 
