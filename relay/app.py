@@ -135,6 +135,10 @@ class Relay:
                     nursery.start_soon(self.retention.run)
                 nursery.start_soon(self._sweep)
                 nursery.start_soon(self.reader.run)
+                if self.config.redis_url:
+                    from .peers import share_node_status
+
+                    nursery.start_soon(share_node_status, self)
                 self.nursery = nursery
                 await http.startup()
                 await nursery.start(serve_listeners, self, http, listeners)

@@ -93,7 +93,17 @@ async def test_messages_membership_and_ephemeral_cross_nodes(pg_url, redis_url):
                 (m,) = await carol.messages(1, conv)
                 assert m["seq"] == seq
             assert _bus(a).healthy and _bus(b).healthy
+            # The status page of either node lists both nodes.
+            await _wait_for(lambda: _status_nodes(a) == ["a", "b"], "a's status shows b", 15)
+            assert _status_nodes(b) == ["b", "a"]
+
             assert _bus(b).stats.received_events > 0
+
+
+def _status_nodes(r: Running) -> list[str]:
+    from relay.status import status
+
+    return [n["node"] for n in status(r.relay)["nodes"]]
 
 
 async def test_concurrent_senders_on_two_nodes_are_delivered_in_order_once(pg_url, redis_url):
