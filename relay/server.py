@@ -102,12 +102,14 @@ async def _websocket(relay: Relay, stream: trio.SocketStream, head: RequestHead)
         identity = relay.authenticator.verify(token_from_request(head.headers, head.query))
         response = accept_response(head)
     except AuthError as exc:
+        relay.metrics.error(exc.error)
         await _refuse(stream, 401, exc)
         return
     except ProtocolError as exc:
         await _refuse(stream, 400, exc)
         return
     if not relay.node_limits.connect(identity.user):
+        relay.metrics.error("TooManyConnections")
         limit = relay.node_limits.connections_per_user
         await _refuse(
             stream,

@@ -273,6 +273,9 @@ async def test_connection_and_request_limits(tmp_path):
                 assert limited and all(x.body["error"] == "RateLimited" for x in limited)
                 assert all(x.body["retryable"] and x.body["retry_after_ms"] > 0 for x in limited)
                 assert r.relay.node_limits.rejected["TooManyConnections"] == 1
+                scraped = r.relay.metrics.exposition().decode()
+                assert 'relay_errors_total{type="TooManyConnections"} 1.0' in scraped
+                assert 'relay_errors_total{type="RateLimited"}' in scraped
             # Closing a connection frees its slot.
             async with connect(r.ws_url, ALICE, "d3") as c3:
                 assert (await c3.request("#listConversations")).ok
