@@ -8,6 +8,7 @@ seqs stay gapless across any number of relay nodes.  Each job is one
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Sequence
 from typing import TypeVar
@@ -35,7 +36,7 @@ from storage.base import (
 )
 from storage.migrate import migrate_postgres
 from storage.pgpool import PgConn, pg_pool
-from storage.postgres_mls import append_mls, append_plain, pg_exec
+from storage.postgres_mls import append_mls, append_plain, append_plain_batch, pg_exec
 
 T = TypeVar("T")
 
@@ -216,6 +217,9 @@ class PostgresStorage(Storage):
         if not batch:
             return []
         items = list(batch)
+        if not any(m.kind for m in items):
+            # The common case: opaque or plain items only, one statement.
+            return await self._pool.run(functools.partial(append_plain_batch, msgs=items))
 
         def job(conn: PgConn) -> list[Appended | RelayError]:
             # Every conversation of the batch, locked in id order (the order the

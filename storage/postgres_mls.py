@@ -21,6 +21,42 @@ SELECT r_ord, r_status, r_seq, r_created_ms FROM relay_append_messages(
 """
 
 
+_APPEND_PLAIN_SQL = """
+SELECT r_ord, r_status, r_seq, r_created_ms FROM relay_append_plain(
+    %s::bytea[], %s::text[], %s::text[], %s::text[], %s::bytea[], %s::bigint[])
+"""
+
+
+def append_plain_batch(conn: PgConn, msgs: list[NewMessage]) -> list[Appended | RelayError]:
+    """A batch without MLS items as ONE autocommit statement (the function
+    locks, checks and inserts; its implicit transaction commits on return):
+    one round trip per group commit instead of four."""
+    params = (
+        [m.conversation for m in msgs],
+        [m.sender for m in msgs],
+        [m.device for m in msgs],
+        [m.client_message_id for m in msgs],
+        [m.ciphertext for m in msgs],
+        [m.created_ms for m in msgs],
+    )
+    rows = conn.execute(_APPEND_PLAIN_SQL, params, binary=True).fetchall()
+    if len(rows) != len(msgs):
+        raise StorageError("append returned a wrong number of results")
+    out: list[Appended | RelayError] = []
+    for (_, status, seq, created_ms), msg in zip(rows, msgs, strict=True):
+        if status == "mls":
+            out.append(
+                MLSValidationError(
+                    "this MLS conversation accepts MLSMessages only", field="ciphertext"
+                )
+            )
+        elif status == "not_member" or seq is None or created_ms is None:
+            out.append(NotMember("not a member of this conversation"))
+        else:
+            out.append(Appended(msg.conversation, seq, created_ms, status == "duplicate"))
+    return out
+
+
 def pg_exec(conn: PgConn) -> mls_sql.Exec:
     def ex(sql: str, params: Sequence[Any] = ()) -> Any:
         return conn.execute(sql.replace("?", "%s"), params)

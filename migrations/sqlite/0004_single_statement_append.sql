@@ -1,0 +1,3 @@
+-- Nothing to change: PostgreSQL's 0004 adds a single-statement append; SQLite
+-- appends under BEGIN IMMEDIATE in-process.  Kept so both dialects share
+-- version numbers.
