@@ -15,12 +15,6 @@ from storage import mls_sql
 from storage.base import Appended, NewMessage
 from storage.pgpool import PgConn
 
-_APPEND_SQL = """
-SELECT r_ord, r_status, r_seq, r_created_ms FROM relay_append_messages(
-    %s::bytea[], %s::text[], %s::text[], %s::text[], %s::bytea[], %s::bigint[])
-"""
-
-
 _APPEND_PLAIN_SQL = """
 SELECT r_ord, r_status, r_seq, r_created_ms FROM relay_append_plain(
     %s::bytea[], %s::text[], %s::text[], %s::text[], %s::bytea[], %s::bigint[])
@@ -67,24 +61,9 @@ def pg_exec(conn: PgConn) -> mls_sql.Exec:
 def append_plain(
     conn: PgConn, msgs: list[NewMessage], where: list[int], out: list[Appended | RelayError | None]
 ) -> None:
-    """Opaque conversations: the set-based append function, one round trip."""
-    params = (
-        [m.conversation for m in msgs],
-        [m.sender for m in msgs],
-        [m.device for m in msgs],
-        [m.client_message_id for m in msgs],
-        [m.ciphertext for m in msgs],
-        [m.created_ms for m in msgs],
-    )
-    # Binary parameters: 1 KiB ciphertexts are not hex-escaped under the GIL.
-    rows = conn.execute(_APPEND_SQL, params, binary=True).fetchall()
-    if len(rows) != len(msgs):
-        raise StorageError("append returned a wrong number of results")
-    for (_, status, seq, created_ms), msg, i in zip(rows, msgs, where, strict=True):
-        if status == "not_member" or seq is None or created_ms is None:
-            out[i] = NotMember("not a member of this conversation")
-        else:
-            out[i] = Appended(msg.conversation, seq, created_ms, status == "duplicate")
+    """Plain items of a mixed batch (inside its transaction): the same function."""
+    for i, result in zip(where, append_plain_batch(conn, msgs), strict=True):
+        out[i] = result
 
 
 def append_mls(conn: PgConn, ex: mls_sql.Exec, m: NewMessage) -> Appended | RelayError:

@@ -1,6 +1,6 @@
 -- The plain-message append as ONE autocommit statement: the caller no longer
 -- needs BEGIN, a separate lock query and COMMIT around it (four round trips
--- per group commit became one).  Same rules as relay_append_messages, plus
+-- per group commit became one).  Same rules as 0001's relay_append_messages, plus
 -- the check the caller used to make first: an MLS conversation accepts
 -- MLSMessages only, so a plain item there gets status 'mls' and is not stored.
 CREATE FUNCTION relay_append_plain(
@@ -57,3 +57,6 @@ BEGIN
      ORDER BY ch.ord;
 END;
 $$;
+
+-- Every caller now uses relay_append_plain (also inside mixed MLS batches).
+DROP FUNCTION relay_append_messages(bytea[], text[], text[], text[], bytea[], bigint[]);
