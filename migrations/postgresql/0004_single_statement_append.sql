@@ -58,5 +58,6 @@ BEGIN
 END;
 $$;
 
--- Every caller now uses relay_append_plain (also inside mixed MLS batches).
-DROP FUNCTION relay_append_messages(bytea[], text[], text[], text[], bytea[], bigint[]);
+-- relay_append_messages (0001) is no longer called by this version but stays:
+-- during a rolling upgrade, nodes of the previous version still call it.  A
+-- later migration drops it once no such node can be running.
