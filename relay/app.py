@@ -89,6 +89,11 @@ class Relay:
         self._committer: Committer | None = None
         #: Per-relay registry: several relays may share one process (tests).
         self.metrics = RelayMetrics(self)
+        if config.redis_url:
+            from .redisbus import RedisFanOut
+
+            assert isinstance(self.fanout, RedisFanOut)
+            self.fanout.observe_lag = self.metrics.observe_fanout_lag
         #: The relay's task nursery once running (SSE streams start tasks in it).
         self.nursery: trio.Nursery | None = None
         #: Retention and used-token purge (relay/retention.py).

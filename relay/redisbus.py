@@ -91,6 +91,9 @@ class RedisFanOut(FanOut):
         self._client_name = f"{prefix}{node_id or 'node'}"
         self.instance = secrets.token_bytes(8)  # unique per process, unlike node ids
         self._on_displaced = on_displaced
+        #: Told the commit time (ms) of the oldest message of each batch that
+        #: arrives from another node (relay_fanout_lag_seconds).
+        self.observe_lag: Callable[[int], None] | None = None
         self._buffer_events = buffer_events
         self._buffer_bytes = buffer_bytes
         self._batch_events = batch_events
@@ -372,6 +375,9 @@ class RedisFanOut(FanOut):
                 self._dispatch(event)
             if run:
                 self._hub.publish(run)
+            oldest = min((e[5] for e in events if e[0] == _MSG), default=None)
+            if oldest is not None and self.observe_lag is not None:
+                self.observe_lag(oldest)
             self.stats.received_events += len(events)
         except (ValueError, TypeError, IndexError, KeyError, cbor2.CBORDecodeError) as exc:
             self.stats.malformed += 1

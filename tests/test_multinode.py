@@ -8,6 +8,7 @@ SIGKILLs one in the middle of traffic.
 from __future__ import annotations
 
 import json
+import re
 import secrets
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -96,6 +97,10 @@ async def test_messages_membership_and_ephemeral_cross_nodes(pg_url, redis_url):
             # The status page of either node lists both nodes.
             await _wait_for(lambda: _status_nodes(a) == ["a", "b"], "a's status shows b", 15)
             assert _status_nodes(b) == ["b", "a"]
+            # Batches that came from node a through Redis are in b's fan-out lag.
+            scraped = b.relay.metrics.exposition().decode()
+            lag = re.search(r"relay_fanout_lag_seconds_count (\S+)", scraped)
+            assert lag is not None and float(lag.group(1)) > b.relay.committer.batches
 
             assert _bus(b).stats.received_events > 0
 
