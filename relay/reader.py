@@ -15,6 +15,7 @@ stays in the set with no events) and resumed when its replies went out.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import select
 from typing import Protocol
@@ -23,12 +24,17 @@ import trio
 
 from .outbox import Flusher
 
+log = logging.getLogger("relay.reader")
+
 READ_SIZE = 65536
 MAX_EVENTS = 1024
 
 
 class Readable(Protocol):
     def feed(self, data: bytes) -> None: ...
+
+    def fail(self) -> None:
+        """A bug while handling this connection's bytes: close it, alone."""
 
 
 class NodeReader:
@@ -75,6 +81,12 @@ class NodeReader:
                 continue
             except OSError:
                 data = b""  # reset by the peer: same as end of stream
-            session.feed(data)
+            try:
+                session.feed(data)
+            except Exception:
+                # One connection's bug must not stop reading for everyone.
+                log.exception("connection input failed")
+                self.remove(fd)
+                session.fail()
         # Replies and events produced while reading go out in one write each.
         self._flusher.flush()

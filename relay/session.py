@@ -190,6 +190,8 @@ class Session:
 
         Synchronous on purpose: requests are validated and dispatched without
         a task switch; only requests that need I/O start tasks."""
+        if self._closing is not None:
+            return  # closing: what the client still sends is ignored
         if not data:
             self.close(CLOSE_NORMAL, "")
             return
@@ -226,6 +228,9 @@ class Session:
             self._send(req)
         else:
             self.nursery.start_soon(self._handle, req)
+
+    def fail(self) -> None:
+        self.close(CLOSE_INTERNAL, "InternalError")
 
     def _take_slot(self) -> None:
         """Backpressure: a client with max_in_flight requests pending is not
@@ -316,6 +321,3 @@ class Session:
 
     def _unfollow(self, conversation: bytes) -> None:
         self.relay.hub.unsubscribe(self.streams, conversation)
-
-    def internal_error(self) -> None:
-        self.close(CLOSE_INTERNAL, "InternalError")

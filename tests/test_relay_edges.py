@@ -279,3 +279,26 @@ async def test_connection_and_request_limits(tmp_path):
             # Closing a connection frees its slot.
             async with connect(r.ws_url, ALICE, "d3") as c3:
                 assert (await c3.request("#listConversations")).ok
+
+
+async def test_a_bug_in_one_connection_closes_only_that_connection(tmp_path):
+    """Fault injection: one session's input handling raises.  The node-wide
+    reader must close that connection (1011) and keep serving the others."""
+    conv = b"isolated"
+    with trio.fail_after(20):
+        async with (
+            running_relay(f"sqlite:///{tmp_path}/r.db") as r,
+            connect(r.ws_url, ALICE, "good") as good,
+            connect(r.ws_url, BOB, "bad") as bad,
+        ):
+            await good.ok("#createConversation", conversation=conv, members=[BOB])
+
+            def broken(data: bytes) -> None:
+                raise RuntimeError("injected fault")
+
+            r.relay.sessions[(BOB, "bad")]._on_message = broken  # type: ignore[attr-defined]
+            await bad.send_raw(encode("#listConversations", {"id": 99}))
+            with trio.fail_after(5):
+                await bad.closed.wait()
+            assert bad.close_code == 1011
+            assert await good.send(conv, b"still served") == 1
