@@ -236,6 +236,27 @@ class Streams:
             if len(rows) < REPLAY_PAGE and st.next_seq > st.known_last:
                 st.catching_up = False  # no await since the read: see module doc
                 return
+            if not rows and not await self._skip_pruned(conversation, st):
+                return
+
+    async def _skip_pruned(self, conversation: bytes, st: Stream) -> bool:
+        """Nothing to read although seqs up to known_last were committed: they
+        were pruned (retention ran between our snapshot and this read).  Jump
+        to the first retained seq instead of reading the same gap forever.
+        Returns False when the stream is gone."""
+        try:
+            info = await self._storage.conversation_for_member(conversation, self.user)
+        except NotMember:
+            self.by_conversation.pop(conversation, None)
+            self._on_left(conversation)
+            return False
+        if self.by_conversation.get(conversation) is not st:
+            return False
+        if info.first_seq > st.next_seq:
+            st.next_seq = info.first_seq
+        else:
+            await trio.sleep(0.05)  # committed but not yet visible to us: do not spin
+        return True
 
 
 def _nothing() -> None:
