@@ -33,9 +33,7 @@ class FanOut(abc.ABC):
         theirs (one session per device across the deployment).  Local no-op."""
         return None
 
-    async def run(
-        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-    ) -> None:
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Background work of the bus, if any (started with the relay)."""
         task_status.started()
 

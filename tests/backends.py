@@ -47,7 +47,8 @@ def pg_template(postgres_dsn: str) -> Iterator[str]:
 
 
 @contextmanager
-def _cloned_pg(template: str) -> Iterator[str]:
+def clone_database(template: str) -> Iterator[str]:
+    """A per-test PostgreSQL database cloned from the migrated template."""
     name = f"relay_t_{secrets.token_hex(5)}"
     admin_dsn = _with_db(template, "postgres")
     template_name = urlsplit(template).path.lstrip("/")
@@ -69,12 +70,12 @@ def database_url(request: pytest.FixtureRequest, tmp_path) -> Iterator[str]:  # 
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path}/relay.db"
         return
-    with _cloned_pg(request.getfixturevalue("pg_template")) as url:
+    with clone_database(request.getfixturevalue("pg_template")) as url:
         yield url
 
 
 @pytest.fixture
 def pg_database_url(pg_template: str) -> Iterator[str]:
     """An empty, migrated PostgreSQL database of this test's own (multi-node tests)."""
-    with _cloned_pg(pg_template) as url:
+    with clone_database(pg_template) as url:
         yield url

@@ -4,44 +4,21 @@ and a TCP proxy that can cut a node off from Redis."""
 from __future__ import annotations
 
 import os
-import secrets
 import signal
 import socket
 import sys
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import BinaryIO
 from urllib.parse import urlsplit
 
-import psycopg
 import trio
-from psycopg import sql
 
-from .backends import _with_db
 from .relayclient import AUDIENCE, SECRET
 
 ROOT = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "relay.cli"]
-
-
-@contextmanager
-def clone_database(template: str) -> Iterator[str]:
-    """A per-test PostgreSQL database cloned from the migrated template."""
-    name = f"relay_mn_{secrets.token_hex(5)}"
-    admin_dsn = _with_db(template, "postgres")
-    template_name = urlsplit(template).path.lstrip("/")
-    with psycopg.connect(admin_dsn, autocommit=True) as admin:
-        admin.execute(
-            sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
-                sql.Identifier(name), sql.Identifier(template_name)
-            )
-        )
-    try:
-        yield _with_db(template, name)
-    finally:
-        with psycopg.connect(admin_dsn, autocommit=True) as admin:
-            admin.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
 
 
 def free_port() -> int:

@@ -19,9 +19,10 @@ import trio
 
 from relay.redisbus import RedisFanOut
 
+from .backends import clone_database
 from .conftest import RedisTarget
 from .harness import Running, running_relay
-from .nodes import RedisProxy, clone_database
+from .nodes import RedisProxy
 from .relayclient import connect
 from .test_relay_edges import http_request
 

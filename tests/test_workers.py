@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import trio
 
-from .nodes import CLI, clone_database, free_port, migrate, node_env, start, stop, wait_ready
+from .backends import clone_database
+from .nodes import CLI, free_port, migrate, node_env, start, stop, wait_ready
 from .relayclient import Client, connect
 
 ALICE, BOB = "did:example:alice", "did:example:bob"
