@@ -12,7 +12,7 @@ import os
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import trio
 
@@ -37,10 +37,7 @@ log = logging.getLogger("relay")
 
 @dataclass
 class State:
-    started: bool = False
     shutting_down: bool = False
-    database_ok: bool = True
-    last_db_check: float = field(default=0.0)
 
 
 class Relay:
@@ -147,7 +144,6 @@ class Relay:
                 self.nursery = nursery
                 await http.startup()
                 await nursery.start(serve_listeners, self, http, listeners)
-                self.state.started = True
                 task_status.started()
         finally:
             with trio.CancelScope(shield=True):

@@ -57,7 +57,6 @@ class Committer:
         self._closed = False
         self.batches = 0
         self.committed = 0
-        self.in_flight = 0
         #: Called once per batch after its fan-out and acks (relay.metrics
         #: latency histograms): per batch, never per recipient.
         self.observer: Callable[[list[PendingSend], float], None] | None = None
@@ -92,15 +91,12 @@ class Committer:
     async def _commit(self, batch: list[PendingSend]) -> None:
         if not batch:
             return
-        self.in_flight = len(batch)
         try:
             results: list[Appended | RelayError] = await self._storage.append_messages(
                 [p.message for p in batch]
             )
         except RelayError as exc:
             results = [exc] * len(batch)
-        finally:
-            self.in_flight = 0
         committed_at = time.time()
         self.batches += 1
         fresh: list[Published] = []

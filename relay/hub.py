@@ -122,9 +122,6 @@ class Hub:
     def unwatch(self, seen: dict[bytes, int]) -> None:
         self._watchers.remove(seen)
 
-    def connections(self) -> int:
-        return sum(len(s) for s in self._by_user.values())
-
     def sessions_of(self, user: str) -> list[Subscriber]:
         return list(self._by_user.get(user, ()))
 

@@ -28,6 +28,7 @@ from protocol.errors import (
 from protocol.frames import decode_frame
 from protocol.requests import Request, Send, parse_request, request_id
 from protocol.websocket import (
+    CLOSE_AUTH_EXPIRED,
     CLOSE_CONSUMER_TOO_SLOW,
     CLOSE_GOING_AWAY,
     CLOSE_INTERNAL,
@@ -167,7 +168,7 @@ class Session:
         tasks of each connection: three sleeping tasks per socket were a
         third of the memory of an idle connection."""
         if wall >= self.identity.expires_at:
-            self.close(4401, "TokenExpired")
+            self.close(CLOSE_AUTH_EXPIRED, "TokenExpired")
             return
         interval = self.relay.config.ping_interval_s
         silent = now - self._last_heard

@@ -72,7 +72,6 @@ class Streams:
         self.on_joined: Callable[[bytes], None] | None = None
         #: A full recheck arrived while subscribing: follow() must read storage.
         self._recheck_on_follow = False
-        self.delivered = 0
 
     # --- hub callbacks (synchronous, hot path) ------------------------------
 
@@ -91,7 +90,6 @@ class Streams:
         if device == self.device and sender == self.user:
             return  # the sending device got its #result instead
         self._outbox.write(wire)
-        self.delivered += 1
 
     def offer_ephemeral(self, conversation: bytes, sender: str, device: str, wire: bytes) -> None:
         if conversation in self.by_conversation and not (
@@ -231,7 +229,6 @@ class Streams:
                         )
                     )
                 )
-                self.delivered += 1
             self._flusher.flush()
             if len(rows) < REPLAY_PAGE and st.next_seq > st.known_last:
                 st.catching_up = False  # no await since the read: see module doc

@@ -14,8 +14,8 @@ import pytest
 import trio
 from trio_websocket import ConnectionClosed, HandshakeError
 
+from .nodes import free_port, wait_ready
 from .relayclient import AUDIENCE, SECRET, ConnectionLost, connect
-from .test_serve_cli import _free_port, _wait_ready
 
 CONV = b"crash"
 SENDERS = [f"did:example:s{i}" for i in range(8)]
@@ -44,13 +44,13 @@ async def _start(port: int, database_url: str, cwd: Path) -> trio.Process:
     proc = await trio.lowlevel.open_process(
         [sys.executable, "-m", "relay.cli", "serve"], cwd=cwd, env=_env(port, database_url)
     )
-    await _wait_ready(port)
+    await wait_ready(port, proc)
     return proc
 
 
 @pytest.mark.timeout(120)
 async def test_kill_9_loses_no_acknowledged_message(database_url, tmp_path):
-    port = _free_port()
+    port = free_port()
     url = f"ws://127.0.0.1:{port}/v1/ws"
     acked: dict[tuple[str, int], int] = {}
     attempted: dict[str, int] = {}

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,16 +11,11 @@ from pathlib import Path
 import pytest
 import trio
 
+from .nodes import free_port, wait_ready
 from .relayclient import connect
 
 ALICE, BOB = "did:example:alice", "did:example:bob"
 CLI = [sys.executable, "-m", "relay.cli"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _env(port: int) -> dict[str, str]:
@@ -31,26 +25,6 @@ def _env(port: int) -> dict[str, str]:
     env["PORT"] = str(port)
     env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
     return env
-
-
-async def _wait_ready(port: int) -> None:
-    with trio.fail_after(20):
-        while True:
-            try:
-                stream = await trio.open_tcp_stream("127.0.0.1", port)
-            except OSError:
-                await trio.sleep(0.1)
-                continue
-            async with stream:
-                await stream.send_all(
-                    b"GET /health/ready HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-                )
-                data = b""
-                while chunk := await stream.receive_some(4096):
-                    data += chunk
-            if data.startswith(b"HTTP/1.1 200"):
-                return
-            await trio.sleep(0.1)
 
 
 async def _token(cwd: Path, port: int, user: str, device: str) -> str:
@@ -74,12 +48,12 @@ async def _stop(proc: trio.Process) -> int:
 
 @pytest.mark.timeout(90)
 async def test_embedded_default_serves_drains_on_sigterm_and_keeps_data(tmp_path):
-    port = _free_port()
+    port = free_port()
     url = f"ws://127.0.0.1:{port}/v1/ws"
     conv = b"cli-conv"
     proc = await trio.lowlevel.open_process([*CLI, "serve"], cwd=tmp_path, env=_env(port))
     try:
-        await _wait_ready(port)
+        await wait_ready(port, proc)
         assert (tmp_path / "data" / "relay.db").exists()
         secret = tmp_path / "data" / "jwt-secret"
         assert secret.stat().st_mode & 0o777 == 0o600
@@ -99,7 +73,7 @@ async def test_embedded_default_serves_drains_on_sigterm_and_keeps_data(tmp_path
     # Restart on the same data directory: the acknowledged message is there.
     proc = await trio.lowlevel.open_process([*CLI, "serve"], cwd=tmp_path, env=_env(port))
     try:
-        await _wait_ready(port)
+        await wait_ready(port, proc)
         bob = await _token(tmp_path, port, BOB, "b1")
         with trio.fail_after(30):
             async with connect(url, BOB, "b1", token=bob, subscribe=True) as b:
@@ -110,7 +84,7 @@ async def test_embedded_default_serves_drains_on_sigterm_and_keeps_data(tmp_path
 
 
 def test_refuses_well_known_secret_outside_dev_mode(tmp_path):
-    env = _env(_free_port())
+    env = _env(free_port())
     env["RELAY_JWT_SECRET"] = "test_secret_for_local_development_only_change_in_production"
     out = subprocess.run(
         [*CLI, "serve"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=30
@@ -126,7 +100,7 @@ CATBIRD_REDIS = "redis_secure_password_change_in_production"
 
 
 def _serve_refuses(tmp_path: Path, **env_vars: str) -> str:
-    env = _env(_free_port())
+    env = _env(free_port())
     env.update(env_vars)
     out = subprocess.run(
         [*CLI, "serve"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=30
@@ -159,11 +133,11 @@ def test_refuses_a_short_secret(tmp_path):
 
 @pytest.mark.timeout(60)
 async def test_dev_mode_allows_the_placeholder(tmp_path):
-    port = _free_port()
+    port = free_port()
     env = _env(port) | {"RELAY_JWT_SECRET": CATBIRD_JWT, "RELAY_DEV_MODE": "1"}
     proc = await trio.lowlevel.open_process([*CLI, "serve"], cwd=tmp_path, env=env)
     try:
-        await _wait_ready(port)
+        await wait_ready(port, proc)
     finally:
         assert await _stop(proc) == 0
 
