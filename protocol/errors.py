@@ -238,3 +238,32 @@ class TokenReplayed(InvalidToken):
     """The token's ``jti`` already opened a connection (on any node): mint a fresh token."""
 
     error = "TokenReplayed"
+
+
+# --- blobs, delivery state, push (relay/blobs.py, relay/delivery.py, relay/push.py) --
+
+
+class BlobNotFound(RelayError):
+    """No such blob, or not one the caller may read (existence is not revealed)."""
+
+    error = "BlobNotFound"
+    http_status = 404
+
+
+class BlobsDisabled(InvalidRequest):
+    """The conversation's storage model is ``inline``: it takes no blobs."""
+
+    error = "BlobsDisabled"
+    http_status = 409
+
+
+class BlobStoreError(Unavailable):
+    """The blob store (filesystem or S3) failed or is unreachable; retry later."""
+
+    error = "BlobStoreUnavailable"
+
+
+class UnknownPushProvider(InvalidRequest):
+    """The push provider named at registration is not configured on the relay."""
+
+    error = "UnknownPushProvider"

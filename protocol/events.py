@@ -23,8 +23,32 @@ def hello(user: str, device: str, server: str, session: str, node: str = "") -> 
     return encode_frame("#hello", body)
 
 
-def message(conversation: bytes, seq: int, sender: str, time_ms: int, ciphertext: bytes) -> bytes:
-    """A stored message.  Keys are listed in DAG-CBOR order (length, then bytes)."""
+def message(
+    conversation: bytes,
+    seq: int,
+    sender: str,
+    time_ms: int,
+    ciphertext: bytes,
+    blob: str = "",
+    size: int = 0,
+) -> bytes:
+    """A stored message.  Keys are listed in DAG-CBOR order (length, then bytes).
+
+    A message kept out of line (a blob-model conversation) has an empty
+    ``ciphertext`` and names its ``blob`` (download it over HTTP) and ``size``."""
+    if blob:
+        return encode_presorted(
+            "#message",
+            {
+                "seq": seq,
+                "blob": blob,
+                "size": size,
+                "time": time_ms,
+                "sender": sender,
+                "ciphertext": ciphertext,
+                "conversation": conversation,
+            },
+        )
     return encode_presorted(
         "#message",
         {
@@ -48,6 +72,11 @@ def ephemeral(conversation: bytes, sender: str, time_ms: int, ciphertext: bytes)
             "conversation": conversation,
         },
     )
+
+
+def read(conversation: bytes, user: str, seq: int) -> bytes:
+    """A member published its read position (live only; #readPositions lists them)."""
+    return encode_presorted("#read", {"seq": seq, "user": user, "conversation": conversation})
 
 
 def info(name: str, message: str, **extra: Any) -> bytes:

@@ -37,6 +37,8 @@ class Send:
     welcome: bytes = b""
     group_info: bytes = b""
     removes: tuple[str, ...] = ()
+    #: A blob uploaded over HTTP that holds the ciphertext (``ciphertext`` is then empty).
+    blob: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +49,44 @@ class CreateConversation:
     #: MLS group id (an MLS conversation), or None for opaque ciphertexts.
     mls_group_id: bytes | None = None
     external_join: bool = False
+    #: "inline" or "blob"; "" takes the relay's default (RELAY_STORAGE_MODEL).
+    storage: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class DeleteConversation:
+    id: int
+    conversation: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryStateRequest:
+    id: int
+    conversation: bytes
+    seqs: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class MarkRead:
+    id: int
+    conversation: bytes
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class ReadPositions:
+    id: int
+    conversation: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class RegisterPush:
+    """Register this device for push (``provider`` "" removes the registration)."""
+
+    id: int
+    provider: str
+    zone: str
+    token: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,7 +146,16 @@ Request = (
     | Subscribe
     | Ack
     | ClaimKeyPackages
+    | DeleteConversation
+    | DeliveryStateRequest
+    | MarkRead
+    | ReadPositions
+    | RegisterPush
 )
+
+MAX_SEQS_PER_REQUEST = 1000
+MAX_PUSH_FIELD = 4096
+BLOB_KEY_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
 
 
 def request_id(frame: Frame) -> int | None:
@@ -162,11 +211,26 @@ def _seq(value: object, key: str) -> int:
     return value
 
 
+def blob_key(value: object) -> str:
+    """A blob key as the relay hands them out (url-safe base64 text)."""
+    if (
+        not isinstance(value, str)
+        or not 16 <= len(value) <= 64
+        or not BLOB_KEY_CHARS.issuperset(value)
+    ):
+        raise InvalidRequest("blob must be a blob key returned by an upload")
+    return value
+
+
 def _send(rid: int, body: dict[str, Any], limits: Limits) -> Send:
     conversation = _conversation(body)
-    ciphertext = body.get("ciphertext")
-    if not isinstance(ciphertext, bytes) or not ciphertext:
+    blob = blob_key(body["blob"]) if "blob" in body else ""
+    ciphertext = body.get("ciphertext", b"" if blob else None)
+    if blob and ciphertext:
+        raise InvalidRequest("a send carries ciphertext or blob, not both")
+    if not blob and (not isinstance(ciphertext, bytes) or not ciphertext):
         raise InvalidRequest("ciphertext must be a non-empty byte string")
+    assert isinstance(ciphertext, bytes)
     if len(ciphertext) > limits.max_ciphertext:
         raise PayloadTooLarge(f"ciphertext is larger than {limits.max_ciphertext} bytes")
     ephemeral = body.get("ephemeral", False)
@@ -182,10 +246,12 @@ def _send(rid: int, body: dict[str, Any], limits: Limits) -> Send:
     welcome = _optional_bytes(body, "welcome", limits.max_ciphertext)
     group_info = _optional_bytes(body, "group_info", limits.max_ciphertext)
     removes = _members(body, "removes") if "removes" in body else ()
-    if ephemeral and (welcome or group_info or removes):
-        raise InvalidRequest("welcome, group_info and removes need a durable send")
+    if ephemeral and (welcome or group_info or removes or blob):
+        raise InvalidRequest("welcome, group_info, removes and blob need a durable send")
     cmid_text = cmid if isinstance(cmid, str) else ""
-    return Send(rid, conversation, ciphertext, cmid_text, ephemeral, welcome, group_info, removes)
+    return Send(
+        rid, conversation, ciphertext, cmid_text, ephemeral, welcome, group_info, removes, blob
+    )
 
 
 def _optional_bytes(body: dict[str, Any], key: str, max_len: int) -> bytes:
@@ -205,7 +271,10 @@ def _create(rid: int, body: dict[str, Any], limits: Limits) -> CreateConversatio
         group_id = _bytes(body, "group_id", 255) if "group_id" in body else conversation
     elif "group_id" in body or external_join:
         raise InvalidRequest("group_id and external_join need mls: true")
-    return CreateConversation(rid, conversation, _members(body), group_id, external_join)
+    storage = body.get("storage", "")
+    if storage not in ("", "inline", "blob"):
+        raise InvalidRequest("storage must be inline or blob")
+    return CreateConversation(rid, conversation, _members(body), group_id, external_join, storage)
 
 
 def _claim(rid: int, body: dict[str, Any], limits: Limits) -> ClaimKeyPackages:
@@ -250,6 +319,40 @@ def _ack(rid: int, body: dict[str, Any], limits: Limits) -> Ack:
     return Ack(rid, _conversation(body), _seq(body.get("seq"), "seq"))
 
 
+def _delete(rid: int, body: dict[str, Any], limits: Limits) -> DeleteConversation:
+    return DeleteConversation(rid, _conversation(body))
+
+
+def _delivery_state(rid: int, body: dict[str, Any], limits: Limits) -> DeliveryStateRequest:
+    seqs = body.get("seqs")
+    if not isinstance(seqs, list) or not 0 < len(seqs) <= MAX_SEQS_PER_REQUEST:
+        raise InvalidRequest(f"seqs must list 1..{MAX_SEQS_PER_REQUEST} seqs")
+    return DeliveryStateRequest(rid, _conversation(body), tuple(_seq(s, "seqs[]") for s in seqs))
+
+
+def _mark_read(rid: int, body: dict[str, Any], limits: Limits) -> MarkRead:
+    return MarkRead(rid, _conversation(body), _seq(body.get("seq"), "seq"))
+
+
+def _read_positions(rid: int, body: dict[str, Any], limits: Limits) -> ReadPositions:
+    return ReadPositions(rid, _conversation(body))
+
+
+def _text(body: dict[str, Any], key: str, max_len: int) -> str:
+    value = body.get(key, "")
+    if not isinstance(value, str) or len(value) > max_len:
+        raise InvalidRequest(f"{key} must be text of at most {max_len} characters")
+    return value
+
+
+def _register_push(rid: int, body: dict[str, Any], limits: Limits) -> RegisterPush:
+    provider = _text(body, "provider", 64)
+    token = _text(body, "token", MAX_PUSH_FIELD)
+    if provider and not token:
+        raise InvalidRequest("token must name the device for its push provider")
+    return RegisterPush(rid, provider, _text(body, "zone", 64), token)
+
+
 _PARSERS: dict[str, Callable[[int, dict[str, Any], Limits], Request]] = {
     "#send": _send,
     "#createConversation": _create,
@@ -260,4 +363,9 @@ _PARSERS: dict[str, Callable[[int, dict[str, Any], Limits], Request]] = {
     "#subscribe": _subscribe,
     "#ack": _ack,
     "#claimKeyPackages": _claim,
+    "#deleteConversation": _delete,
+    "#deliveryState": _delivery_state,
+    "#markRead": _mark_read,
+    "#readPositions": _read_positions,
+    "#registerPush": _register_push,
 }

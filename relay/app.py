@@ -13,6 +13,7 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -25,12 +26,16 @@ from .auth import AuthConfig, Authenticator
 from .committer import Committer
 from .config import Config
 from .fanout import FanOut, LocalFanOut
-from .hub import Hub
+from .hub import Hub, Published
 from .limits import Limits as NodeLimits
 from .metrics import RelayMetrics
 from .outbox import Flusher
+from .presence import Presence
 from .reader import NodeReader
 from .retention import Retention
+
+if TYPE_CHECKING:
+    from .push import PushTarget
 
 log = logging.getLogger("relay")
 
@@ -95,6 +100,53 @@ class Relay:
         self.nursery: trio.Nursery | None = None
         #: Retention and used-token purge (relay/retention.py).
         self.retention = Retention(self)
+        #: Connection leases and claim limits across nodes (relay/presence.py).
+        self.presence = Presence.for_relay(self)
+        self._wire_offline_devices()
+
+    def _wire_offline_devices(self) -> None:
+        """Blob storage, delivery state and push (docs/PROTOCOL.md, "Offline devices")."""
+        from .blobs import Blobs
+        from .delivery import DeliveryTracker
+        from .push import PushConfig, Pusher, parse_providers
+
+        cfg = self.config
+        self.blobs = Blobs(self)
+        self.delivery = DeliveryTracker(self)
+        self.push_providers = parse_providers(cfg.push_providers) if cfg.push_providers else {}
+        self.pusher: Pusher | None = None
+        if self.push_providers:
+            push_config = PushConfig(
+                self.push_providers, secret=cfg.push_secret, queue_limit=cfg.push_queue
+            )
+            self.pusher = Pusher(push_config, self._push_targets, self._online, self._push_gone)
+
+    async def _push_targets(self, conversations: list[bytes]) -> dict[bytes, list[PushTarget]]:
+        from .push import PushTarget
+
+        regs = await self.storage.push_registrations(conversations)
+        return {
+            conv: [
+                PushTarget(r.user, r.device, r.provider, r.zone, r.token, r.joined_seq)
+                for r in rows
+            ]
+            for conv, rows in regs.items()
+        }
+
+    async def _online(self, pairs: list[tuple[str, str]]) -> set[tuple[str, str]]:
+        """Devices connected right now to any node (relay/presence.py)."""
+        return await self.presence.online(pairs)
+
+    async def _push_gone(self, target: PushTarget) -> None:
+        """The provider says the token is dead: stop pushing to it (idempotent;
+        a token the device registered since is kept)."""
+        await self.storage.drop_push_token(target.user, target.device, target.token)
+
+    def _on_published(self, messages: list[Published]) -> None:
+        pusher = self.pusher
+        if pusher is not None:
+            for m in messages:
+                pusher.offer(m.conversation, m.seq, m.sender, m.device)
 
     @property
     def storage(self) -> Storage:
@@ -127,15 +179,21 @@ class Relay:
             self.storage, self.fanout, self.flusher, max_batch=self.config.commit_batch
         )
         self._committer.observer = self.metrics.observe_batch
+        self._committer.on_published = self._on_published
         http = HttpFrontend(self)
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(self.fanout.run)
+                await nursery.start(self.presence.run)
                 nursery.start_soon(self._committer.run)
                 nursery.start_soon(self.metrics.run_sampler)
                 if self.retention.enabled:
                     nursery.start_soon(self.retention.run)
                 nursery.start_soon(self._sweep)
+                nursery.start_soon(self.delivery.run)
+                nursery.start_soon(self.blobs.run)
+                if self.pusher is not None:
+                    await nursery.start(self.pusher.run)
                 nursery.start_soon(self.reader.run)
                 if self.config.redis_url:
                     from .peers import share_node_status
@@ -148,6 +206,7 @@ class Relay:
         finally:
             with trio.CancelScope(shield=True):
                 await http.shutdown()
+                await self.blobs.aclose()
                 await self.storage.aclose()
 
     # --- sessions -------------------------------------------------------------
@@ -157,6 +216,7 @@ class Relay:
         previous = self.sessions.get((user, device))
         self.sessions[(user, device)] = session
         self._registered_at[(user, device)] = now = time.time()
+        self.delivery.connected(user, device)
         self.fanout.displace(user, device, now)
         return previous
 

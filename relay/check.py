@@ -43,10 +43,22 @@ async def _check_redis(cfg: Config) -> None:
         raise RuntimeError(f"unexpected PING reply {reply!r}")
 
 
+async def _check_blobs(cfg: Config) -> None:
+    from storage.blobstore import open_blob_store
+
+    store = open_blob_store(cfg.blob_url, cfg.data_dir)
+    try:
+        await store.ping()
+    finally:
+        await store.aclose()
+
+
 async def _run_checks(cfg: Config) -> dict[str, str]:
     checks = {"database": _check_database}
     if cfg.redis_url:
         checks["redis"] = _check_redis
+    if cfg.blob_url:
+        checks["blobs"] = _check_blobs
     results: dict[str, str] = {}
     for name, check in checks.items():
         try:

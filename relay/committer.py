@@ -60,6 +60,8 @@ class Committer:
         #: Called once per batch after its fan-out and acks (relay.metrics
         #: latency histograms): per batch, never per recipient.
         self.observer: Callable[[list[PendingSend], float], None] | None = None
+        #: Called with each batch's new messages after their fan-out (synchronous).
+        self.on_published: Callable[[list[Published]], None] | None = None
         #: Set when the committer stopped after close(): every queued send is committed.
         self.drained = trio.Event()
 
@@ -111,11 +113,15 @@ class Committer:
                         m.device,
                         outcome.created_ms,
                         m.ciphertext,
+                        m.blob_key,
+                        m.blob_size,
                     )
                 )
         self.committed += len(fresh)
         if fresh:
             self._fanout.publish(fresh)
+            if self.on_published is not None:  # push for offline devices (relay/push.py)
+                self.on_published(fresh)
         for pending, outcome in zip(batch, results, strict=True):
             # An MLS commit that won changed the members (relay/mls_ds.py): announce
             # it after the commit itself, so joiners follow from the next seq.

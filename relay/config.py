@@ -10,6 +10,7 @@ that ``mls-relay token`` can mint development tokens.
 from __future__ import annotations
 
 import os
+import re
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
@@ -64,7 +65,8 @@ class Config:
     #: The relay pings every connection this often; one that sends nothing
     #: (not even a pong) for two intervals is closed as dead.
     ping_interval_s: float = 30.0
-    #: Per node; 0 disables.  See relay/limits.py.
+    #: 0 disables.  Connections per user hold across the nodes sharing a Redis
+    #: (relay/presence.py); request rates are per node (relay/limits.py).
     connections_per_user: int = 20
     requests_per_connection: float = 200.0
     requests_per_user: float = 400.0
@@ -74,6 +76,9 @@ class Config:
     log_format: str = "json"
     #: Seconds between keep-alive comments on idle /v1/events streams.
     sse_keepalive_s: float = 15.0
+    #: A node's connection leases in Redis expire this long after its last
+    #: refresh: how long a crashed node's connections still count.
+    presence_lease_ttl_s: float = 30.0
     #: Prefix of every Redis key and channel (several deployments, or tests, share a Redis).
     redis_prefix: str = "mls-relay:"
     #: Processes serving the port (``serve --workers``); more than one needs REDIS_URL.
@@ -89,7 +94,8 @@ class Config:
     keypackage_clock_skew_s: int = 300
     #: Most KeyPackages in one upload.
     keypackage_max_upload: int = 200
-    #: Claims per minute (token buckets, per process): per claimer, per target user.
+    #: Claims per minute, per claimer and per target user (across nodes with
+    #: Redis, relay/sharedlimits.py; per process without).
     claim_rate_per_min: int = 60
     claim_target_rate_per_min: int = 30
 
@@ -101,6 +107,28 @@ class Config:
     retention_interval_s: float = 3600.0
     #: A token's jti opens one WebSocket / SSE stream, once, across all nodes.
     token_single_use: bool = True
+
+    # --- offline devices and large payloads (relay/blobs.py, relay/push.py) ---
+    #: Where blobs live: "" (a directory under data_dir), file:///path, or
+    #: s3://bucket/prefix?endpoint=https://...&region=... (keys from AWS_* env).
+    blob_url: str = ""
+    #: Storage model of new conversations unless #createConversation names one:
+    #: "inline" (ciphertext in the database) or "blob".
+    storage_model: str = "inline"
+    #: Blob-model conversations: ciphertext longer than this is stored out of line.
+    blob_threshold: int = 64 * 1024
+    #: Largest blob accepted over HTTP.
+    max_blob: int = 64 * 1024 * 1024
+    #: An uploaded blob no message references is deleted after this long.
+    blob_orphan_ttl_s: float = 3600.0
+    #: Push providers: "name=https://host/path,other=..."; empty disables push.
+    push_providers: str = ""
+    #: HMAC-SHA256 key signing each webhook body (X-Relay-Signature); optional.
+    push_secret: str = ""
+    #: Devices waiting for a push (coalesced per device); beyond it pushes are dropped.
+    push_queue: int = 10000
+    #: Seconds between flushes of delivered positions (delivery state) to storage.
+    delivery_flush_s: float = 1.0
 
     @property
     def effective_database_url(self) -> str:
@@ -174,6 +202,10 @@ def validate(cfg: Config) -> None:
     db = cfg.database_url
     if db and not db.startswith(("postgresql://", "postgres://", "sqlite:///")):
         raise ConfigError("DATABASE_URL must start with postgresql:// or sqlite:///")
+    if cfg.storage_model not in ("inline", "blob"):
+        raise ConfigError("RELAY_STORAGE_MODEL must be inline or blob")
+    if cfg.blob_threshold < 0 or cfg.max_blob < 1:
+        raise ConfigError("RELAY_BLOB_THRESHOLD must be >= 0 and RELAY_MAX_BLOB >= 1")
     if cfg.workers < 1:
         raise ConfigError(f"RELAY_WORKERS must be >= 1, got {cfg.workers}")
     if cfg.workers > 1 and not cfg.redis_url:
@@ -217,10 +249,12 @@ def redacted(cfg: Config) -> dict[str, object]:
     out: dict[str, object] = {}
     for f in fields(Config):
         value = getattr(cfg, f.name)
-        if f.name == "jwt_secret" and value:
+        if f.name in ("jwt_secret", "push_secret") and value:
             value = "<redacted>"
         elif f.name in ("database_url", "redis_url") and value:
             value = _redact_url(str(value))
+        elif f.name == "blob_url" and value:
+            value = re.sub(r"(secret_key=)[^&]*", r"\1<redacted>", str(value))
         out[_env_name(f.name)] = value
     return out
 

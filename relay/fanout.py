@@ -13,7 +13,7 @@ import abc
 
 import trio
 
-from .hub import Ephemeral, Hub, MembershipChange, Published
+from .hub import Ephemeral, Hub, MembershipChange, Published, ReadMark
 
 
 class FanOut(abc.ABC):
@@ -27,6 +27,9 @@ class FanOut(abc.ABC):
 
     @abc.abstractmethod
     def publish_membership(self, change: MembershipChange) -> None: ...
+
+    @abc.abstractmethod
+    def publish_read(self, mark: ReadMark) -> None: ...
 
     def displace(self, user: str, device: str, registered_at: float) -> None:
         """A connection for ``user``/``device`` registered here: other nodes close
@@ -54,3 +57,6 @@ class LocalFanOut(FanOut):
 
     def publish_membership(self, change: MembershipChange) -> None:
         self._hub.publish_membership(change)
+
+    def publish_read(self, mark: ReadMark) -> None:
+        self._hub.publish_read(mark)

@@ -7,14 +7,25 @@ import time
 from typing import TYPE_CHECKING
 
 from protocol import events
-from protocol.errors import FutureCursor, InvalidRequest, NotMember, RelayError
+from protocol.errors import (
+    FutureCursor,
+    InvalidRequest,
+    NotMember,
+    RelayError,
+    UnknownPushProvider,
+)
 from protocol.requests import (
     Ack,
     AddMembers,
     ClaimKeyPackages,
     CreateConversation,
+    DeleteConversation,
+    DeliveryStateRequest,
     Leave,
     ListConversations,
+    MarkRead,
+    ReadPositions,
+    RegisterPush,
     RemoveMembers,
     Request,
     Send,
@@ -22,7 +33,7 @@ from protocol.requests import (
 )
 from storage.base import ConversationInfo, NewMessage
 
-from .hub import Ephemeral, MembershipChange
+from .hub import Ephemeral, MembershipChange, ReadMark
 from .mls_ds import for_relay
 
 if TYPE_CHECKING:
@@ -60,6 +71,64 @@ class Handlers:
                 return await self.ack(req)
             case ClaimKeyPackages():
                 return await self.claim(req)
+            case DeleteConversation():
+                return await self.delete(req)
+            case DeliveryStateRequest():
+                return await self.delivery_state(req)
+            case MarkRead():
+                return await self.mark_read(req)
+            case ReadPositions():
+                return await self.read_positions(req)
+            case RegisterPush():
+                return await self.register_push(req)
+
+    # --- offline devices and blobs (relay/delivery.py, relay/push.py, relay/blobs.py)
+
+    async def delete(self, req: DeleteConversation) -> bytes:
+        members = await self.storage.delete_conversation(req.conversation, self.s.user, _now_ms())
+        for_relay(self.s.relay).forget(req.conversation)
+        self.s.relay.fanout.publish_membership(
+            MembershipChange(req.conversation, self.s.user, (), tuple(members), 0)
+        )
+        try:  # its blobs go now; the collector would find them later anyway
+            await self.s.relay.blobs.collect()
+        except RelayError:
+            log.warning("blobs of a deleted conversation left for the collector", exc_info=True)
+        return events.result(req.id, conversation=req.conversation, deleted=True)
+
+    async def delivery_state(self, req: DeliveryStateRequest) -> bytes:
+        states = await self.storage.delivery_state(req.conversation, self.s.user, req.seqs)
+        return events.result(
+            req.id,
+            conversation=req.conversation,
+            states=[
+                {"seq": st.seq, "devices": st.devices, "delivered": st.delivered,
+                 "acknowledged": st.acknowledged}
+                for st in states
+            ],
+        )  # fmt: skip
+
+    async def mark_read(self, req: MarkRead) -> bytes:
+        s = self.s
+        seq = await self.storage.set_read(req.conversation, s.user, req.seq, _now_ms())
+        s.relay.fanout.publish_read(ReadMark(req.conversation, s.user, s.device, seq))
+        return events.result(req.id, conversation=req.conversation, seq=seq)
+
+    async def read_positions(self, req: ReadPositions) -> bytes:
+        reads = await self.storage.read_positions(req.conversation, self.s.user)
+        return events.result(
+            req.id,
+            conversation=req.conversation,
+            reads=[{"user": user, "seq": seq} for user, seq in sorted(reads.items())],
+        )
+
+    async def register_push(self, req: RegisterPush) -> bytes:
+        if req.provider and req.provider not in self.s.relay.push_providers:
+            raise UnknownPushProvider(f"no push provider named {req.provider!r} here")
+        await self.storage.register_push(
+            self.s.user, self.s.device, req.provider, req.zone, req.token, _now_ms()
+        )
+        return events.result(req.id, provider=req.provider)
 
     # --- MLS delivery service (relay/mls_ds.py) ----------------------------------
 
@@ -114,6 +183,7 @@ class Handlers:
             _now_ms(),
             mls_group_id=req.mls_group_id,
             external_join=req.external_join,
+            storage_model=req.storage or self.s.relay.config.storage_model,
         )
         members = await self.storage.members(req.conversation)
         self.s.relay.fanout.publish_membership(

@@ -23,6 +23,7 @@ from quart_trio import QuartTrio
 from protocol.errors import RelayError
 
 from . import __version__
+from .blobs import blueprint as blobs_blueprint
 from .keypackages import blueprint as keypackages_blueprint
 
 if TYPE_CHECKING:
@@ -96,6 +97,7 @@ def _error(exc: RelayError) -> Any:
 def create_app(relay: Relay) -> QuartTrio:
     app = QuartTrio("mls-relay")
     app.register_blueprint(keypackages_blueprint(relay))  # MLS DS routes
+    app.register_blueprint(blobs_blueprint(relay, relay.blobs))  # out-of-line ciphertext
 
     @app.errorhandler(RelayError)
     async def relay_error(exc: RelayError) -> Any:

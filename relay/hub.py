@@ -32,6 +32,19 @@ class Published:
     device: str
     created_ms: int
     ciphertext: bytes
+    #: Out-of-line ciphertext (blob-model conversations): the blob's key and size.
+    blob_key: str = ""
+    blob_size: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class ReadMark:
+    """A member published its read position (live only)."""
+
+    conversation: bytes
+    user: str
+    device: str
+    seq: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,7 +150,15 @@ class Hub:
             if not subs:
                 continue
             wire = binary_frame(
-                events.message(m.conversation, m.seq, m.sender, m.created_ms, m.ciphertext)
+                events.message(
+                    m.conversation,
+                    m.seq,
+                    m.sender,
+                    m.created_ms,
+                    m.ciphertext,
+                    m.blob_key,
+                    m.blob_size,
+                )
             )
             for sub in tuple(subs):
                 sub.offer(m.conversation, m.seq, m.sender, m.device, wire)
@@ -169,6 +190,15 @@ class Hub:
             )
             for sub in tuple(subs):
                 sub.offer_ephemeral(m.conversation, m.sender, m.device, wire)
+        self._flusher.flush()
+
+    def publish_read(self, mark: ReadMark) -> None:
+        """Every device following the conversation but the one that marked it."""
+        subs = self._by_conversation.get(mark.conversation)
+        if subs:
+            wire = binary_frame(events.read(mark.conversation, mark.user, mark.seq))
+            for sub in tuple(subs):
+                sub.offer_ephemeral(mark.conversation, mark.user, mark.device, wire)
         self._flusher.flush()
 
     def publish_membership(self, change: MembershipChange) -> None:

@@ -1,9 +1,16 @@
 """Per-connection and per-user limits: token buckets and connection counts.
 
-These are enforced on each node.  The per-user figures are per node; with N
-nodes behind a load balancer a user can reach N times the connection limit
-(documented in docs/OPERATIONS.md).  Everything here is synchronous and
-allocation-free on the hot path: one bucket update per request.
+This is each node's own accounting.  Connections per user also hold across
+nodes: with ``REDIS_URL`` every connection takes a lease in Redis
+(:mod:`relay.presence`), and these counts are the fallback when there is no
+Redis or it is unreachable.  KeyPackage claim rates are shared the same way
+(:mod:`relay.sharedlimits`).
+
+Request rates stay per node on purpose: a Redis round trip per request would
+cost more than most requests.  A user's request rate across all nodes is still
+bounded, by ``connections_per_user`` (cross-node) x ``requests_per_connection``.
+Everything here is synchronous and allocation-free on the hot path: one
+bucket update per request.
 """
 
 from __future__ import annotations
@@ -43,6 +50,8 @@ class TokenBucket:
 class _User:
     connections: int = 0
     requests: TokenBucket | None = None
+    #: Open connections per device (a device reconnecting replaces its old one).
+    devices: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -56,22 +65,37 @@ class Limits:
     _users: dict[str, _User] = field(default_factory=dict)
     rejected: dict[str, int] = field(default_factory=dict)
 
-    def connect(self, user: str) -> bool:
-        """Count a new connection; False (and nothing counted) when over the limit."""
+    def connect(self, user: str, device: str | None = None) -> bool:
+        """Count a new connection; False (and nothing counted) when over the limit.
+
+        A device that already has a connection here is a replacement (the
+        relay closes the older one), so it is admitted even at the limit."""
         entry = self._users.setdefault(user, _User())
-        if self.connections_per_user and entry.connections >= self.connections_per_user:
+        replacing = device is not None and entry.devices.get(device, 0) > 0
+        limit = self.connections_per_user
+        if limit and not replacing and entry.connections >= limit:
             self._count("TooManyConnections")
             return False
         entry.connections += 1
+        if device is not None:
+            entry.devices[device] = entry.devices.get(device, 0) + 1
         return True
 
-    def disconnect(self, user: str) -> None:
+    def disconnect(self, user: str, device: str | None = None) -> None:
         entry = self._users.get(user)
         if entry is None:
             return
         entry.connections -= 1
+        if device is not None and device in entry.devices:
+            entry.devices[device] -= 1
+            if entry.devices[device] <= 0:
+                del entry.devices[device]
         if entry.connections <= 0:
             del self._users[user]
+
+    def refused(self, what: str) -> None:
+        """Count a refusal decided elsewhere (across nodes, relay/presence.py)."""
+        self._count(what)
 
     def connection_bucket(self) -> TokenBucket | None:
         rate = self.requests_per_connection

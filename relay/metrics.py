@@ -286,6 +286,31 @@ class _Collector(Collector):
             sum(o.pending_bytes for o in m.open),
         )
         yield from _pool_families(relay)
+        yield from _offline_families(relay)
+
+
+def _offline_families(relay: Relay) -> Iterator[Any]:
+    """Push, blobs and delivery state (issue #7)."""
+    yield _counter("relay_blobs_written", "Blobs written to the blob store.", relay.blobs.written)
+    yield _counter(
+        "relay_blobs_collected", "Blobs deleted from the blob store.", relay.blobs.collected
+    )
+    yield _counter(
+        "relay_delivery_positions_recorded",
+        "Delivered positions written for #deliveryState.",
+        relay.delivery.rows_written,
+    )
+    pusher = relay.pusher
+    if pusher is None:
+        return
+    pushes = CounterMetricFamily(
+        "relay_push", "Push notifications for offline devices, by outcome.", labels=["outcome"]
+    )
+    stats = pusher.stats
+    for outcome in ("sent", "failed", "dropped", "retried", "coalesced", "gone", "online"):
+        pushes.add_metric([outcome], getattr(stats, outcome))
+    yield pushes
+    yield _gauge("relay_push_pending", "Devices and offers waiting for a push.", pusher.pending())
 
 
 def _pool_families(relay: Relay) -> Iterator[Any]:

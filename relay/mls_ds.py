@@ -7,7 +7,7 @@ it must carry one MLSMessage (PublicMessage or PrivateMessage) in
 content type, sender type), refuses application data in a PublicMessage, and
 hands storage a :class:`~storage.base.NewMessage` whose epoch check runs in
 the append transaction.  It also validates KeyPackage uploads and rate-limits
-claims (in-process token buckets; cross-node limits are future work).
+claims (across nodes through Redis when configured; relay/sharedlimits.py).
 """
 
 from __future__ import annotations
@@ -15,16 +15,18 @@ from __future__ import annotations
 import time
 import weakref
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from protocol.errors import (
+    BlobNotFound,
+    BlobsDisabled,
     CredentialMismatch,
     InvalidRequest,
     MLSDecodeError,
     MLSUnsupportedCipherSuite,
     MLSValidationError,
     NotMLSConversation,
-    RateLimited,
     RelayError,
 )
 from protocol.mls import (
@@ -43,7 +45,10 @@ from protocol.mls import (
     validate_key_package,
 )
 from protocol.requests import Send
-from storage.base import ClaimResult, NewKeyPackage, NewMessage
+from storage.base import ClaimResult, ConversationKind, NewKeyPackage, NewMessage
+
+from .sharedlimits import ClaimLimits
+from .sharedlimits import TokenBuckets as TokenBuckets  # moved there; re-exported
 
 if TYPE_CHECKING:
     from .app import Relay
@@ -54,33 +59,6 @@ _KINDS = {
     ContentType.PROPOSAL: "proposal",
     ContentType.COMMIT: "commit",
 }
-
-
-class TokenBuckets:
-    """Per-key token buckets: ``rate`` tokens per second, at most ``burst``."""
-
-    def __init__(
-        self, rate: float, burst: float, clock: Callable[[], float] = time.monotonic
-    ) -> None:
-        self.rate = rate
-        self.burst = burst
-        self.clock = clock
-        self._buckets: dict[str, tuple[float, float]] = {}
-
-    def take(self, key: str, n: float = 1.0) -> float:
-        """Take ``n`` tokens: 0.0 when allowed, else seconds until they would be."""
-        now = self.clock()
-        tokens, at = self._buckets.get(key, (self.burst, now))
-        tokens = min(self.burst, tokens + (now - at) * self.rate)
-        if tokens < n:
-            self._buckets[key] = (tokens, now)
-            return (n - tokens) / self.rate if self.rate > 0 else float("inf")
-        self._buckets[key] = (tokens - n, now)
-        if len(self._buckets) > 10_000:  # forget full buckets: they hold no state
-            full = [k for k, (t, a) in self._buckets.items() if t + (now - a) * self.rate >= n]
-            for k in full:
-                del self._buckets[k]
-        return 0.0
 
 
 def _check_name(exc: RelayError) -> str:
@@ -106,37 +84,73 @@ class DeliveryService:
         cfg = relay.config
         #: Seconds since the epoch; tests replace it (KeyPackage lifetimes, claims).
         self.clock: Callable[[], float] = time.time
-        #: conversation -> MLS group id (None: opaque).  Immutable once created,
-        #: so only existing conversations are cached and never invalidated.
-        self._groups: dict[bytes, bytes | None] = {}
-        self.claimer_limits = TokenBuckets(cfg.claim_rate_per_min / 60, cfg.claim_rate_per_min)
-        self.target_limits = TokenBuckets(
-            cfg.claim_target_rate_per_min / 60, cfg.claim_target_rate_per_min
+        #: conversation -> its MLS group id and storage model.  Immutable once
+        #: created (deleted ids are never reused), so only existing
+        #: conversations are cached and never invalidated.
+        self._kinds: dict[bytes, ConversationKind] = {}
+        self.claim_limits = ClaimLimits(
+            relay.presence.redis, cfg.claim_rate_per_min, cfg.claim_target_rate_per_min
         )
 
     # --- sends --------------------------------------------------------------
 
-    async def group_of(self, conversation: bytes) -> bytes | None:
-        if conversation in self._groups:
-            return self._groups[conversation]
-        exists, group = await self.relay.storage.mls_group(conversation)
-        if exists:
-            if len(self._groups) >= 200_000:
-                self._groups.clear()  # a bound, not an LRU: refilling costs one read each
-            self._groups[conversation] = group
-        return group
+    async def kind_of(self, conversation: bytes) -> ConversationKind:
+        kind = self._kinds.get(conversation)
+        if kind is not None:
+            return kind
+        kind = await self.relay.storage.conversation_kind(conversation)
+        if kind.exists:
+            if len(self._kinds) >= 200_000:
+                self._kinds.clear()  # a bound, not an LRU: refilling costs one read each
+            self._kinds[conversation] = kind
+        return kind
+
+    def forget(self, conversation: bytes) -> None:
+        """The conversation was deleted (its id is never reused)."""
+        self._kinds.pop(conversation, None)
 
     async def new_message(self, req: Send, user: str, device: str, now_ms: int) -> NewMessage:
-        """The NewMessage for a durable send; raises for a malformed MLS send."""
-        return self._build(req, user, device, now_ms, await self.group_of(req.conversation))
+        """The NewMessage for a durable send; raises for a malformed MLS send.
+        In a blob conversation, large ciphertext goes to the blob store here."""
+        kind = await self.kind_of(req.conversation)
+        if req.blob:
+            return await self._referencing_blob(req, user, device, now_ms, kind)
+        message = self._build(req, user, device, now_ms, kind.mls_group_id)
+        if not self._offloads(kind, req):
+            return message
+        blobs = self.relay.blobs
+        key = await blobs.save(req.conversation, user, device, req.ciphertext)
+        return replace(message, ciphertext=b"", blob_key=key, blob_size=len(req.ciphertext))
 
     def new_message_nowait(
         self, req: Send, user: str, device: str, now_ms: int
     ) -> NewMessage | None:
-        """Like new_message without I/O: None if the group state is not cached."""
-        if req.conversation not in self._groups:
+        """Like new_message without I/O: None if that needs I/O (the
+        conversation is not cached yet, or the send involves a blob)."""
+        kind = self._kinds.get(req.conversation)
+        if kind is None or req.blob or self._offloads(kind, req):
             return None
-        return self._build(req, user, device, now_ms, self._groups[req.conversation])
+        return self._build(req, user, device, now_ms, kind.mls_group_id)
+
+    def _offloads(self, kind: ConversationKind, req: Send) -> bool:
+        threshold = self.relay.config.blob_threshold
+        return kind.storage_model == "blob" and len(req.ciphertext) > threshold
+
+    async def _referencing_blob(
+        self, req: Send, user: str, device: str, now_ms: int, kind: ConversationKind
+    ) -> NewMessage:
+        """A send naming a blob its sender uploaded over HTTP."""
+        if kind.storage_model != "blob":
+            raise BlobsDisabled("this conversation keeps ciphertext inline; it takes no blobs")
+        info = await self.relay.storage.blob_for_reader(req.conversation, req.blob, user)
+        if info.uploader != user:
+            raise BlobNotFound("no such blob of yours in this conversation")
+        ciphertext = req.ciphertext
+        if kind.mls_group_id is not None:  # the MLS header is checked as for inline sends
+            ciphertext = await self.relay.blobs.load(req.conversation, req.blob)
+        message = self._build(replace(req, ciphertext=ciphertext), user, device, now_ms,
+                              kind.mls_group_id)  # fmt: skip
+        return replace(message, ciphertext=b"", blob_key=req.blob, blob_size=info.size)
 
     def _build(
         self, req: Send, user: str, device: str, now_ms: int, group: bytes | None
@@ -188,15 +202,7 @@ class DeliveryService:
         )
 
     async def claim(self, claimer: str, users: Sequence[str], cipher_suite: int) -> ClaimResult:
-        wait = self.claimer_limits.take(claimer)
-        if wait:
-            raise RateLimited("too many claims", retry_after_ms=int(wait * 1000) + 1)
-        for user in dict.fromkeys(users):
-            wait = self.target_limits.take(user)
-            if wait:
-                raise RateLimited(
-                    "too many claims for this user", user=user, retry_after_ms=int(wait * 1000) + 1
-                )
+        await self.claim_limits.check(claimer, users)  # across nodes (relay/sharedlimits.py)
         now = self.clock()
         return await self.relay.storage.claim_key_packages(
             claimer, users, cipher_suite, int(now), int(now * 1000)

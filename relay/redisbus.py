@@ -43,11 +43,11 @@ import trio
 from coredis.retry import NoRetryPolicy
 
 from .fanout import FanOut
-from .hub import Ephemeral, Hub, MembershipChange, Published
+from .hub import Ephemeral, Hub, MembershipChange, Published, ReadMark
 
 log = logging.getLogger("relay.redisbus")
 
-_MSG, _EPH, _MEMBER, _REPAIR, _DISPLACE, _BYE = range(6)
+_MSG, _EPH, _MEMBER, _REPAIR, _DISPLACE, _BYE, _READ = range(7)
 #: Approximate per-event overhead added to ciphertext sizes for buffer accounting.
 _OVERHEAD = 96
 
@@ -120,6 +120,8 @@ class RedisFanOut(FanOut):
         self._hub.publish(messages)  # local delivery never waits for Redis
         for m in messages:
             event = [_MSG, m.conversation, m.seq, m.sender, m.device, m.created_ms, m.ciphertext]
+            if m.blob_key:
+                event += [m.blob_key, m.blob_size]
             if not self._enqueue(event, len(m.ciphertext)):
                 self._note_lost(m.conversation, m.seq)
 
@@ -136,6 +138,12 @@ class RedisFanOut(FanOut):
         added = [[user, seq] for user, seq in c.added]
         event = [_MEMBER, c.conversation, c.actor, added, list(c.removed), c.last_seq]
         self._enqueue(event, 0, retained=True)
+
+    def publish_read(self, mark: ReadMark) -> None:
+        self._hub.publish_read(mark)
+        event = [_READ, mark.conversation, mark.user, mark.device, mark.seq]
+        if not self._enqueue(event, 0):
+            self.stats.dropped += 1  # live only, like ephemerals; #readPositions has them
 
     def displace(self, user: str, device: str, registered_at: float) -> None:
         self._enqueue([_DISPLACE, user, device, registered_at], 0, retained=True)
@@ -398,6 +406,8 @@ class RedisFanOut(FanOut):
                     last_seq,
                 )
             )
+        elif tag == _READ:
+            self._hub.publish_read(ReadMark(*event[1:]))
         elif tag == _REPAIR:
             self.stats.repairs_received += 1
             self._hub.repair(event[1])

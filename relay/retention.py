@@ -53,6 +53,8 @@ class RetentionRun:
     group_infos: int
     token_uses: int
     seconds: float
+    #: Blobs deleted from the store (their messages pruned, or orphaned).
+    blobs: int = 0
 
 
 class Retention:
@@ -96,7 +98,10 @@ class Retention:
             messages = await storage.prune_messages(cutoff)
             group_infos = await storage.prune_group_infos(cutoff)
         tokens = await storage.purge_token_uses(now_ms)
-        run = RetentionRun(cutoff, messages, group_infos, tokens, trio.current_time() - started)
+        blobs = await self.relay.blobs.collect(now_ms)  # what pruned messages referenced
+        run = RetentionRun(
+            cutoff, messages, group_infos, tokens, trio.current_time() - started, blobs
+        )
         self.last = run
         self.runs += 1
         self._ran.set()
@@ -108,6 +113,7 @@ class Retention:
                 "messages_deleted": messages,
                 "group_infos_deleted": group_infos,
                 "token_uses_deleted": tokens,
+                "blobs_deleted": blobs,
                 "duration_s": round(run.seconds, 3),
             },
         )

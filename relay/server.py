@@ -108,9 +108,12 @@ async def _websocket(relay: Relay, stream: trio.SocketStream, head: RequestHead)
     except ProtocolError as exc:
         await _refuse(stream, 400, exc)
         return
-    if not relay.node_limits.connect(identity.user):
+    # A lease across all nodes (relay/presence.py); this node's count alone
+    # when there is no Redis or it is unreachable.
+    lease = await relay.presence.admit(identity.user, identity.device)
+    if lease is None:
         relay.metrics.error("TooManyConnections")
-        limit = relay.node_limits.connections_per_user
+        limit = relay.presence.limit
         await _refuse(
             stream,
             429,
@@ -135,7 +138,7 @@ async def _websocket(relay: Relay, stream: trio.SocketStream, head: RequestHead)
             return
         await session.run(head.rest)
     finally:
-        relay.node_limits.disconnect(identity.user)
+        relay.presence.release(lease)
 
 
 async def _refuse(

@@ -288,8 +288,12 @@ class Session:
             # Runs in the committer after the commit; it flushes once per batch.
             if isinstance(outcome, Appended):
                 self._release_slot()
-                mls = {} if outcome.epoch is None else {"epoch": outcome.epoch}
-                reply = events.result(req.id, seq=outcome.seq, time=outcome.created_ms, **mls)
+                extra: dict[str, object] = {}
+                if outcome.epoch is not None:
+                    extra["epoch"] = outcome.epoch
+                if message.blob_key and not outcome.duplicate:  # out of line (relay/blobs.py)
+                    extra["blob"] = message.blob_key
+                reply = events.result(req.id, seq=outcome.seq, time=outcome.created_ms, **extra)
                 self.outbox.write_control(binary_frame(reply))
             else:
                 self._reply_failed(req, outcome)

@@ -225,7 +225,13 @@ class Streams:
                 self._outbox.write_control(
                     binary_frame(
                         events.message(
-                            conversation, row.seq, row.sender, row.created_ms, row.ciphertext
+                            conversation,
+                            row.seq,
+                            row.sender,
+                            row.created_ms,
+                            row.ciphertext,
+                            row.blob_key,
+                            row.blob_size,
                         )
                     )
                 )

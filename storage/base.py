@@ -55,6 +55,10 @@ class NewMessage:
     removes: tuple[str, ...] = ()
     #: Application messages: how many past epochs are still accepted.
     epoch_window: int = 0
+    #: Out-of-line ciphertext (relay/blobs.py): ``ciphertext`` is then empty and
+    #: the blob, registered with put_blob() beforehand, holds it.
+    blob_key: str = ""
+    blob_size: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +87,8 @@ class StoredMessage:
     device: str
     ciphertext: bytes
     created_ms: int
+    blob_key: str = ""
+    blob_size: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,6 +155,47 @@ class PendingWelcome:
     welcome: bytes
 
 
+@dataclass(frozen=True, slots=True)
+class ConversationKind:
+    """What never changes about a conversation once created (cached by every node)."""
+
+    exists: bool
+    mls_group_id: bytes | None
+    #: "inline" or "blob".
+    storage_model: str
+
+
+@dataclass(frozen=True, slots=True)
+class PushRegistration:
+    """A member's device that registered for push, in one conversation."""
+
+    user: str
+    device: str
+    provider: str
+    zone: str
+    token: str
+    joined_seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryState:
+    """Delivery of one message to the recipient devices the relay knows of:
+    every device seen of each member that could read it, but the sending one."""
+
+    seq: int
+    devices: int
+    #: Handed to the device's connection (or acknowledged).
+    delivered: int
+    #: Acknowledged with #ack (the device's cursor is at or past seq).
+    acknowledged: int
+
+
+@dataclass(frozen=True, slots=True)
+class BlobInfo:
+    size: int
+    uploader: str
+
+
 class Storage(abc.ABC):
     """Persistence for conversations, members, messages and cursors."""
 
@@ -175,10 +222,12 @@ class Storage(abc.ABC):
         *,
         mls_group_id: bytes | None = None,
         external_join: bool = False,
+        storage_model: str = "inline",
     ) -> ConversationInfo:
         """Create a conversation; the creator is always a member.  All initial
-        members get joined_seq 0.  Raises ConversationExists.  With
-        ``mls_group_id`` it is an MLS conversation at epoch 0 (immutable)."""
+        members get joined_seq 0.  Raises ConversationExists (also for the id
+        of a deleted conversation).  With ``mls_group_id`` it is an MLS
+        conversation at epoch 0 (immutable); ``storage_model`` is immutable too."""
 
     @abc.abstractmethod
     async def add_members(
@@ -305,3 +354,83 @@ class Storage(abc.ABC):
         """(epoch, GroupInfo) of the newest stored epoch.  Allowed to members, and
         to anyone when the conversation allows external joins; NotMember otherwise
         (also when none is stored)."""
+
+    # --- offline devices and large payloads (storage/offline_sql.py) -------------
+
+    @abc.abstractmethod
+    async def conversation_kind(self, conversation: bytes) -> ConversationKind:
+        """Internal: no authorization check."""
+
+    @abc.abstractmethod
+    async def delete_conversation(self, conversation: bytes, actor: str, now_ms: int) -> list[str]:
+        """The creator deletes the conversation with its messages, members and
+        cursors; returns the members it had.  Its blobs are left for
+        collect_blobs() (immediately collectable).  NotMember for non-members,
+        Forbidden for members that did not create it."""
+
+    @abc.abstractmethod
+    async def touch_devices(self, devices: Sequence[tuple[str, str]], now_ms: int) -> None:
+        """Record (user, device) pairs as seen (connected) now."""
+
+    @abc.abstractmethod
+    async def register_push(
+        self, user: str, device: str, provider: str, zone: str, token: str, now_ms: int
+    ) -> None:
+        """Set the device's push registration (provider "" removes it)."""
+
+    @abc.abstractmethod
+    async def drop_push_token(self, user: str, device: str, token: str) -> None:
+        """The provider called ``token`` dead: remove the device's registration
+        if it still holds that token (not one registered since)."""
+
+    @abc.abstractmethod
+    async def push_registrations(
+        self, conversations: Sequence[bytes]
+    ) -> dict[bytes, list[PushRegistration]]:
+        """Push-registered devices of the current members of each conversation."""
+
+    @abc.abstractmethod
+    async def record_deliveries(
+        self, rows: Sequence[tuple[str, str, bytes, int]], now_ms: int
+    ) -> None:
+        """(user, device, conversation, seq): raise each delivered position
+        (never lowers it; rows of deleted conversations are ignored)."""
+
+    @abc.abstractmethod
+    async def delivery_state(
+        self, conversation: bytes, sender: str, seqs: Sequence[int]
+    ) -> list[DeliveryState]:
+        """Delivery of the given messages, only those ``sender`` sent (others
+        are left out).  Raises NotMember."""
+
+    @abc.abstractmethod
+    async def set_read(self, conversation: bytes, user: str, seq: int, now_ms: int) -> int:
+        """Publish the user's read position (never moves back; returns the stored
+        one).  Raises NotMember, and FutureCursor when seq > last_seq."""
+
+    @abc.abstractmethod
+    async def read_positions(self, conversation: bytes, user: str) -> dict[str, int]:
+        """Read positions of the conversation's current members.  Raises NotMember."""
+
+    @abc.abstractmethod
+    async def put_blob(
+        self, conversation: bytes, key: str, user: str, device: str, size: int, now_ms: int
+    ) -> None:
+        """Register a blob before its bytes are written.  Raises NotMember, and
+        BlobsDisabled when the conversation's storage model is inline."""
+
+    @abc.abstractmethod
+    async def blob_for_reader(self, conversation: bytes, key: str, user: str) -> BlobInfo:
+        """A blob the user may read: a member's, referenced by a message it can
+        see (seq > joined_seq), or one it uploaded itself.  BlobNotFound
+        otherwise (existence is not revealed)."""
+
+    @abc.abstractmethod
+    async def collect_blobs(self, orphaned_before_ms: int, limit: int) -> list[tuple[bytes, str]]:
+        """Blobs to delete from the store: no retained message references them
+        and their conversation is gone, or they were written before the
+        cutoff.  Delete their bytes, then call forget_blobs()."""
+
+    @abc.abstractmethod
+    async def forget_blobs(self, blobs: Sequence[tuple[bytes, str]]) -> None:
+        """Drop the rows of blobs whose bytes were deleted."""

@@ -21,7 +21,7 @@ from protocol.errors import (
     RelayError,
     StorageError,
 )
-from storage import mls_sql, retention_sql
+from storage import mls_sql, offline_sql, retention_sql
 from storage.base import (
     AddedMember,
     Appended,
@@ -35,6 +35,7 @@ from storage.base import (
     StoredMessage,
 )
 from storage.migrate import migrate_postgres
+from storage.offline import Job, OfflineStorage
 from storage.pgpool import PgConn, pg_pool
 from storage.postgres_mls import append_mls, append_plain, append_plain_batch, pg_exec
 
@@ -44,6 +45,15 @@ _INFO_SQL = """
 SELECT c.id, c.last_seq, m.joined_seq, c.first_seq
   FROM members m JOIN conversations c ON c.id = m.conversation_id
 """
+
+
+def _pg_many(conn: PgConn) -> offline_sql.Many:
+    def many(sql: str, rows: Sequence[Sequence[object]]) -> None:
+        if rows:
+            with conn.cursor() as cur:
+                cur.executemany(sql.replace("?", "%s"), rows)
+
+    return many
 
 
 def _info(row: tuple[bytes, int, int, int]) -> ConversationInfo:
@@ -63,7 +73,7 @@ def _lock_for_member(conn: PgConn, conversation: bytes, actor: str) -> int:
     return int(row[0])
 
 
-class PostgresStorage(Storage):
+class PostgresStorage(OfflineStorage, Storage):
     def __init__(
         self,
         conninfo: str,
@@ -86,6 +96,12 @@ class PostgresStorage(Storage):
                 return job(conn)
 
         return await self._pool.run(in_transaction)
+
+    async def _offline_read(self, job: Job[T]) -> T:
+        return await self._pool.run(lambda conn: job(pg_exec(conn), _pg_many(conn)))
+
+    async def _offline_write(self, job: Job[T]) -> T:
+        return await self._tx(lambda conn: job(pg_exec(conn), _pg_many(conn)))
 
     # --- lifecycle -------------------------------------------------------------
 
@@ -119,14 +135,17 @@ class PostgresStorage(Storage):
         *,
         mls_group_id: bytes | None = None,
         external_join: bool = False,
+        storage_model: str = "inline",
     ) -> ConversationInfo:
         users = list(dict.fromkeys([creator, *members]))
 
         def job(conn: PgConn) -> ConversationInfo:
+            offline_sql.check_not_deleted(pg_exec(conn), conversation)
             created = conn.execute(
-                "INSERT INTO conversations (id, creator, created_ms, mls_group_id, external_join)"
-                " VALUES (%s, %s, %s, %s, %s) ON CONFLICT (id) DO NOTHING RETURNING id",
-                (conversation, creator, now_ms, mls_group_id, external_join),
+                "INSERT INTO conversations (id, creator, created_ms, mls_group_id, external_join,"
+                " storage_model) VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (id) DO NOTHING"
+                " RETURNING id",
+                (conversation, creator, now_ms, mls_group_id, external_join, storage_model),
             ).fetchone()
             if created is None:
                 raise ConversationExists("conversation already exists")
@@ -217,7 +236,7 @@ class PostgresStorage(Storage):
         if not batch:
             return []
         items = list(batch)
-        if not any(m.kind for m in items):
+        if not any(m.kind or m.blob_key for m in items):
             # The common case: opaque or plain items only, one statement.
             return await self._pool.run(functools.partial(append_plain_batch, msgs=items))
 
@@ -239,6 +258,9 @@ class PostgresStorage(Storage):
             for i, m in enumerate(items):
                 if out[i] is None:
                     out[i] = append_mls(conn, ex, m)
+            for m, r in zip(items, out, strict=True):
+                if m.blob_key and isinstance(r, Appended) and not r.duplicate:
+                    offline_sql.attach_blob(ex, m, r.seq)
             return [r for r in out if r is not None]
 
         results = await self._tx(job)
@@ -251,9 +273,11 @@ class PostgresStorage(Storage):
     ) -> list[StoredMessage]:
         # One round trip: the membership row, laterally joined to the page.
         sql = """
-        SELECT g.seq, g.sender_did, g.sender_device, g.ciphertext, g.created_ms
+        SELECT g.seq, g.sender_did, g.sender_device, g.ciphertext, g.created_ms,
+               g.blob_key, g.blob_size
           FROM members m LEFT JOIN LATERAL (
-              SELECT seq, sender_did, sender_device, ciphertext, created_ms FROM messages
+              SELECT seq, sender_did, sender_device, ciphertext, created_ms, blob_key, blob_size
+                FROM messages
                WHERE conversation_id = m.conversation_id AND seq > greatest(%s, m.joined_seq)
                ORDER BY seq LIMIT %s) g ON true
          WHERE m.conversation_id = %s AND m.user_did = %s ORDER BY g.seq
@@ -267,7 +291,9 @@ class PostgresStorage(Storage):
             if not rows:
                 raise NotMember("not a member of this conversation")
             return [
-                StoredMessage(conversation, r[0], r[1], r[2], bytes(r[3]), r[4])
+                StoredMessage(
+                    conversation, r[0], r[1], r[2], bytes(r[3]), r[4], r[5] or "", r[6] or 0
+                )
                 for r in rows
                 if r[0] is not None
             ]

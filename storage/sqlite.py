@@ -16,19 +16,18 @@ import sqlite3
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from protocol.errors import (
     ConversationExists,
     FutureCursor,
     InvalidRequest,
-    MLSValidationError,
     NotMember,
     RelayError,
     StorageError,
     Unavailable,
 )
-from storage import mls_sql, retention_sql
+from storage import mls_sql, offline_sql, retention_sql
 from storage.base import (
     AddedMember,
     Appended,
@@ -42,7 +41,9 @@ from storage.base import (
     StoredMessage,
 )
 from storage.migrate import migrate_sqlite
+from storage.offline import Job, OfflineStorage
 from storage.pgpool import ConnectionPool, Driver
+from storage.sqlite_append import append_blob_aware, ex_for, many_for
 
 T = TypeVar("T")
 Conn = sqlite3.Connection
@@ -146,48 +147,7 @@ def _member_info(conn: Conn, conversation: bytes, user: str) -> ConversationInfo
     return ConversationInfo(bytes(row[0]), row[1], row[2], row[3])
 
 
-def _ex(conn: Conn) -> mls_sql.Exec:
-    def ex(sql: str, params: Sequence[Any] = ()) -> Any:
-        return conn.execute(sql, params)
-
-    return ex
-
-
-def _append_one(conn: Conn, msg: NewMessage) -> Appended | RelayError:
-    if msg.kind:
-        return mls_sql.append_mls_sqlite(_ex(conn), msg)
-    row = conn.execute(
-        "SELECT c.mls_group_id IS NOT NULL FROM members m JOIN conversations c"
-        " ON c.id = m.conversation_id WHERE m.conversation_id = ? AND m.user_did = ?",
-        (msg.conversation, msg.sender),
-    ).fetchone()
-    if row is None:
-        return NotMember("not a member of this conversation")
-    if row[0]:
-        return MLSValidationError(
-            "this MLS conversation accepts MLSMessages only", field="ciphertext"
-        )
-    dup = conn.execute(
-        "SELECT seq, created_ms FROM messages WHERE conversation_id = ? AND sender_did = ?"
-        " AND sender_device = ? AND client_message_id = ?",
-        (msg.conversation, msg.sender, msg.device, msg.client_message_id),
-    ).fetchone()
-    if dup is not None:
-        return Appended(msg.conversation, dup[0], dup[1], duplicate=True)
-    (seq,) = conn.execute(
-        "UPDATE conversations SET last_seq = last_seq + 1 WHERE id = ? RETURNING last_seq",
-        (msg.conversation,),
-    ).fetchone()
-    conn.execute(
-        "INSERT INTO messages (conversation_id, seq, sender_did, sender_device,"
-        " client_message_id, ciphertext, created_ms) VALUES (?, ?, ?, ?, ?, ?, ?)",
-        (msg.conversation, seq, msg.sender, msg.device, msg.client_message_id,
-         msg.ciphertext, msg.created_ms),
-    )  # fmt: skip
-    return Appended(msg.conversation, seq, msg.created_ms, duplicate=False)
-
-
-class SqliteStorage(Storage):
+class SqliteStorage(OfflineStorage, Storage):
     def __init__(self, path: str | Path, *, readers: int = 4, busy_timeout_ms: int = 5000) -> None:
         if str(path) in ("", ":memory:"):
             raise ValueError("SQLite storage needs a file (readers use separate connections)")
@@ -203,6 +163,12 @@ class SqliteStorage(Storage):
         return await self._readers.run(functools.partial(_transaction, "BEGIN", job))
 
     # --- lifecycle -------------------------------------------------------------
+
+    async def _offline_read(self, job: Job[T]) -> T:
+        return await self._read(lambda conn: job(ex_for(conn), many_for(conn)))
+
+    async def _offline_write(self, job: Job[T]) -> T:
+        return await self._write(lambda conn: job(ex_for(conn), many_for(conn)))
 
     async def migrate(self) -> None:
         await self._writer.run(migrate_sqlite)
@@ -225,16 +191,18 @@ class SqliteStorage(Storage):
         *,
         mls_group_id: bytes | None = None,
         external_join: bool = False,
+        storage_model: str = "inline",
     ) -> ConversationInfo:
         users = list(dict.fromkeys([creator, *members]))
 
         def job(conn: Conn) -> ConversationInfo:
+            offline_sql.check_not_deleted(ex_for(conn), conversation)
             if (
                 conn.execute(
                     "INSERT INTO conversations (id, creator, created_ms, mls_group_id,"
-                    " external_join) VALUES (?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING"
-                    " RETURNING id",
-                    (conversation, creator, now_ms, mls_group_id, external_join),
+                    " external_join, storage_model) VALUES (?, ?, ?, ?, ?, ?)"
+                    " ON CONFLICT (id) DO NOTHING RETURNING id",
+                    (conversation, creator, now_ms, mls_group_id, external_join, storage_model),
                 ).fetchone()
                 is None
             ):
@@ -314,7 +282,7 @@ class SqliteStorage(Storage):
         if not batch:
             return []
         items = list(batch)
-        return await self._write(lambda conn: [_append_one(conn, m) for m in items])
+        return await self._write(lambda conn: [append_blob_aware(conn, m) for m in items])
 
     async def read_messages(
         self, conversation: bytes, user: str, after_seq: int, limit: int
@@ -322,31 +290,40 @@ class SqliteStorage(Storage):
         def job(conn: Conn) -> list[StoredMessage]:
             joined = _member_info(conn, conversation, user).joined_seq
             rows = conn.execute(
-                "SELECT seq, sender_did, sender_device, ciphertext, created_ms FROM messages"
-                " WHERE conversation_id = ? AND seq > ? ORDER BY seq LIMIT ?",
+                "SELECT seq, sender_did, sender_device, ciphertext, created_ms, blob_key, blob_size"
+                " FROM messages WHERE conversation_id = ? AND seq > ? ORDER BY seq LIMIT ?",
                 (conversation, max(after_seq, joined), max(limit, 0)),
             )
-            return [StoredMessage(conversation, r[0], r[1], r[2], bytes(r[3]), r[4]) for r in rows]
+            return [
+                StoredMessage(
+                    conversation, r[0], r[1], r[2], bytes(r[3]), r[4], r[5] or "", r[6] or 0
+                )
+                for r in rows
+            ]
 
         return await self._read(job)
 
     async def prune_messages(self, older_than_ms: int) -> int:
         def job(conn: Conn) -> int:  # BEGIN IMMEDIATE: no append runs meanwhile
-            ids = retention_sql.prune_candidates(_ex(conn), older_than_ms)
-            return sum(retention_sql.prune_conversation(_ex(conn), c, older_than_ms) for c in ids)
+            ids = retention_sql.prune_candidates(ex_for(conn), older_than_ms)
+            return sum(
+                retention_sql.prune_conversation(ex_for(conn), c, older_than_ms) for c in ids
+            )
 
         return await self._write(job)
 
     async def prune_group_infos(self, older_than_ms: int) -> int:
-        return await self._write(lambda c: retention_sql.prune_group_infos(_ex(c), older_than_ms))
+        return await self._write(
+            lambda c: retention_sql.prune_group_infos(ex_for(c), older_than_ms)
+        )
 
     async def consume_token(self, jti: str, user: str, expires_ms: int, now_ms: int) -> bool:
         return await self._write(
-            lambda c: retention_sql.consume_token(_ex(c), jti, user, expires_ms, now_ms)
+            lambda c: retention_sql.consume_token(ex_for(c), jti, user, expires_ms, now_ms)
         )
 
     async def purge_token_uses(self, now_ms: int) -> int:
-        return await self._write(lambda c: retention_sql.purge_token_uses(_ex(c), now_ms))
+        return await self._write(lambda c: retention_sql.purge_token_uses(ex_for(c), now_ms))
 
     # --- cursors ------------------------------------------------------------
 
@@ -375,7 +352,7 @@ class SqliteStorage(Storage):
                 " updated_ms = excluded.updated_ms RETURNING seq",
                 (user, device, conversation, seq, time.time_ns() // 1_000_000),
             ).fetchone()
-            mls_sql.ack_welcomes(_ex(conn), user, device, conversation, seq)
+            mls_sql.ack_welcomes(ex_for(conn), user, device, conversation, seq)
             return int(stored)
 
         return await self._write(job)
@@ -397,12 +374,12 @@ class SqliteStorage(Storage):
         self, user: str, device: str, packages: Sequence[NewKeyPackage], now_ms: int
     ) -> list[bool]:
         return await self._write(
-            lambda conn: mls_sql.put_key_packages(_ex(conn), user, device, packages, now_ms)
+            lambda conn: mls_sql.put_key_packages(ex_for(conn), user, device, packages, now_ms)
         )
 
     async def key_package_counts(self, user: str, device: str, now_s: int) -> list[KeyPackageCount]:
         return await self._read(
-            lambda conn: mls_sql.key_package_counts(_ex(conn), user, device, now_s)
+            lambda conn: mls_sql.key_package_counts(ex_for(conn), user, device, now_s)
         )
 
     async def claim_key_packages(
@@ -410,14 +387,14 @@ class SqliteStorage(Storage):
     ) -> ClaimResult:
         return await self._write(
             lambda conn: mls_sql.claim_key_packages(
-                _ex(conn), claimer, users, cipher_suite, now_s, now_ms
+                ex_for(conn), claimer, users, cipher_suite, now_s, now_ms
             )
         )
 
     async def welcomes_for(self, user: str, device: str) -> list[PendingWelcome]:
-        return await self._read(lambda conn: mls_sql.welcomes_for(_ex(conn), user, device))
+        return await self._read(lambda conn: mls_sql.welcomes_for(ex_for(conn), user, device))
 
     async def latest_group_info(self, conversation: bytes, user: str) -> tuple[int, bytes]:
         return await self._read(
-            lambda conn: mls_sql.latest_group_info(_ex(conn), conversation, user)
+            lambda conn: mls_sql.latest_group_info(ex_for(conn), conversation, user)
         )

@@ -26,7 +26,7 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 # Per-test databases on both backends (the ``database_url`` fixture).
-pytest_plugins = ["tests.backends"]
+pytest_plugins = ["tests.backends", "tests.s3server"]
 
 #: Default timeout (seconds) for tests that carry no ``@pytest.mark.timeout``.
 DEFAULT_TEST_TIMEOUT = 60

@@ -28,7 +28,8 @@ ADMIN_URL = os.environ.get("MLS_RELAY_TEST_PG", "postgresql://127.0.0.1:5432/tes
 
 DATA_TABLES = (
     "messages", "cursors", "members", "conversations", "welcomes", "group_infos",
-    "key_package_claims", "key_packages", "token_uses",
+    "key_package_claims", "key_packages", "token_uses", "blobs", "devices", "deliveries",
+    "read_positions", "deleted_conversations",
 )  # fmt: skip
 
 

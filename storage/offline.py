@@ -1,0 +1,97 @@
+"""The offline-devices-and-blobs part of the storage contract, for both backends.
+
+A mixin: each backend supplies ``_offline_read`` and ``_offline_write``, which
+run a job with an :class:`~storage.mls_sql.Exec` and a
+:class:`~storage.offline_sql.Many` on a connection (writes in one
+transaction); the SQL itself is shared (:mod:`storage.offline_sql`).
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable, Sequence
+from typing import TypeVar
+
+from storage import offline_sql as q
+from storage.base import BlobInfo, ConversationKind, DeliveryState, PushRegistration
+from storage.mls_sql import Exec
+
+T = TypeVar("T")
+Job = Callable[[Exec, q.Many], T]
+
+
+class OfflineStorage(abc.ABC):
+    @abc.abstractmethod
+    async def _offline_read(self, job: Job[T]) -> T: ...
+
+    @abc.abstractmethod
+    async def _offline_write(self, job: Job[T]) -> T: ...
+
+    async def conversation_kind(self, conversation: bytes) -> ConversationKind:
+        return await self._offline_read(lambda ex, _: q.conversation_kind(ex, conversation))
+
+    async def delete_conversation(self, conversation: bytes, actor: str, now_ms: int) -> list[str]:
+        return await self._offline_write(
+            lambda ex, _: q.delete_conversation(ex, conversation, actor, now_ms)
+        )
+
+    async def touch_devices(self, devices: Sequence[tuple[str, str]], now_ms: int) -> None:
+        if devices:
+            await self._offline_write(lambda _, many: q.touch_devices(many, devices, now_ms))
+
+    async def register_push(
+        self, user: str, device: str, provider: str, zone: str, token: str, now_ms: int
+    ) -> None:
+        await self._offline_write(
+            lambda ex, _: q.register_push(ex, user, device, provider, zone, token, now_ms)
+        )
+
+    async def drop_push_token(self, user: str, device: str, token: str) -> None:
+        await self._offline_write(lambda ex, _: q.drop_push_token(ex, user, device, token))
+
+    async def push_registrations(
+        self, conversations: Sequence[bytes]
+    ) -> dict[bytes, list[PushRegistration]]:
+        return await self._offline_read(lambda ex, _: q.push_registrations(ex, conversations))
+
+    async def record_deliveries(
+        self, rows: Sequence[tuple[str, str, bytes, int]], now_ms: int
+    ) -> None:
+        if rows:
+            await self._offline_write(lambda _, many: q.record_deliveries(many, rows, now_ms))
+
+    async def delivery_state(
+        self, conversation: bytes, sender: str, seqs: Sequence[int]
+    ) -> list[DeliveryState]:
+        return await self._offline_read(
+            lambda ex, _: q.delivery_state(ex, conversation, sender, seqs)
+        )
+
+    async def set_read(self, conversation: bytes, user: str, seq: int, now_ms: int) -> int:
+        return await self._offline_write(
+            lambda ex, _: q.set_read(ex, conversation, user, seq, now_ms)
+        )
+
+    async def read_positions(self, conversation: bytes, user: str) -> dict[str, int]:
+        return await self._offline_read(lambda ex, _: q.read_positions(ex, conversation, user))
+
+    async def put_blob(
+        self, conversation: bytes, key: str, user: str, device: str, size: int, now_ms: int
+    ) -> None:
+        await self._offline_write(
+            lambda ex, _: q.put_blob(ex, conversation, key, user, device, size, now_ms)
+        )
+
+    async def blob_for_reader(self, conversation: bytes, key: str, user: str) -> BlobInfo:
+        return await self._offline_read(
+            lambda ex, _: q.blob_for_reader(ex, conversation, key, user)
+        )
+
+    async def collect_blobs(self, orphaned_before_ms: int, limit: int) -> list[tuple[bytes, str]]:
+        return await self._offline_read(
+            lambda ex, _: q.collect_blobs(ex, orphaned_before_ms, limit)
+        )
+
+    async def forget_blobs(self, blobs: Sequence[tuple[bytes, str]]) -> None:
+        if blobs:
+            await self._offline_write(lambda _, many: q.forget_blobs(many, blobs))

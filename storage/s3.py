@@ -1,0 +1,387 @@
+"""S3-compatible blob store: plain HTTP through httpx, signed with AWS SigV4.
+
+No AWS SDK: the four calls the relay needs (PUT, GET, DELETE object and HEAD
+bucket) are simple enough to speak directly, and httpx runs natively on Trio.
+Requests use path-style addresses (``{endpoint}/{bucket}/{key}``), which AWS,
+MinIO, Cloudflare R2 and moto all accept, and every request signs the SHA-256
+of its body (``x-amz-content-sha256``), so a body corrupted in transit is
+refused by the server.
+
+Time limits are Trio cancel scopes around each request, never httpx timeouts:
+a request gets ``timeout`` seconds plus one second per MiB of its body.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import hmac
+import re
+import time
+from collections.abc import Awaitable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TypeVar
+from urllib.parse import parse_qsl, quote, urlsplit
+
+import httpx
+import trio
+
+from protocol.errors import BlobNotFound, BlobStoreError
+from relay.config import ConfigError
+from storage.blobstore import BlobStore, validate_key
+
+__all__ = ["EMPTY_SHA256", "Credentials", "S3BlobStore", "sign_headers"]
+
+T = TypeVar("T")
+
+EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
+_ALGORITHM = "AWS4-HMAC-SHA256"
+#: Slowest transfer rate tolerated: each MiB of payload adds a second to the limit.
+_MIN_BYTES_PER_S = 1 << 20
+#: Bodies larger than this are hashed in a worker thread (hashlib drops the GIL).
+_THREAD_HASH_BYTES = 256 * 1024
+_DELETE_CONCURRENCY = 16
+_BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+_PREFIX_RE = re.compile(r"[A-Za-z0-9_.-]+(?:/[A-Za-z0-9_.-]+)*")
+_URL_PARAMS = frozenset({"endpoint", "region", "access_key", "secret_key", "timeout"})
+
+
+@dataclass(frozen=True)
+class Credentials:
+    access_key: str
+    secret_key: str = field(repr=False)
+    session_token: str = field(default="", repr=False)
+
+
+# --- Signature Version 4 -------------------------------------------------------------
+
+
+def _encode(text: str, *, keep_slash: bool = False) -> str:
+    # SigV4 URI encoding: everything but A-Z a-z 0-9 - _ . ~ as %XX (upper case),
+    # which is exactly what quote() does with no extra safe characters.
+    return quote(text, safe="/" if keep_slash else "")
+
+
+def canonical_query(query: Sequence[tuple[str, str]]) -> str:
+    # Sorted by encoded name, then value (not as "name=value" strings: "a-b" < "a=").
+    pairs = sorted((_encode(k), _encode(v)) for k, v in query)
+    return "&".join(f"{k}={v}" for k, v in pairs)
+
+
+def canonical_request(
+    method: str,
+    path: str,
+    query: Sequence[tuple[str, str]],
+    headers: Mapping[str, str],
+    payload_hash: str,
+) -> tuple[str, str]:
+    """The canonical request and its signed-headers list; ``path`` is already encoded."""
+    canon = {name.strip().lower(): " ".join(value.split()) for name, value in headers.items()}
+    names = sorted(canon)
+    lines = [
+        method,
+        path or "/",
+        canonical_query(query),
+        *(f"{name}:{canon[name]}" for name in names),
+        "",  # the header block ends with a newline of its own
+        ";".join(names),
+        payload_hash,
+    ]
+    return "\n".join(lines), ";".join(names)
+
+
+@functools.lru_cache(maxsize=16)
+def _signing_key(secret_key: str, date: str, region: str, service: str) -> bytes:
+    # Derived once per day and scope rather than four HMACs per request.
+    key = ("AWS4" + secret_key).encode()
+    for part in (date, region, service, "aws4_request"):
+        key = hmac.new(key, part.encode(), hashlib.sha256).digest()
+    return key
+
+
+def sign_headers(
+    *,
+    credentials: Credentials,
+    region: str,
+    service: str,
+    method: str,
+    host: str,
+    path: str,
+    query: Sequence[tuple[str, str]] = (),
+    headers: Mapping[str, str] | None = None,
+    payload_hash: str = EMPTY_SHA256,
+    amz_date: str,
+) -> dict[str, str]:
+    """Every header to send: ``headers`` plus host, x-amz-date, the session token
+    (if any) and ``authorization``, all but the last one signed."""
+    signed = {**(headers or {}), "host": host, "x-amz-date": amz_date}
+    if credentials.session_token:
+        signed["x-amz-security-token"] = credentials.session_token
+    request, signed_names = canonical_request(method, path, query, signed, payload_hash)
+    scope = f"{amz_date[:8]}/{region}/{service}/aws4_request"
+    digest = hashlib.sha256(request.encode()).hexdigest()
+    to_sign = f"{_ALGORITHM}\n{amz_date}\n{scope}\n{digest}"
+    key = _signing_key(credentials.secret_key, amz_date[:8], region, service)
+    signature = hmac.new(key, to_sign.encode(), hashlib.sha256).hexdigest()
+    signed["authorization"] = (
+        f"{_ALGORITHM} Credential={credentials.access_key}/{scope}, "
+        f"SignedHeaders={signed_names}, Signature={signature}"
+    )
+    return signed
+
+
+def amz_now() -> str:
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+
+
+async def _sha256_hex(data: bytes) -> str:
+    if len(data) <= _THREAD_HASH_BYTES:
+        return hashlib.sha256(data).hexdigest()
+    return await trio.to_thread.run_sync(lambda: hashlib.sha256(data).hexdigest())
+
+
+# --- the store -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Reply:
+    status: int
+    body: bytes
+
+    def error_code(self) -> str:
+        """The ``<Code>`` of an S3 XML error body ("" for HEAD replies, which have none)."""
+        match = re.search(rb"<Code>([^<]{1,100})</Code>", self.body)
+        return match.group(1).decode(errors="replace") if match else ""
+
+
+class S3BlobStore(BlobStore):
+    kind = "s3"
+
+    def __init__(
+        self,
+        *,
+        bucket: str,
+        credentials: Credentials,
+        endpoint: str = "",
+        region: str = "us-east-1",
+        prefix: str = "",
+        timeout: float = 10.0,
+    ) -> None:
+        self.bucket = bucket
+        self.region = region
+        self.endpoint = (endpoint or f"https://s3.{region}.amazonaws.com").rstrip("/")
+        self.prefix = prefix.strip("/")
+        self.timeout = timeout
+        self._credentials = credentials
+        base = httpx.URL(self.endpoint)
+        self._host = base.netloc.decode("ascii")
+        self._origin = f"{base.scheme}://{self._host}"
+        self._bucket_path = base.raw_path.decode("ascii").rstrip("/") + "/" + _encode(bucket)
+        # timeout=None: limits are Trio cancel scopes (_within); redirects are
+        # never followed, since a signature is only valid for its own URL.
+        self._client = httpx.AsyncClient(timeout=None, follow_redirects=False)
+
+    def __repr__(self) -> str:
+        return f"S3BlobStore(bucket={self.bucket!r}, prefix={self.prefix!r}, {self.endpoint})"
+
+    @classmethod
+    def from_url(cls, url: str, env: Mapping[str, str]) -> S3BlobStore:
+        """``s3://bucket[/prefix][?endpoint=…&region=…&timeout=…&access_key=…&secret_key=…]``.
+
+        Credentials come from the URL or from AWS_ACCESS_KEY_ID,
+        AWS_SECRET_ACCESS_KEY and AWS_SESSION_TOKEN; the region from the URL,
+        AWS_REGION, AWS_DEFAULT_REGION or "us-east-1".
+        """
+        parts = urlsplit(url)
+        shown = parts._replace(query="…").geturl() if parts.query else url
+        bucket, prefix = parts.netloc, parts.path.strip("/")
+        if not _BUCKET_RE.fullmatch(bucket):
+            raise ConfigError(f"blob store URL {shown}: {bucket!r} is not an S3 bucket name")
+        if prefix and not _PREFIX_RE.fullmatch(prefix):
+            raise ConfigError(f"blob store URL {shown}: invalid key prefix {prefix!r}")
+        params = dict(parse_qsl(parts.query, keep_blank_values=True))
+        unknown = sorted(set(params) - _URL_PARAMS)
+        if unknown:
+            raise ConfigError(f"blob store URL {shown}: unknown parameter(s) {', '.join(unknown)}")
+        region = params.get("region") or env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION")
+        return cls(
+            bucket=bucket,
+            prefix=prefix,
+            endpoint=_endpoint(params.get("endpoint", ""), shown),
+            region=region or "us-east-1",
+            credentials=_credentials(params, env, shown),
+            timeout=_timeout(params.get("timeout", ""), shown),
+        )
+
+    # --- the contract ----------------------------------------------------------------
+
+    async def put(self, key: str, data: bytes) -> None:
+        reply = await self._call("PUT", self._object_path(key), body=data)
+        self._check(reply, f"storing {key!r}", ok=(200,))
+
+    async def get(self, key: str) -> bytes:
+        reply = await self._call("GET", self._object_path(key))
+        if reply.status == 404 and reply.error_code() != "NoSuchBucket":
+            raise BlobNotFound(f"no blob {key!r}")
+        self._check(reply, f"reading {key!r}", ok=(200,))
+        return reply.body
+
+    async def delete(self, keys: Sequence[str]) -> None:
+        paths = sorted({self._object_path(key) for key in keys})  # all checked before any I/O
+        failures: list[BlobStoreError] = []
+        limiter = trio.CapacityLimiter(_DELETE_CONCURRENCY)
+
+        async def delete_one(path: str) -> None:
+            async with limiter:
+                try:
+                    reply = await self._call("DELETE", path)
+                    if reply.status != 404 or reply.error_code() == "NoSuchBucket":
+                        self._check(reply, "deleting blobs", ok=(200, 204))
+                except BlobStoreError as exc:
+                    # Collected rather than raised: the others still get their
+                    # chance, and callers see one BlobStoreError, not a group.
+                    failures.append(exc)
+
+        async with trio.open_nursery() as nursery:
+            for path in paths:
+                nursery.start_soon(delete_one, path)
+        if failures:
+            raise failures[0]
+
+    async def ping(self) -> None:
+        reply = await self._call("HEAD", self._bucket_path)
+        if reply.status == 404:
+            raise BlobStoreError(
+                f"S3 bucket {self.bucket!r} does not exist at {self.endpoint}"
+                " (create it, e.g. with `mls-relay check`)"
+            )
+        self._check(reply, "checking the bucket", ok=(200,))
+
+    async def create_bucket(self) -> None:
+        """Create the bucket unless it exists already (ours); idempotent."""
+        reply = await self._call("HEAD", self._bucket_path)
+        if reply.status == 200:
+            return
+        if reply.status != 404:
+            self._check(reply, "checking the bucket", ok=(200,))
+        body = b""
+        if self.region not in ("us-east-1", "auto"):
+            # Outside us-east-1 AWS wants the region restated in the request body.
+            body = (
+                b'<CreateBucketConfiguration xmlns="http://s3.amazonaws.com/doc/2006-03-01/">'
+                b"<LocationConstraint>%s</LocationConstraint></CreateBucketConfiguration>"
+                % self.region.encode()
+            )
+        reply = await self._call("PUT", self._bucket_path, body=body)
+        if reply.status == 409 and reply.error_code() == "BucketAlreadyOwnedByYou":
+            return  # created concurrently by another node
+        self._check(reply, "creating the bucket", ok=(200,))
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    # --- HTTP ------------------------------------------------------------------------
+
+    def _object_path(self, key: str) -> str:
+        name = validate_key(key)
+        if self.prefix:
+            name = f"{self.prefix}/{name}"
+        return f"{self._bucket_path}/{_encode(name, keep_slash=True)}"
+
+    async def _call(self, method: str, path: str, *, body: bytes = b"") -> _Reply:
+        payload_hash = await _sha256_hex(body)
+        for attempt in (1, 2):
+            headers = sign_headers(
+                credentials=self._credentials,
+                region=self.region,
+                service="s3",
+                method=method,
+                host=self._host,
+                path=path,
+                headers={"x-amz-content-sha256": payload_hash},
+                payload_hash=payload_hash,
+                amz_date=amz_now(),
+            )
+            request = self._client.build_request(
+                method, self._origin + path, headers=headers, content=body
+            )
+            try:
+                return await self._exchange(request, len(body))
+            except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as exc:
+                # A pooled keep-alive connection the server had already closed;
+                # every call here is idempotent, so one more try is safe.
+                if attempt == 2:
+                    raise self._unreachable(exc) from exc
+            except httpx.HTTPError as exc:
+                raise self._unreachable(exc) from exc
+        raise AssertionError("unreachable")
+
+    async def _exchange(self, request: httpx.Request, body_size: int) -> _Reply:
+        response = await self._within(
+            self.timeout + body_size / _MIN_BYTES_PER_S, self._client.send(request, stream=True)
+        )
+        try:
+            size = int(response.headers.get("content-length") or 0)
+            body = await self._within(self.timeout + size / _MIN_BYTES_PER_S, response.aread())
+        finally:
+            await response.aclose()
+        return _Reply(response.status_code, body)
+
+    async def _within(self, seconds: float, step: Awaitable[T]) -> T:
+        with trio.move_on_after(seconds):
+            return await step
+        raise BlobStoreError(f"S3 at {self.endpoint} did not answer within {seconds:.1f} s")
+
+    def _unreachable(self, exc: Exception) -> BlobStoreError:
+        return BlobStoreError(f"S3 at {self.endpoint} is unreachable: {exc!r}")
+
+    def _check(self, reply: _Reply, doing: str, *, ok: tuple[int, ...]) -> None:
+        if reply.status in ok:
+            return
+        code = reply.error_code() or f"HTTP {reply.status}"
+        where = f"bucket {self.bucket!r} at {self.endpoint}"
+        if reply.status == 403:
+            raise BlobStoreError(
+                f"S3 refused access to {where} while {doing} ({code}):"
+                " check the access key, the secret key and the bucket policy"
+            )
+        if reply.status == 404:
+            raise BlobStoreError(f"S3 {where} while {doing}: {code}")
+        raise BlobStoreError(f"S3 {where} failed while {doing}: {code}")
+
+
+def _endpoint(raw: str, shown: str) -> str:
+    if not raw:
+        return ""
+    parts = urlsplit(raw)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"blob store URL {shown}: endpoint must be http(s)://host[:port]")
+    if parts.query or parts.fragment:
+        raise ConfigError(f"blob store URL {shown}: the endpoint takes no query or fragment")
+    return raw.rstrip("/")
+
+
+def _credentials(params: Mapping[str, str], env: Mapping[str, str], shown: str) -> Credentials:
+    if "access_key" in params or "secret_key" in params:
+        access, secret, token = params.get("access_key"), params.get("secret_key"), ""
+    else:
+        access, secret = env.get("AWS_ACCESS_KEY_ID"), env.get("AWS_SECRET_ACCESS_KEY")
+        token = env.get("AWS_SESSION_TOKEN", "")
+    if not access or not secret:
+        raise ConfigError(
+            f"blob store URL {shown}: S3 needs credentials; set AWS_ACCESS_KEY_ID and"
+            " AWS_SECRET_ACCESS_KEY (or access_key= and secret_key= in the URL)"
+        )
+    return Credentials(access, secret, token)
+
+
+def _timeout(raw: str, shown: str) -> float:
+    if not raw:
+        return 10.0
+    try:
+        value = float(raw)
+    except ValueError:
+        value = 0.0
+    if not 0 < value < 3600:
+        raise ConfigError(f"blob store URL {shown}: timeout must be seconds in (0, 3600)")
+    return value
