@@ -52,6 +52,13 @@ class FrameTooLarge(ProtocolError):
     close_code = 1009
 
 
+class InvalidFramePayload(ProtocolError):
+    """Data inconsistent with its frame type (a close reason that is not UTF-8)."""
+
+    error = "InvalidFramePayload"
+    close_code = 1007
+
+
 class InvalidRequest(RelayError):
     """A well-framed request whose fields are wrong; the connection stays up."""
 

@@ -3,7 +3,7 @@
 The relay routes each new TCP connection itself: it reads the HTTP request
 head, and only a WebSocket upgrade on the relay's path stays here; every other
 request is handed to the HTTP app.  After the handshake, incoming frames are
-parsed by wsproto (masked client frames, fragments, control frames), while
+parsed by :mod:`protocol.wsframes` (masked client frames, fragments, control frames), while
 outgoing data frames are built here once per message: server frames are not
 masked, so the same bytes go to every recipient (encode once, write many).
 """
@@ -18,10 +18,11 @@ from dataclasses import dataclass
 from urllib.parse import parse_qs
 
 import h11
-from wsproto.connection import Connection, ConnectionState, ConnectionType
-from wsproto.events import BytesMessage, CloseConnection, Ping, TextMessage
 
-from .errors import FrameTooLarge, MalformedFrame, ProtocolError
+from .errors import ProtocolError
+from .wsframes import Closed, FrameReader, Message, PingReceived, WsEvent
+
+__all__ = ["Closed", "Message", "PingReceived", "ServerConnection", "WsEvent"]
 
 WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 MAX_HEAD = 16 * 1024
@@ -150,62 +151,16 @@ def ping_frame(payload: bytes = b"") -> bytes:
     return bytes((0x89, len(payload))) + payload[:125]
 
 
-@dataclass(frozen=True, slots=True)
-class Message:
-    """A complete binary message from the client."""
-
-    data: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class PingReceived:
-    payload: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class Closed:
-    code: int
-    reason: str
-
-
-WsEvent = Message | PingReceived | Closed
-
-
 class ServerConnection:
-    """Frames in, events out, after the handshake.  One per WebSocket."""
+    """Frames in, events out, after the handshake.  One per WebSocket
+    (protocol/wsframes.py does the work)."""
 
     def __init__(self, max_message: int) -> None:
-        self._ws = Connection(ConnectionType.SERVER)
-        self._max_message = max_message
-        self._parts: list[bytes] = []
-        self._size = 0
+        self._reader = FrameReader(max_message)
 
-    @property
-    def closed(self) -> bool:
-        return self._ws.state is not ConnectionState.OPEN
+    def receive(self, data: bytes) -> list[WsEvent]:
+        """Feed bytes; returns complete events.
 
-    def receive(self, data: bytes | None) -> list[WsEvent]:
-        """Feed bytes (None at EOF); returns complete events.
-
-        Raises MalformedFrame (text frames, bad framing) or FrameTooLarge.
-        """
-        self._ws.receive_data(data)
-        out: list[WsEvent] = []
-        for event in self._ws.events():
-            if isinstance(event, BytesMessage):
-                self._size += len(event.data)
-                if self._size > self._max_message:
-                    raise FrameTooLarge(f"message larger than {self._max_message} bytes")
-                self._parts.append(bytes(event.data))
-                if event.message_finished:
-                    out.append(Message(b"".join(self._parts)))
-                    self._parts.clear()
-                    self._size = 0
-            elif isinstance(event, TextMessage):
-                raise MalformedFrame("text frames are not part of this protocol")
-            elif isinstance(event, Ping):
-                out.append(PingReceived(bytes(event.payload)))
-            elif isinstance(event, CloseConnection):
-                out.append(Closed(event.code, event.reason or ""))
-            # Pong events need no action: any inbound traffic proves liveness.
-        return out
+        Raises MalformedFrame (text frames), FrameTooLarge, or ProtocolError
+        (bad framing: close 1002)."""
+        return self._reader.receive(data)

@@ -3,7 +3,7 @@
 Every TCP connection starts with an HTTP request head.  We read it ourselves
 (bounded in size and time).  A WebSocket upgrade on the relay path is
 authenticated here, before the upgrade completes, and then served by a
-:class:`~relay.session.Session` speaking wsproto directly over the socket.
+:class:`~relay.session.Session` reading frames itself (protocol/wsframes.py).
 Anything else is replayed into Hypercorn, which serves the Quart app.
 """
 

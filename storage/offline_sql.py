@@ -78,9 +78,9 @@ def delete_conversation(ex: Exec, conversation: bytes, actor: str, now_ms: int) 
     members = [r[0] for r in ex(
         "SELECT user_did FROM members WHERE conversation_id = ?", (conversation,)
     )]  # fmt: skip
-    # messages, members, cursors, deliveries and read positions cascade; the
-    # MLS tables have no foreign key (see 0002) and go explicitly.
-    for table in ("welcomes", "group_infos"):
+    # messages, members and cursors cascade; the other tables have no foreign
+    # key (see migrations 0002 and 0005) and go explicitly.
+    for table in ("welcomes", "group_infos", "deliveries", "read_positions"):
         ex(f"DELETE FROM {table} WHERE conversation_id = ?", (conversation,))
     ex("DELETE FROM conversations WHERE id = ?", (conversation,))
     ex("INSERT INTO deleted_conversations (id, deleted_ms) VALUES (?, ?)", (conversation, now_ms))
@@ -142,8 +142,8 @@ def push_registrations(
 
 
 def record_deliveries(many: Many, rows: Sequence[tuple[str, str, bytes, int]], now_ms: int) -> None:
-    # INSERT ... SELECT ... WHERE EXISTS: a position for a conversation deleted
-    # meanwhile is dropped instead of failing the whole batch on the foreign key.
+    # WHERE EXISTS: a position for a conversation deleted meanwhile is dropped.
+    # A plain read under MVCC: it takes no lock an append would wait for.
     many(
         "INSERT INTO deliveries (conversation_id, user_did, device_id, seq, updated_ms)"
         " SELECT ?, ?, ?, ?, ? WHERE EXISTS (SELECT 1 FROM conversations WHERE id = ?)"

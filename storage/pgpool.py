@@ -40,11 +40,16 @@ T = TypeVar("T")
 PgConn = psycopg.Connection[Any]
 
 
-async def run_sync_cancellable(fn: Callable[[], T], cancel: Callable[[], object]) -> T:
+async def run_sync_cancellable(
+    fn: Callable[[], T],
+    cancel: Callable[[], object],
+    on_cancel: Callable[[], None] | None = None,
+) -> T:
     """Run blocking ``fn`` in a worker thread, calling ``cancel`` (in another
     thread) if the caller is cancelled meanwhile.  Waits for ``fn`` to finish
     either way.  A job that still completed returns its result; a job that
-    failed after the caller was cancelled raises ``Cancelled``.
+    failed after the caller was cancelled raises ``Cancelled``.  ``on_cancel``
+    is called (in Trio's thread) when the cancel request is sent.
 
     Built on trio's low-level thread primitives rather than
     ``trio.to_thread.run_sync`` plus a watcher task: that pair cost a
@@ -67,6 +72,8 @@ async def run_sync_cancellable(fn: Callable[[], T], cancel: Callable[[], object]
         nonlocal cancel_sent
         if not cancel_sent:
             cancel_sent = True
+            if on_cancel is not None:
+                on_cancel()
             trio.lowlevel.start_thread_soon(lambda: _quietly(cancel), _discard)
         return trio.lowlevel.Abort.FAILED
 
@@ -118,9 +125,22 @@ class ConnectionPool(Generic[C]):
             raise Unavailable("storage is closed")
         async with self._slots:
             conn = await self._checkout()
+            # A cancel request travels on its own connection and may reach the
+            # server after the statement it was meant for has finished: it
+            # would then cancel the NEXT statement on this connection (seen
+            # as a spurious QueryCanceled).  A connection we sent one for is
+            # therefore never reused.
+            cancel_sent = False
+
+            def note_cancel() -> None:
+                nonlocal cancel_sent
+                cancel_sent = True
+
             try:
                 return await run_sync_cancellable(
-                    functools.partial(job, conn), functools.partial(self._driver.cancel, conn)
+                    functools.partial(job, conn),
+                    functools.partial(self._driver.cancel, conn),
+                    note_cancel,
                 )
             except RelayError:
                 raise
@@ -131,7 +151,7 @@ class ConnectionPool(Generic[C]):
                 raise mapped from exc
             finally:
                 with trio.CancelScope(shield=True):
-                    await self._checkin(conn)
+                    await self._checkin(conn, reuse=not cancel_sent)
 
     async def fill(self) -> None:
         """Open connections until ``min_size`` are idle (startup warm-up)."""
@@ -160,12 +180,12 @@ class ConnectionPool(Generic[C]):
                 raise
             raise mapped from exc
 
-    async def _checkin(self, conn: C) -> None:
-        if not self._closed and self._driver.reusable(conn):
+    async def _checkin(self, conn: C, *, reuse: bool = True) -> None:
+        if reuse and not self._closed and self._driver.reusable(conn):
             self._idle.append(conn)
             return
         doomed = [conn]
-        if not self._closed:
+        if reuse and not self._closed:
             # One dead connection usually means the server restarted: the
             # idle ones are dead too, so drop them now instead of failing one
             # request per stale connection.

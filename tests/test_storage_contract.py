@@ -585,6 +585,21 @@ async def test_pool_replaces_killed_connection(pg_url: str) -> None:
     await pool.aclose()
 
 
+async def test_connection_is_not_reused_after_a_cancel_request(pg_url: str) -> None:
+    """A cancel request may reach the server after its statement ended and
+    cancel the connection's next one instead (a spurious QueryCanceled that
+    once failed an unrelated request): the pool replaces such a connection."""
+    pool = pg_pool(pg_url, max_size=1)
+    pid = await pool.run(lambda c: c.execute("SELECT pg_backend_pid()").fetchall()[0][0])
+    with trio.move_on_after(0.1) as scope:
+        await pool.run(lambda c: c.execute("SELECT pg_sleep(5)").fetchall())
+    assert scope.cancelled_caught
+    for _ in range(20):  # and the replacement serves every later statement
+        new_pid = await pool.run(lambda c: c.execute("SELECT pg_backend_pid()").fetchall()[0][0])
+        assert new_pid != pid
+    await pool.aclose()
+
+
 def test_open_storage_urls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     assert isinstance(open_storage("sqlite:///rel/x.db"), SqliteStorage)

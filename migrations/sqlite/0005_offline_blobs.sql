@@ -41,11 +41,15 @@ CREATE TABLE devices (
 CREATE INDEX devices_push_idx ON devices (user_did) WHERE push_provider IS NOT NULL;
 
 -- Highest seq handed to a device's connection, per conversation (flushed in
--- batches; acknowledged positions stay in cursors).
+-- batches; acknowledged positions stay in cursors).  No foreign key, here and
+-- in read_positions: checking one takes a KEY SHARE lock on the conversation
+-- row, which conflicts with the FOR UPDATE every append takes -- a batch of
+-- delivered positions stalled all sends for its whole transaction.  Deleting
+-- a conversation deletes these rows explicitly (storage/offline_sql.py).
 CREATE TABLE deliveries (
     user_did        TEXT   NOT NULL,
     device_id       TEXT   NOT NULL,
-    conversation_id BLOB  NOT NULL REFERENCES conversations (id) ON DELETE CASCADE,
+    conversation_id BLOB  NOT NULL,
     seq             INTEGER NOT NULL,
     updated_ms      INTEGER NOT NULL,
     PRIMARY KEY (conversation_id, user_did, device_id)
@@ -53,7 +57,7 @@ CREATE TABLE deliveries (
 
 -- A member's published read position (per user: shared by its devices).
 CREATE TABLE read_positions (
-    conversation_id BLOB  NOT NULL REFERENCES conversations (id) ON DELETE CASCADE,
+    conversation_id BLOB  NOT NULL,
     user_did        TEXT   NOT NULL,
     seq             INTEGER NOT NULL,
     updated_ms      INTEGER NOT NULL,
