@@ -22,7 +22,7 @@ from protocol.websocket import binary_frame
 from .outbox import Flusher
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: a frozen __init__ cost ~2 µs per message
 class Published:
     """A committed message, as fanned out."""
 
@@ -47,7 +47,7 @@ class ReadMark:
     seq: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: a frozen __init__ cost ~2 µs per message
 class Ephemeral:
     conversation: bytes
     sender: str

@@ -8,22 +8,25 @@ fan-out, or a reorder between nodes) and switches the conversation to
 catch-up, which reads the gap from storage.  While catching up, live messages
 only raise ``known_last``; the catch-up loop keeps reading until it has
 delivered everything up to ``known_last`` and storage returns a short page,
-then flips back to live with no await in between.  Because every message is
-published only after its commit, a message is either seen by that last read
-or arrives live after the flip: no gap and no duplicate at the seam.
+then flips back to live.  Because every message is published only after its
+commit, a message is either seen by that last read, or published after the
+read began: before the flip it raised ``known_last`` (so no flip yet, and
+the loop reads again), after the flip it arrives live.  No gap and no
+duplicate at the seam.  Full pages are read one ahead while the previous
+one drains to the client.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import trio
 
 from protocol import events
-from protocol.errors import NotMember, Unavailable
+from protocol.errors import NotMember, RelayError, Unavailable
 from protocol.websocket import binary_frame
-from storage.base import Storage
+from storage.base import Storage, StoredMessage
 
 from .outbox import Flusher, Outbox
 
@@ -199,48 +202,63 @@ class Streams:
         self._on_idle()
 
     async def _catch_up(self, conversation: bytes) -> None:
+        ahead: _ReadAhead | None = None
         while True:
-            await self._outbox.wait_for_room(self._outbox.limit // 2)
             st = self.by_conversation.get(conversation)
             if st is None:
                 return
             try:
-                rows = await self._storage.read_messages(
-                    conversation, self.user, st.next_seq - 1, REPLAY_PAGE
-                )
+                if ahead is not None and ahead.after == st.next_seq - 1:
+                    rows = await ahead.rows()
+                else:
+                    await self._outbox.wait_for_room(self._outbox.limit // 2)
+                    rows = await self._read(conversation, st.next_seq - 1)
             except NotMember:
                 self.by_conversation.pop(conversation, None)
                 self._on_left(conversation)
                 return
+            ahead = None
             if self.by_conversation.get(conversation) is not st:
                 return  # left (or re-joined) while we were reading
-            for row in rows:
-                if row.seq < st.next_seq:
-                    continue
-                st.next_seq = row.seq + 1
-                if row.seq > st.known_last:
-                    st.known_last = row.seq
-                if row.seq > st.replay_to and row.device == self.device and row.sender == self.user:
-                    continue  # its #result carried the seq, as on the live path
-                self._outbox.write_control(
-                    binary_frame(
-                        events.message(
-                            conversation,
-                            row.seq,
-                            row.sender,
-                            row.created_ms,
-                            row.ciphertext,
-                            row.blob_key,
-                            row.blob_size,
-                        )
-                    )
-                )
-            self._flusher.flush()
+            self._replay(conversation, st, rows)
             if len(rows) < REPLAY_PAGE and st.next_seq > st.known_last:
-                st.catching_up = False  # no await since the read: see module doc
+                st.catching_up = False  # see module doc: known_last covers the wait
                 return
             if not rows and not await self._skip_pruned(conversation, st):
                 return
+            if len(rows) == REPLAY_PAGE and self._nursery is not None:
+                # Read the next page while this one drains to the client: the
+                # replay was otherwise idle for every database round trip.
+                ahead = _ReadAhead(st.next_seq - 1)
+                self._nursery.start_soon(ahead.fetch, self._read, conversation)
+                await self._outbox.wait_for_room(self._outbox.limit // 2)
+
+    async def _read(self, conversation: bytes, after_seq: int) -> list[StoredMessage]:
+        return await self._storage.read_messages(conversation, self.user, after_seq, REPLAY_PAGE)
+
+    def _replay(self, conversation: bytes, st: Stream, rows: list[StoredMessage]) -> None:
+        for row in rows:
+            if row.seq < st.next_seq:
+                continue
+            st.next_seq = row.seq + 1
+            if row.seq > st.known_last:
+                st.known_last = row.seq
+            if row.seq > st.replay_to and row.device == self.device and row.sender == self.user:
+                continue  # its #result carried the seq, as on the live path
+            self._outbox.write_control(
+                binary_frame(
+                    events.message(
+                        conversation,
+                        row.seq,
+                        row.sender,
+                        row.created_ms,
+                        row.ciphertext,
+                        row.blob_key,
+                        row.blob_size,
+                    )
+                )
+            )
+        self._flusher.flush()
 
     async def _skip_pruned(self, conversation: bytes, st: Stream) -> bool:
         """Nothing to read although seqs up to known_last were committed: they
@@ -260,6 +278,32 @@ class Streams:
         else:
             await trio.sleep(0.05)  # committed but not yet visible to us: do not spin
         return True
+
+
+class _ReadAhead:
+    """One replay page read in the background (a task of the session's nursery)."""
+
+    def __init__(self, after: int) -> None:
+        self.after = after
+        self._done = trio.Event()
+        self._rows: list[StoredMessage] = []
+        self._error: RelayError | None = None
+
+    async def fetch(
+        self, read: Callable[[bytes, int], Awaitable[list[StoredMessage]]], conversation: bytes
+    ) -> None:
+        try:
+            self._rows = await read(conversation, self.after)
+        except RelayError as exc:  # handed to the replay loop, never to the nursery
+            self._error = exc
+        finally:
+            self._done.set()
+
+    async def rows(self) -> list[StoredMessage]:
+        await self._done.wait()
+        if self._error is not None:
+            raise self._error
+        return self._rows
 
 
 def _nothing() -> None:

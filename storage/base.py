@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from protocol.errors import RelayError
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: a frozen __init__ cost ~2 µs per message
 class NewMessage:
     """A message to append.  The idempotency key is
     (conversation, sender, device, client_message_id)."""
@@ -61,7 +61,7 @@ class NewMessage:
     blob_size: int = 0
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: a frozen __init__ cost ~2 µs per message
 class Appended:
     """Outcome of one appended message."""
 
@@ -79,7 +79,7 @@ class Appended:
     removed: tuple[str, ...] = ()
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: a frozen __init__ cost ~2 µs per message
 class StoredMessage:
     conversation: bytes
     seq: int

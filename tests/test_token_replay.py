@@ -82,7 +82,7 @@ async def test_replay_on_the_same_node_websocket_and_sse(database_url):
             sse = make_token(ALICE, "sse")
             assert (await sse_status(r.port, sse))[0] == 200
             status, data = await sse_status(r.port, sse)
-            assert status == 401 and b"\"TokenReplayed\"" in data, data
+            assert status == 401 and b'"TokenReplayed"' in data, data
             assert (await upgrade(r.port, sse))[0] == 401
             # The HTTP key-package routes do not spend it (several calls per token).
             for _ in range(3):
