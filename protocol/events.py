@@ -107,6 +107,20 @@ def welcome(conversation: bytes, seq: int, epoch: int, welcome: bytes) -> bytes:
     )
 
 
+def send_result(
+    request_id: int, seq: int, time_ms: int, epoch: int | None = None, blob: str = ""
+) -> bytes:
+    """The ``#result`` of a durable send: one per send, so presorted (DAG-CBOR
+    key order) instead of sorting keys each time."""
+    body: dict[str, Any] = {"id": request_id, "seq": seq}
+    if blob:
+        body["blob"] = blob
+    body["time"] = time_ms
+    if epoch is not None:
+        body["epoch"] = epoch
+    return encode_presorted("#result", body)
+
+
 def result(request_id: int, **fields: Any) -> bytes:
     """The successful reply to request ``request_id``."""
     return encode_frame("#result", {"id": request_id, **fields})

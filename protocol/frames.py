@@ -32,7 +32,7 @@ OP_ERROR = -1
 PROTOCOL_VERSION = 1
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: a frozen __init__ costs ~1.5 µs per frame
 class Frame:
     op: int
     t: str | None
@@ -133,6 +133,7 @@ def decode_frame(data: bytes) -> Frame:
     t = header.get("t")
     if op == OP_MESSAGE and (not isinstance(t, str) or not t.startswith("#")):
         raise MalformedFrame('header.t must be a text string starting with "#"')
-    if not all(isinstance(k, str) for k in body):
-        raise MalformedFrame("body keys must be text strings")
+    for key in body:
+        if type(key) is not str:
+            raise MalformedFrame("body keys must be text strings")
     return Frame(op=op, t=t if op == OP_MESSAGE else None, body=body)

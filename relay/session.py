@@ -288,12 +288,10 @@ class Session:
             # Runs in the committer after the commit; it flushes once per batch.
             if isinstance(outcome, Appended):
                 self._release_slot()
-                extra: dict[str, object] = {}
-                if outcome.epoch is not None:
-                    extra["epoch"] = outcome.epoch
-                if message.blob_key and not outcome.duplicate:  # out of line (relay/blobs.py)
-                    extra["blob"] = message.blob_key
-                reply = events.result(req.id, seq=outcome.seq, time=outcome.created_ms, **extra)
+                blob = message.blob_key if not outcome.duplicate else ""  # relay/blobs.py
+                reply = events.send_result(
+                    req.id, outcome.seq, outcome.created_ms, outcome.epoch, blob
+                )
                 self.outbox.write_control(binary_frame(reply))
             else:
                 self._reply_failed(req, outcome)

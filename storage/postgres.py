@@ -35,9 +35,9 @@ from storage.base import (
     StoredMessage,
 )
 from storage.migrate import migrate_postgres
-from storage.offline import Job, OfflineStorage
 from storage.pgpool import PgConn, pg_pool
 from storage.postgres_mls import append_mls, append_plain, append_plain_batch, pg_exec
+from storage.postgres_offline import PgOfflineStorage
 
 T = TypeVar("T")
 
@@ -45,27 +45,6 @@ _INFO_SQL = """
 SELECT c.id, c.last_seq, m.joined_seq, c.first_seq
   FROM members m JOIN conversations c ON c.id = m.conversation_id
 """
-
-
-# offline_sql.record_deliveries as one statement (see PostgresStorage.record_deliveries).
-_RECORD_DELIVERIES_SQL = """
-INSERT INTO deliveries (conversation_id, user_did, device_id, seq, updated_ms)
-SELECT t.conv, t.usr, t.dev, t.seq, %b FROM unnest(%b::bytea[], %b::text[], %b::text[],
-       %b::bigint[]) AS t (conv, usr, dev, seq)
- WHERE EXISTS (SELECT 1 FROM conversations c WHERE c.id = t.conv)
-ON CONFLICT (conversation_id, user_did, device_id)
-DO UPDATE SET seq = excluded.seq, updated_ms = excluded.updated_ms
-WHERE excluded.seq > deliveries.seq
-"""
-
-
-def _pg_many(conn: PgConn) -> offline_sql.Many:
-    def many(sql: str, rows: Sequence[Sequence[object]]) -> None:
-        if rows:
-            with conn.cursor() as cur:
-                cur.executemany(sql.replace("?", "%s"), rows)
-
-    return many
 
 
 def _info(row: tuple[bytes, int, int, int]) -> ConversationInfo:
@@ -85,7 +64,7 @@ def _lock_for_member(conn: PgConn, conversation: bytes, actor: str) -> int:
     return int(row[0])
 
 
-class PostgresStorage(OfflineStorage, Storage):
+class PostgresStorage(PgOfflineStorage, Storage):
     def __init__(
         self,
         conninfo: str,
@@ -108,25 +87,6 @@ class PostgresStorage(OfflineStorage, Storage):
                 return job(conn)
 
         return await self._pool.run(in_transaction)
-
-    async def record_deliveries(
-        self, rows: Sequence[tuple[str, str, bytes, int]], now_ms: int
-    ) -> None:
-        """One statement over arrays, parameters in binary: executemany spent
-        tens of ms of GIL per 1,000 rows, stalling the event loop each round."""
-        if not rows:
-            return
-        params = (
-            now_ms, [r[2] for r in rows], [r[0] for r in rows], [r[1] for r in rows],
-            [r[3] for r in rows],
-        )  # fmt: skip
-        await self._pool.run(lambda conn: conn.execute(_RECORD_DELIVERIES_SQL, params))
-
-    async def _offline_read(self, job: Job[T]) -> T:
-        return await self._pool.run(lambda conn: job(pg_exec(conn), _pg_many(conn)))
-
-    async def _offline_write(self, job: Job[T]) -> T:
-        return await self._tx(lambda conn: job(pg_exec(conn), _pg_many(conn)))
 
     # --- lifecycle -------------------------------------------------------------
 

@@ -57,6 +57,30 @@ def test_message_event_is_canonical_dag_cbor():
     assert wire.hex().startswith("a2617468236d657373616765626f7001")
 
 
+def test_presorted_encoders_match_the_canonical_encoding():
+    """Every hot-path encoder that lists its keys itself, in every variant."""
+    cases = [
+        (events.message(b"c", 7, "did:x:a", 5, b"", "k" * 24, 9000),
+         "#message", {"conversation": b"c", "seq": 7, "sender": "did:x:a", "time": 5,
+                      "ciphertext": b"", "blob": "k" * 24, "size": 9000}),
+        (events.read(b"c", "did:x:b", 42), "#read",
+         {"conversation": b"c", "user": "did:x:b", "seq": 42}),
+    ]  # fmt: skip
+    for epoch in (None, 0, 3):
+        for blob in ("", "b" * 24):
+            body: dict[str, object] = {"id": 9, "seq": 1, "time": 2}
+            if epoch is not None:
+                body["epoch"] = epoch
+            if blob:
+                body["blob"] = blob
+            cases.append((events.send_result(9, 1, 2, epoch, blob), "#result", body))
+    for wire, t, body in cases:
+        reference = cbor2.dumps({"t": t, "op": 1}, canonical=True) + cbor2.dumps(
+            body, canonical=True
+        )
+        assert wire == reference, t
+
+
 def test_encode_frame_orders_keys_length_first():
     wire = encode_frame("#x", {"zz": 1, "a": 2, "bbb": {"yy": 1, "x": 2}})
     frame = decode_frame(wire)
