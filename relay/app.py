@@ -180,6 +180,7 @@ class Relay:
         )
         self._committer.observer = self.metrics.observe_batch
         self._committer.on_published = self._on_published
+        self.reader.committer = self._committer
         http = HttpFrontend(self)
         try:
             async with trio.open_nursery() as nursery:

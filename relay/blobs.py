@@ -36,7 +36,7 @@ from protocol.errors import InvalidRequest, PayloadTooLarge, RelayError, Storage
 from protocol.requests import blob_key
 from storage.blobstore import BlobStore, open_blob_store
 
-from .auth import Identity, token_from_request
+from .keypackages import request_identity
 
 if TYPE_CHECKING:
     from .app import Relay
@@ -113,11 +113,6 @@ class Blobs:
         await self.store.aclose()
 
 
-def _identity(relay: Relay) -> Identity:
-    headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in request.headers.items()]
-    return relay.authenticator.verify(token_from_request(headers, request.query_string))
-
-
 def _conversation(text: str) -> bytes:
     try:
         conv = bytes.fromhex(text)
@@ -149,7 +144,7 @@ def blueprint(relay: Relay, blobs: Blobs) -> Blueprint:
 
     @bp.post("/v1/conversations/<conversation>/blobs")
     async def upload(conversation: str) -> Any:
-        who = _identity(relay)
+        who = request_identity(relay)
         conv = _conversation(conversation)
         data = await _body(relay.config.max_blob)
         key = await blobs.save(conv, who.user, who.device, data)
@@ -157,7 +152,7 @@ def blueprint(relay: Relay, blobs: Blobs) -> Blueprint:
 
     @bp.get("/v1/conversations/<conversation>/blobs/<key>")
     async def download(conversation: str, key: str) -> Any:
-        who = _identity(relay)
+        who = request_identity(relay)
         conv = _conversation(conversation)
         key = blob_key(key)
         info = await relay.storage.blob_for_reader(conv, key, who.user)

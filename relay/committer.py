@@ -64,6 +64,14 @@ class Committer:
         self.on_published: Callable[[list[Published]], None] | None = None
         #: Set when the committer stopped after close(): every queued send is committed.
         self.drained = trio.Event()
+        # Overload: above half the queue the node stops reading sockets (see
+        # NodeReader) until the queue is back under an eighth.  Reading,
+        # decoding and refusing sends the database cannot take cost the CPU
+        # that delivery needs; unread bytes wait in TCP buffers instead.
+        self._high = max(1, queue // 2)
+        self._low = queue // 8
+        self._calm = trio.Event()
+        self._calm.set()
 
     def submit(self, item: PendingSend) -> None:
         """Queue a send (synchronous).  Refused, retryably, when draining or full:
@@ -75,6 +83,16 @@ class Committer:
         else:
             self._queue.append(item)
             self._arrived.set()
+            if len(self._queue) >= self._high and self._calm.is_set():
+                self._calm = trio.Event()
+
+    @property
+    def congested(self) -> bool:
+        return not self._calm.is_set()
+
+    async def wait_calm(self) -> None:
+        """Until the commit queue is back under its low-water mark."""
+        await self._calm.wait()
 
     async def run(self) -> None:
         queue = self._queue
@@ -87,6 +105,8 @@ class Committer:
                 continue
             n = min(len(queue), self._max_batch)
             batch = [queue.popleft() for _ in range(n)]
+            if len(queue) <= self._low:
+                self._calm.set()
             await self._commit([p for p in batch if not p.abandoned()])
         self.drained.set()
 
@@ -148,3 +168,4 @@ class Committer:
         """Stop accepting sends; queued ones are still committed by run()."""
         self._closed = True
         self._arrived.set()
+        self._calm.set()  # shutting down: read on (sends are refused anyway)

@@ -32,7 +32,8 @@ if TYPE_CHECKING:
 MAX_UPLOAD_BYTES = 4 * 1024 * 1024
 
 
-def _identity(relay: Relay) -> Identity:
+def request_identity(relay: Relay) -> Identity:
+    """The verified identity of the current HTTP request's bearer token."""
     headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in request.headers.items()]
     return relay.authenticator.verify(token_from_request(headers, request.query_string))
 
@@ -67,7 +68,7 @@ def blueprint(relay: Relay) -> Blueprint:
 
     @bp.post("/v1/keypackages")
     async def upload() -> Any:
-        who = _identity(relay)
+        who = request_identity(relay)
         ds = for_relay(relay)
         body = await request.get_data(cache=False)
         assert isinstance(body, bytes)
@@ -99,7 +100,7 @@ def blueprint(relay: Relay) -> Blueprint:
 
     @bp.get("/v1/keypackages/count")
     async def count() -> Any:
-        who = _identity(relay)
+        who = request_identity(relay)
         now = int(for_relay(relay).clock())
         counts = await relay.storage.key_package_counts(who.user, who.device, now)
         return jsonify(
@@ -120,7 +121,7 @@ def blueprint(relay: Relay) -> Blueprint:
 
     @bp.post("/v1/keypackages/claim")
     async def claim() -> Any:
-        who = _identity(relay)
+        who = request_identity(relay)
         body = await request.get_json(force=True, silent=True)
         if not isinstance(body, dict):
             raise InvalidRequest("body must be JSON {users, cipher_suite}")
@@ -153,7 +154,7 @@ def blueprint(relay: Relay) -> Blueprint:
 
     @bp.get("/v1/conversations/<conversation>/groupinfo")
     async def group_info(conversation: str) -> Any:
-        who = _identity(relay)
+        who = request_identity(relay)
         try:
             conv = bytes.fromhex(conversation)
         except ValueError:

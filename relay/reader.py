@@ -9,7 +9,9 @@ bytes to the session synchronously.  This mirrors the write side
 (relay.outbox), where one ``send`` per dirty connection follows each batch.
 
 Backpressure: a session with too many requests in flight is paused (its fd
-stays in the set with no events) and resumed when its replies went out.
+stays in the set with no events) and resumed when its replies went out; and
+while the node's commit queue is congested, no socket is read at all (see
+:meth:`relay.committer.Committer.congested`).
 """
 
 from __future__ import annotations
@@ -18,11 +20,14 @@ import contextlib
 import logging
 import os
 import select
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import trio
 
 from .outbox import Flusher
+
+if TYPE_CHECKING:
+    from .committer import Committer
 
 log = logging.getLogger("relay.reader")
 
@@ -42,6 +47,9 @@ class NodeReader:
         self._epoll = select.epoll()
         self._flusher = flusher
         self._sessions: dict[int, Readable] = {}
+        #: Set by the relay once its committer exists: reading waits while it is congested.
+        self.committer: Committer | None = None
+        self.throttled = 0
 
     def add(self, fd: int, session: Readable) -> None:
         self._sessions[fd] = session
@@ -66,6 +74,10 @@ class NodeReader:
         try:
             while True:
                 await trio.lowlevel.wait_readable(self._epoll.fileno())
+                committer = self.committer
+                if committer is not None and committer.congested:
+                    self.throttled += 1
+                    await committer.wait_calm()
                 self._read_ready()
         finally:
             self._epoll.close()
