@@ -1,9 +1,11 @@
-"""The offline-devices-and-blobs part of the storage contract, for both backends.
+"""The parts of the storage contract whose SQL is shared by both backends.
 
 A mixin: each backend supplies ``_offline_read`` and ``_offline_write``, which
 run a job with an :class:`~storage.mls_sql.Exec` and a
 :class:`~storage.offline_sql.Many` on a connection (writes in one
-transaction); the SQL itself is shared (:mod:`storage.offline_sql`).
+transaction).  The SQL lives in :mod:`storage.offline_sql` (offline devices
+and blobs), :mod:`storage.retention_sql` and :mod:`storage.mls_sql`; methods
+whose backends differ (locking, batching) stay in the backends.
 """
 
 from __future__ import annotations
@@ -12,8 +14,16 @@ import abc
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
+from storage import mls_sql, retention_sql
 from storage import offline_sql as q
-from storage.base import BlobInfo, ConversationKind, DeliveryState, PushRegistration
+from storage.base import (
+    BlobInfo,
+    ConversationKind,
+    DeliveryState,
+    KeyPackageCount,
+    PendingWelcome,
+    PushRegistration,
+)
 from storage.mls_sql import Exec
 
 T = TypeVar("T")
@@ -95,3 +105,31 @@ class OfflineStorage(abc.ABC):
     async def forget_blobs(self, blobs: Sequence[tuple[bytes, str]]) -> None:
         if blobs:
             await self._offline_write(lambda _, many: q.forget_blobs(many, blobs))
+
+    # --- retention and MLS reads (storage/retention_sql.py, storage/mls_sql.py) ---
+
+    async def prune_group_infos(self, older_than_ms: int) -> int:
+        return await self._offline_write(
+            lambda ex, _: retention_sql.prune_group_infos(ex, older_than_ms)
+        )
+
+    async def consume_token(self, jti: str, user: str, expires_ms: int, now_ms: int) -> bool:
+        return await self._offline_write(
+            lambda ex, _: retention_sql.consume_token(ex, jti, user, expires_ms, now_ms)
+        )
+
+    async def purge_token_uses(self, now_ms: int) -> int:
+        return await self._offline_write(lambda ex, _: retention_sql.purge_token_uses(ex, now_ms))
+
+    async def key_package_counts(self, user: str, device: str, now_s: int) -> list[KeyPackageCount]:
+        return await self._offline_read(
+            lambda ex, _: mls_sql.key_package_counts(ex, user, device, now_s)
+        )
+
+    async def welcomes_for(self, user: str, device: str) -> list[PendingWelcome]:
+        return await self._offline_read(lambda ex, _: mls_sql.welcomes_for(ex, user, device))
+
+    async def latest_group_info(self, conversation: bytes, user: str) -> tuple[int, bytes]:
+        return await self._offline_read(
+            lambda ex, _: mls_sql.latest_group_info(ex, conversation, user)
+        )

@@ -27,10 +27,8 @@ from storage.base import (
     Appended,
     ClaimResult,
     ConversationInfo,
-    KeyPackageCount,
     NewKeyPackage,
     NewMessage,
-    PendingWelcome,
     Storage,
     StoredMessage,
 )
@@ -301,19 +299,6 @@ class PostgresStorage(PgOfflineStorage, Storage):
 
         return await self._tx(job)
 
-    async def prune_group_infos(self, older_than_ms: int) -> int:
-        return await self._tx(
-            lambda conn: retention_sql.prune_group_infos(pg_exec(conn), older_than_ms)
-        )
-
-    async def consume_token(self, jti: str, user: str, expires_ms: int, now_ms: int) -> bool:
-        return await self._tx(
-            lambda conn: retention_sql.consume_token(pg_exec(conn), jti, user, expires_ms, now_ms)
-        )
-
-    async def purge_token_uses(self, now_ms: int) -> int:
-        return await self._tx(lambda conn: retention_sql.purge_token_uses(pg_exec(conn), now_ms))
-
     # --- cursors ------------------------------------------------------------
 
     async def get_cursors(self, user: str, device: str) -> dict[bytes, int]:
@@ -374,11 +359,6 @@ class PostgresStorage(PgOfflineStorage, Storage):
 
         return await self._tx(job)
 
-    async def key_package_counts(self, user: str, device: str, now_s: int) -> list[KeyPackageCount]:
-        return await self._pool.run(
-            lambda conn: mls_sql.key_package_counts(pg_exec(conn), user, device, now_s)
-        )
-
     async def claim_key_packages(
         self, claimer: str, users: Sequence[str], cipher_suite: int, now_s: int, now_ms: int
     ) -> ClaimResult:
@@ -389,11 +369,3 @@ class PostgresStorage(PgOfflineStorage, Storage):
             )  # fmt: skip
 
         return await self._tx(job)
-
-    async def welcomes_for(self, user: str, device: str) -> list[PendingWelcome]:
-        return await self._pool.run(lambda conn: mls_sql.welcomes_for(pg_exec(conn), user, device))
-
-    async def latest_group_info(self, conversation: bytes, user: str) -> tuple[int, bytes]:
-        return await self._pool.run(
-            lambda conn: mls_sql.latest_group_info(pg_exec(conn), conversation, user)
-        )

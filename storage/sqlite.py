@@ -33,10 +33,8 @@ from storage.base import (
     Appended,
     ClaimResult,
     ConversationInfo,
-    KeyPackageCount,
     NewKeyPackage,
     NewMessage,
-    PendingWelcome,
     Storage,
     StoredMessage,
 )
@@ -312,19 +310,6 @@ class SqliteStorage(OfflineStorage, Storage):
 
         return await self._write(job)
 
-    async def prune_group_infos(self, older_than_ms: int) -> int:
-        return await self._write(
-            lambda c: retention_sql.prune_group_infos(ex_for(c), older_than_ms)
-        )
-
-    async def consume_token(self, jti: str, user: str, expires_ms: int, now_ms: int) -> bool:
-        return await self._write(
-            lambda c: retention_sql.consume_token(ex_for(c), jti, user, expires_ms, now_ms)
-        )
-
-    async def purge_token_uses(self, now_ms: int) -> int:
-        return await self._write(lambda c: retention_sql.purge_token_uses(ex_for(c), now_ms))
-
     # --- cursors ------------------------------------------------------------
 
     async def get_cursors(self, user: str, device: str) -> dict[bytes, int]:
@@ -377,11 +362,6 @@ class SqliteStorage(OfflineStorage, Storage):
             lambda conn: mls_sql.put_key_packages(ex_for(conn), user, device, packages, now_ms)
         )
 
-    async def key_package_counts(self, user: str, device: str, now_s: int) -> list[KeyPackageCount]:
-        return await self._read(
-            lambda conn: mls_sql.key_package_counts(ex_for(conn), user, device, now_s)
-        )
-
     async def claim_key_packages(
         self, claimer: str, users: Sequence[str], cipher_suite: int, now_s: int, now_ms: int
     ) -> ClaimResult:
@@ -389,12 +369,4 @@ class SqliteStorage(OfflineStorage, Storage):
             lambda conn: mls_sql.claim_key_packages(
                 ex_for(conn), claimer, users, cipher_suite, now_s, now_ms
             )
-        )
-
-    async def welcomes_for(self, user: str, device: str) -> list[PendingWelcome]:
-        return await self._read(lambda conn: mls_sql.welcomes_for(ex_for(conn), user, device))
-
-    async def latest_group_info(self, conversation: bytes, user: str) -> tuple[int, bytes]:
-        return await self._read(
-            lambda conn: mls_sql.latest_group_info(ex_for(conn), conversation, user)
         )
