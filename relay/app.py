@@ -113,7 +113,7 @@ class Relay:
         cfg = self.config
         self.blobs = Blobs(self)
         self.delivery = DeliveryTracker(self)
-        self.push_providers = parse_providers(cfg.push_providers) if cfg.push_providers else {}
+        self.push_providers = parse_providers(cfg.push_providers)
         self.pusher: Pusher | None = None
         if self.push_providers:
             push_config = PushConfig(
@@ -122,16 +122,8 @@ class Relay:
             self.pusher = Pusher(push_config, self._push_targets, self._online, self._push_gone)
 
     async def _push_targets(self, conversations: list[bytes]) -> dict[bytes, list[PushTarget]]:
-        from .push import PushTarget
-
-        regs = await self.storage.push_registrations(conversations)
-        return {
-            conv: [
-                PushTarget(r.user, r.device, r.provider, r.zone, r.token, r.joined_seq)
-                for r in rows
-            ]
-            for conv, rows in regs.items()
-        }
+        """The pusher's resolve(): storage opens only in run(), so look it up per call."""
+        return await self.storage.push_registrations(conversations)
 
     async def _online(self, pairs: list[tuple[str, str]]) -> set[tuple[str, str]]:
         """Devices connected right now to any node (relay/presence.py)."""

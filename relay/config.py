@@ -206,6 +206,13 @@ def validate(cfg: Config) -> None:
         raise ConfigError("RELAY_STORAGE_MODEL must be inline or blob")
     if cfg.blob_threshold < 0 or cfg.max_blob < 1:
         raise ConfigError("RELAY_BLOB_THRESHOLD must be >= 0 and RELAY_MAX_BLOB >= 1")
+    if cfg.push_providers:
+        from .push import parse_providers
+
+        try:
+            parse_providers(cfg.push_providers)
+        except ValueError as exc:
+            raise ConfigError(f"RELAY_PUSH_PROVIDERS: {exc}") from None
     if cfg.workers < 1:
         raise ConfigError(f"RELAY_WORKERS must be >= 1, got {cfg.workers}")
     if cfg.workers > 1 and not cfg.redis_url:

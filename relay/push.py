@@ -36,6 +36,8 @@ from urllib.parse import urlsplit
 import httpx
 import trio
 
+from storage.records import PushRegistration
+
 from .logs import short_did
 
 log = logging.getLogger("relay.push")
@@ -52,14 +54,10 @@ _RETRY_AFTER_CAP_S = 300.0
 _NAME = re.compile(r"[A-Za-z0-9_.\-]+")
 
 
-@dataclass(frozen=True, slots=True)
-class PushTarget:
-    user: str  # member DID (never sent to the provider)
-    device: str
-    provider: str  # name of a configured provider
-    zone: str  # routing hint chosen by the device; forwarded
-    token: str  # the device's opaque push token; forwarded
-    joined_seq: int  # the member sees only seq > joined_seq
+#: A member's push-registered device, exactly as storage returns it: user (a
+#: DID, never sent to the provider), device, provider (a configured name),
+#: zone and token (forwarded), joined_seq (the member sees only seq > it).
+PushTarget = PushRegistration
 
 
 @dataclass(frozen=True, slots=True)

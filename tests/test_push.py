@@ -391,3 +391,12 @@ def test_parse_providers() -> None:
     for bad in ("fcm", "=https://h/p", "fcm=ftp://h/p", "fcm=https://", "a=http://h,a=http://i"):
         with pytest.raises(ValueError):
             parse_providers(bad)
+
+
+def test_bad_push_providers_are_a_configuration_error() -> None:
+    from relay.config import ConfigError, from_env
+
+    assert from_env({"RELAY_PUSH_PROVIDERS": "hook=https://push.example/x"}).push_providers
+    for bad in ("hook", "hook=ftp://x", "a=https://x,a=https://y"):
+        with pytest.raises(ConfigError, match="RELAY_PUSH_PROVIDERS"):
+            from_env({"RELAY_PUSH_PROVIDERS": bad})
