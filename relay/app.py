@@ -168,7 +168,11 @@ class Relay:
             if self.config.effective_database_url.startswith("sqlite"):
                 await self._storage.migrate()  # the embedded default migrates itself
         self._committer = Committer(
-            self.storage, self.fanout, self.flusher, max_batch=self.config.commit_batch
+            self.storage,
+            self.fanout,
+            self.flusher,
+            max_batch=self.config.commit_batch,
+            linger=self.config.commit_linger_ms / 1000,
         )
         self._committer.observer = self.metrics.observe_batch
         self._committer.on_published = self._on_published

@@ -17,14 +17,20 @@ anything buffered but not yet consumed is delivered again and de-duplicated
 by seq on the way out.  Sends are re-sent after a reconnect with the same
 ``client_message_id`` (the relay stores each at most once and answers the
 retry with the original seq).  Requests that are not idempotent (create,
-add, remove) fail with :class:`ConnectionLost` instead: the caller decides.
-Ciphertext is opaque here: MLS encryption is the application's job.
+add, remove, leave, delete, claim) fail with :class:`ConnectionLost` instead:
+the caller decides.  Ciphertext is opaque here: MLS encryption is the
+application's job.
 
 ``token`` is a string or a callable returning one, called before every
 connection.  Relays make tokens single-use by default (a replayed ``jti`` is
 refused with 401 ``TokenReplayed``), so a client that must survive reconnects
 passes a callable that mints or fetches a fresh token; with a plain string the
 first reconnect fails with ``RequestFailed("AuthRejected", ...)``.
+
+This module holds the connection: reconnects, request/reply matching and the
+event stream.  The typed request methods (``send``, ``mark_read``, ...) are
+in :mod:`relay.client_requests`, events, results and errors in
+:mod:`relay.client_events`; both are re-exported here.
 """
 
 from __future__ import annotations
@@ -33,7 +39,6 @@ import io
 import json
 import math
 import random
-import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
@@ -49,11 +54,30 @@ from trio_websocket import (
     connect_websocket_url,
 )
 
+from .client_events import (
+    ClaimedKeyPackage,
+    ConnectionLost,
+    DeliveryState,
+    Ephemeral,
+    Event,
+    Info,
+    KeyPackageClaim,
+    Membership,
+    Message,
+    Other,
+    RequestFailed,
+    parse_event,
+)
+from .client_requests import Requests
+
 __all__ = [
+    "ClaimedKeyPackage",
     "ConnectionLost",
+    "DeliveryState",
     "Ephemeral",
     "Event",
     "Info",
+    "KeyPackageClaim",
     "Membership",
     "Message",
     "Other",
@@ -61,89 +85,22 @@ __all__ = [
     "RequestFailed",
 ]
 
-#: Requests safe to send again on a new connection.
-_IDEMPOTENT = frozenset({"#send", "#ack", "#listConversations"})
+#: Requests safe to send again on a new connection: sends carry their
+#: client_message_id; the others only read, register the same thing again, or
+#: move a position that never goes back.
+_IDEMPOTENT = frozenset(
+    {
+        "#send",
+        "#ack",
+        "#listConversations",
+        "#markRead",
+        "#readPositions",
+        "#deliveryState",
+        "#registerPush",
+    }
+)
 #: Close codes after which reconnecting with the same token is pointless.
 _FATAL_CLOSES = frozenset({4401, 4403})
-
-
-# --- events ----------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Message:
-    conversation: bytes
-    seq: int
-    sender: str
-    time_ms: int
-    ciphertext: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class Membership:
-    conversation: bytes
-    actor: str
-    added: tuple[str, ...]
-    removed: tuple[str, ...]
-    seq: int
-
-
-@dataclass(frozen=True, slots=True)
-class Ephemeral:
-    conversation: bytes
-    sender: str
-    time_ms: int
-    ciphertext: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class Info:
-    """``#info``: CaughtUp, OutdatedCursor, ... (``details`` holds extra fields)."""
-
-    name: str
-    message: str
-    details: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True, slots=True)
-class Other:
-    """Any event type this SDK version does not model (forward compatibility)."""
-
-    type: str
-    body: dict[str, Any]
-
-
-Event = Message | Membership | Ephemeral | Info | Other
-
-
-def _event(t: str, b: dict[str, Any]) -> Event:
-    if t == "#message":
-        return Message(b["conversation"], b["seq"], b["sender"], b["time"], b["ciphertext"])
-    if t == "#membership":
-        return Membership(
-            b["conversation"], b["actor"], tuple(b["added"]), tuple(b["removed"]), b["seq"]
-        )
-    if t == "#ephemeral":
-        return Ephemeral(b["conversation"], b["sender"], b["time"], b["ciphertext"])
-    if t == "#info":
-        rest = {k: v for k, v in b.items() if k not in ("name", "message")}
-        return Info(b["name"], b.get("message", ""), rest)
-    return Other(t, b)
-
-
-# --- errors ----------------------------------------------------------------------
-
-
-class RequestFailed(Exception):
-    """The relay answered a request with an error frame."""
-
-    def __init__(self, error: str, message: str, body: dict[str, Any]) -> None:
-        super().__init__(f"{error}: {message}")
-        self.error, self.message, self.body = error, message, body
-
-
-class ConnectionLost(Exception):
-    """The connection dropped before a non-idempotent request was answered."""
 
 
 def _unwrap(exc: BaseException) -> BaseException:
@@ -188,7 +145,7 @@ class _Pending:
     sent_on: int = 0
 
 
-class RelayClient:
+class RelayClient(Requests):
     def __init__(
         self,
         url: str,
@@ -239,39 +196,6 @@ class RelayClient:
         raise client._fatal or TimeoutError(f"could not connect to {url}")
 
     # --- requests --------------------------------------------------------------
-
-    async def send(
-        self, conversation: bytes, ciphertext: bytes, client_message_id: str | None = None
-    ) -> int:
-        """Store a message; returns its seq once the relay has committed it."""
-        reply = await self.request(
-            "#send",
-            conversation=conversation,
-            ciphertext=ciphertext,
-            client_message_id=client_message_id or uuid.uuid4().hex,
-        )
-        return int(reply["seq"])
-
-    async def create_conversation(self, conversation: bytes, members: list[str]) -> list[str]:
-        reply = await self.request(
-            "#createConversation", conversation=conversation, members=members
-        )
-        return list(reply.get("members", []))
-
-    async def add_members(self, conversation: bytes, members: list[str]) -> list[str]:
-        reply = await self.request("#addMembers", conversation=conversation, members=members)
-        return list(reply.get("added", []))
-
-    async def remove_members(self, conversation: bytes, members: list[str]) -> list[str]:
-        reply = await self.request("#removeMembers", conversation=conversation, members=members)
-        return list(reply.get("removed", []))
-
-    async def list_conversations(self) -> list[dict[str, Any]]:
-        return list((await self.request("#listConversations"))["conversations"])
-
-    async def ack(self, conversation: bytes, seq: int) -> int:
-        """Move this device's stored cursor (where a fresh connection resumes)."""
-        return int((await self.request("#ack", conversation=conversation, seq=seq))["seq"])
 
     async def request(self, t: str, **body: Any) -> dict[str, Any]:
         """Send any request and wait for its #result body (raises RequestFailed)."""
@@ -427,4 +351,4 @@ class RelayClient:
                 pending.reply = body
             pending.done.set()
         elif header.get("op") == 1 and header.get("t") not in ("#result", "#hello"):
-            self._send_events.send_nowait(_event(str(header["t"]), body))
+            self._send_events.send_nowait(parse_event(str(header["t"]), body))

@@ -58,6 +58,9 @@ class Config:
     outbox_limit: int = 4 * 1024 * 1024
     max_in_flight: int = 64
     commit_batch: int = 512
+    #: A batch waits up to this long after its first send for more sends to
+    #: join it (relay/committer.py).  0 commits at once.
+    commit_linger_ms: float = 2.0
     handshake_timeout_s: float = 10.0
     shutdown_deadline_s: float = 30.0
     memory_limit_mb: int = 0

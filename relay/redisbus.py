@@ -23,9 +23,9 @@ Membership changes and displacement notices are few and not repairable from a
 seq, so they are retained (up to a bound) across an outage rather than dropped.
 Ephemeral messages are best effort, as on a single node.
 
-Wire format of one Redis message (CBOR): ``[instance_id, [event, ...]]`` with
-events as tagged lists (see ``_MSG`` etc.); several events share one PUBLISH
-so the bus keeps up with the committer's batches.
+This module does the I/O, buffering and loss accounting; the wire format
+(events as tagged CBOR lists, several per PUBLISH) and the delivery of a
+received batch to the hub are in :mod:`relay.buswire`.
 """
 
 from __future__ import annotations
@@ -37,17 +37,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import cbor2
 import coredis
 import trio
 from coredis.retry import NoRetryPolicy
 
+from . import buswire
 from .fanout import FanOut
 from .hub import Ephemeral, Hub, MembershipChange, Published, ReadMark
 
 log = logging.getLogger("relay.redisbus")
 
-_MSG, _EPH, _MEMBER, _REPAIR, _DISPLACE, _BYE, _READ = range(7)
 #: Approximate per-event overhead added to ciphertext sizes for buffer accounting.
 _OVERHEAD = 96
 
@@ -119,34 +118,25 @@ class RedisFanOut(FanOut):
     def publish(self, messages: list[Published]) -> None:
         self._hub.publish(messages)  # local delivery never waits for Redis
         for m in messages:
-            event = [_MSG, m.conversation, m.seq, m.sender, m.device, m.created_ms, m.ciphertext]
-            if m.blob_key:
-                event += [m.blob_key, m.blob_size]
-            if not self._enqueue(event, len(m.ciphertext)):
+            if not self._enqueue(buswire.message(m), len(m.ciphertext)):
                 self._note_lost(m.conversation, m.seq)
 
     def publish_ephemeral(self, message: Ephemeral) -> None:
         self._hub.publish_ephemeral(message)
-        m = message
-        event = [_EPH, m.conversation, m.sender, m.device, m.created_ms, m.ciphertext]
-        if not self._enqueue(event, len(m.ciphertext)):
+        if not self._enqueue(buswire.ephemeral(message), len(message.ciphertext)):
             self.stats.dropped += 1  # best effort, like on one node
 
     def publish_membership(self, change: MembershipChange) -> None:
         self._hub.publish_membership(change)
-        c = change
-        added = [[user, seq] for user, seq in c.added]
-        event = [_MEMBER, c.conversation, c.actor, added, list(c.removed), c.last_seq]
-        self._enqueue(event, 0, retained=True)
+        self._enqueue(buswire.membership(change), 0, retained=True)
 
     def publish_read(self, mark: ReadMark) -> None:
         self._hub.publish_read(mark)
-        event = [_READ, mark.conversation, mark.user, mark.device, mark.seq]
-        if not self._enqueue(event, 0):
+        if not self._enqueue(buswire.read_mark(mark), 0):
             self.stats.dropped += 1  # live only, like ephemerals; #readPositions has them
 
     def displace(self, user: str, device: str, registered_at: float) -> None:
-        self._enqueue([_DISPLACE, user, device, registered_at], 0, retained=True)
+        self._enqueue(buswire.displace(user, device, registered_at), 0, retained=True)
 
     @property
     def healthy(self) -> bool:
@@ -197,7 +187,7 @@ class RedisFanOut(FanOut):
                 # A fresh client: the cancellation that stops us also stopped
                 # the connection tasks of the first one.
                 with trio.CancelScope(shield=True), trio.move_on_after(2):
-                    self._enqueue([_BYE], 0, retained=True)
+                    self._enqueue(buswire.bye(), 0, retained=True)
                     try:
                         async with self._new_client("bye") as last:
                             while self._queue or self._lost_pending():
@@ -250,7 +240,7 @@ class RedisFanOut(FanOut):
         batch: list[tuple[list[Any], int, bool]] = []
         if self._lost_pending():
             marker = None if self._lost_all else dict(self._lost)
-            batch.append(([_REPAIR, marker], 0, False))
+            batch.append((buswire.repair(marker), 0, False))
             self._lost, self._lost_all = {}, False
         size = 0
         while self._queue and len(batch) < self._batch_events:
@@ -265,7 +255,7 @@ class RedisFanOut(FanOut):
 
     async def _publish_batch(self, client: coredis.Redis[bytes]) -> bool:
         batch = self._take_batch()
-        payload = cbor2.dumps([self.instance, [event for event, _, _ in batch]])
+        payload = buswire.dumps(self.instance, (event for event, _, _ in batch))
         try:
             with trio.fail_after(self._publish_timeout):
                 await client.publish(self.channel, payload)
@@ -280,7 +270,7 @@ class RedisFanOut(FanOut):
         self._publisher_ok = True
         self.stats.published_batches += 1
         self.stats.published_events += len(batch)
-        if batch and batch[0][0][0] == _REPAIR:
+        if batch and batch[0][0][0] == buswire.REPAIR:
             self.stats.repairs_sent += 1
         return True
 
@@ -291,9 +281,9 @@ class RedisFanOut(FanOut):
         for event, _, keep in [*batch, *self._queue]:
             if keep:
                 continue
-            if event[0] == _MSG:
+            if event[0] == buswire.MSG:
                 self._note_lost(event[1], event[2])
-            if event[0] == _REPAIR:
+            if event[0] == buswire.REPAIR:
                 if event[1] is None:
                     self._lost_all, self._lost = True, {}
                 else:
@@ -365,51 +355,24 @@ class RedisFanOut(FanOut):
 
     def _receive(self, data: bytes) -> None:
         try:
-            sender, events = cbor2.loads(data)
+            sender, events = buswire.loads(data)
             if sender == self.instance:
                 return  # already delivered locally by publish()
             self._peers[sender] = trio.current_time()
-            run: list[Published] = []
-            for event in events:
-                if event[0] == _MSG:
-                    run.append(Published(*event[1:]))
-                    continue
-                if event[0] == _BYE:  # stopped cleanly: its silence is no crash
-                    self._peers.pop(sender, None)
-                    continue
-                if run:  # keep seq order and one flush per run of messages
-                    self._hub.publish(run)
-                    run = []
-                self._dispatch(event)
-            if run:
-                self._hub.publish(run)
-            oldest = min((e[5] for e in events if e[0] == _MSG), default=None)
+            oldest = buswire.deliver(
+                events,
+                self._hub,
+                # Stopped cleanly: its silence from now on is no crash.
+                on_bye=lambda: self._peers.pop(sender, None),
+                on_repair=self._count_repair,
+                on_displaced=self._on_displaced,
+            )
             if oldest is not None and self.observe_lag is not None:
                 self.observe_lag(oldest)
             self.stats.received_events += len(events)
-        except (ValueError, TypeError, IndexError, KeyError, cbor2.CBORDecodeError) as exc:
+        except buswire.MALFORMED as exc:
             self.stats.malformed += 1
             log.warning("malformed fan-out message ignored: %r", exc)
 
-    def _dispatch(self, event: list[Any]) -> None:
-        tag = event[0]
-        if tag == _EPH:
-            self._hub.publish_ephemeral(Ephemeral(*event[1:]))
-        elif tag == _MEMBER:
-            _, conversation, actor, added, removed, last_seq = event
-            self._hub.publish_membership(
-                MembershipChange(
-                    conversation,
-                    actor,
-                    tuple((user, seq) for user, seq in added),
-                    tuple(removed),
-                    last_seq,
-                )
-            )
-        elif tag == _READ:
-            self._hub.publish_read(ReadMark(*event[1:]))
-        elif tag == _REPAIR:
-            self.stats.repairs_received += 1
-            self._hub.repair(event[1])
-        elif tag == _DISPLACE and self._on_displaced is not None:
-            self._on_displaced(event[1], event[2], event[3])
+    def _count_repair(self) -> None:
+        self.stats.repairs_received += 1

@@ -41,6 +41,8 @@ def _jsonable(value: Any) -> Any:
 
 def event_line(event: Any) -> str:
     body = {"type": type(event).__name__.lower(), **dataclasses.asdict(event)}
+    if isinstance(event, Message) and not event.blob:
+        del body["blob"], body["size"]  # inline ciphertext: lines as before blobs existed
     return json.dumps(_jsonable(body), sort_keys=False)
 
 

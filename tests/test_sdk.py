@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import trio
 
-from relay.client import Info, Membership, Message, RelayClient, RequestFailed
+from relay.client import Ephemeral, Info, Membership, Message, RelayClient, RequestFailed
 
 from .harness import running_relay
 from .relayclient import make_token
@@ -41,6 +41,33 @@ async def test_send_receive_and_requests(database_url):
             got = [(e.seq, e.sender, e.ciphertext) for e in seen if isinstance(e, Message)]
             assert got == [(i + 1, ALICE, b"hello-%d" % i) for i in range(3)]
             assert await bob.ack(CONV, 3) == 3
+
+
+async def test_ephemeral_send_and_leave(database_url):
+    with trio.fail_after(30):
+        async with (
+            running_relay(database_url) as r,
+            RelayClient.connect(r.ws_url, make_token(ALICE, "a1")) as alice,
+            RelayClient.connect(r.ws_url, make_token(BOB, "b1")) as bob,
+        ):
+            await alice.create_conversation(CONV, [BOB])
+            await alice.send_ephemeral(CONV, b"typing")
+            async for event in bob.events():
+                if isinstance(event, Ephemeral):
+                    break
+            assert isinstance(event, Ephemeral)
+            assert (event.conversation, event.sender, event.ciphertext) == (CONV, ALICE, b"typing")
+            assert await alice.send(CONV, b"stored") == 1  # the ephemeral took no seq
+
+            assert await bob.leave(CONV) == [BOB]
+            assert await bob.list_conversations() == []
+            with pytest.raises(RequestFailed) as gone:
+                await bob.send(CONV, b"x")
+            assert gone.value.error == "NotMember"
+            async for event in alice.events():
+                if isinstance(event, Membership) and event.removed:
+                    break
+            assert isinstance(event, Membership) and (event.actor, event.removed) == (BOB, (BOB,))
 
 
 async def test_forced_disconnects_lose_and_duplicate_nothing(database_url):
