@@ -87,6 +87,8 @@ class Committer:
         self._low = queue // 8
         self._calm = trio.Event()
         self._calm.set()
+        #: Set whenever a batch leaves the queue (sessions waiting for room).
+        self._room = trio.Event()
 
     def submit(self, item: PendingSend) -> None:
         """Queue a send (synchronous).  Refused, retryably, when draining or full:
@@ -105,6 +107,18 @@ class Committer:
                 self._full.set()
             if len(queue) >= self._high and self._calm.is_set():
                 self._calm = trio.Event()
+
+    @property
+    def full(self) -> bool:
+        """submit() would refuse: sessions hold their sends until wait_room()."""
+        return len(self._queue) >= self._limit and not self._closed
+
+    async def wait_room(self) -> None:
+        """Until the queue can take a send (or the committer is closing)."""
+        while self.full:
+            if self._room.is_set():
+                self._room = trio.Event()
+            await self._room.wait()
 
     @property
     def congested(self) -> bool:
@@ -127,6 +141,7 @@ class Committer:
                 await self._gather(self._first_at + self._linger)
             n = min(len(queue), self._max_batch)
             batch = [queue.popleft() for _ in range(n)]
+            self._room.set()
             if len(queue) <= self._low:
                 self._calm.set()
             await self._commit([p for p in batch if not p.abandoned()])
@@ -200,4 +215,5 @@ class Committer:
         """Stop accepting sends; queued ones are still committed by run()."""
         self._closed = True
         self._arrived.set()
+        self._room.set()  # waiting sessions submit, and are refused retryably
         self._calm.set()  # shutting down: read on (sends are refused anyway)

@@ -250,9 +250,15 @@ class Session:
     def _send(self, req: Send) -> None:
         """Sends enter the committer in arrival order.  One whose MLS group
         state is not cached yet waits for a lookup, and later sends of this
-        connection queue behind it so they keep their order."""
+        connection queue behind it so they keep their order.  So does a send
+        that finds the commit queue full: it waits here for room instead of
+        being refused (at most RELAY_MAX_IN_FLIGHT per connection, the bound
+        on what a connection may have pending anyway)."""
         if self._slow_sends:
             self._slow_sends.append(req)
+            return
+        if self.relay.committer.full:
+            self._send_later(req)
             return
         try:
             message = self.handlers.new_message_nowait(req)
@@ -260,10 +266,13 @@ class Session:
             self._reply_failed(req, exc)
             return
         if message is None:
-            self._slow_sends.append(req)
-            self.nursery.start_soon(self._send_slowly)
+            self._send_later(req)
         else:
             self._commit(req, message)
+
+    def _send_later(self, req: Send) -> None:
+        self._slow_sends.append(req)
+        self.nursery.start_soon(self._send_slowly)
 
     async def _send_slowly(self) -> None:
         while self._slow_sends:
@@ -274,6 +283,8 @@ class Session:
                 self._slow_sends.popleft()
                 self._reply_failed(req, exc)
                 continue
+            # Still first in line while waiting: later sends queue behind it.
+            await self.relay.committer.wait_room()
             self._slow_sends.popleft()
             self._commit(req, message)
         self.relay.flusher.flush()

@@ -59,3 +59,31 @@ async def test_relay_reads_again_after_congestion(database_url: str) -> None:
             committer._calm.set()
             seq = await client.send(b"c", b"after")
             assert seq == 2  # the held-back send was read first, in order
+
+
+async def test_a_full_commit_queue_holds_sends_instead_of_refusing(database_url: str) -> None:
+    """Sends that find the queue full wait in their session, in order, then commit."""
+    with trio.fail_after(30):
+        async with (
+            running_relay(database_url) as r,
+            connect(r.ws_url, "did:example:a", "d1") as client,
+        ):
+            await client.ok("#createConversation", conversation=b"c", members=[])
+            assert await client.send(b"c", b"first") == 1  # the conversation's kind is cached
+            committer = r.relay.committer
+            limit, committer._limit = committer._limit, 0  # as if 4,096 sends were queued
+            seqs: dict[int, int] = {}
+
+            async def send(i: int) -> None:
+                seqs[i] = await client.send(b"c", b"held %d" % i)
+
+            async with trio.open_nursery() as nursery:
+                for i in range(5):
+                    nursery.start_soon(send, i)
+                    await trio.sleep(0.02)  # sent in this order
+                await trio.sleep(0.3)
+                assert seqs == {}  # held, neither stored nor refused
+                assert committer.queued() == 0
+                committer._limit = limit
+                committer._room.set()  # as when a batch leaves the queue
+            assert [seqs[i] for i in range(5)] == [2, 3, 4, 5, 6]  # every one, in order
