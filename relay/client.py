@@ -65,7 +65,9 @@ from .client_events import (
     Membership,
     Message,
     Other,
+    Read,
     RequestFailed,
+    Welcome,
     parse_event,
 )
 from .client_requests import Requests
@@ -81,8 +83,10 @@ __all__ = [
     "Membership",
     "Message",
     "Other",
+    "Read",
     "RelayClient",
     "RequestFailed",
+    "Welcome",
 ]
 
 #: Requests safe to send again on a new connection: sends carry their

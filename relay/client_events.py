@@ -44,6 +44,31 @@ class Ephemeral:
 
 
 @dataclass(frozen=True, slots=True)
+class Read:
+    """``#read``: ``user`` (another member, or this user on another device) has
+    read ``conversation`` up to ``seq``.  Live only: not replayed after a
+    reconnect; :meth:`~relay.client.RelayClient.read_positions` has them all."""
+
+    conversation: bytes
+    user: str
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class Welcome:
+    """``#welcome``: an MLS Welcome for this device, from the commit at ``seq``
+    that created ``epoch``.  Delivered at least once (again from the relay's
+    inbox after each subscribe, so after every reconnect) until an ack of
+    ``seq`` or later in ``conversation``: dedupe by (conversation, seq)."""
+
+    conversation: bytes
+    seq: int
+    epoch: int
+    #: The Welcome MLSMessage, as the committer sent it.
+    welcome: bytes
+
+
+@dataclass(frozen=True, slots=True)
 class Info:
     """``#info``: CaughtUp, OutdatedCursor, ... (``details`` holds extra fields)."""
 
@@ -60,7 +85,7 @@ class Other:
     body: dict[str, Any]
 
 
-Event = Message | Membership | Ephemeral | Info | Other
+Event = Message | Membership | Ephemeral | Read | Welcome | Info | Other
 
 
 def parse_event(t: str, b: dict[str, Any]) -> Event:
@@ -81,6 +106,10 @@ def parse_event(t: str, b: dict[str, Any]) -> Event:
         )
     if t == "#ephemeral":
         return Ephemeral(b["conversation"], b["sender"], b["time"], b["ciphertext"])
+    if t == "#read":
+        return Read(b["conversation"], b["user"], b["seq"])
+    if t == "#welcome":
+        return Welcome(b["conversation"], b["seq"], b["epoch"], b["welcome"])
     if t == "#info":
         rest = {k: v for k, v in b.items() if k not in ("name", "message")}
         return Info(b["name"], b.get("message", ""), rest)

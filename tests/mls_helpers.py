@@ -22,6 +22,8 @@ from protocol.mls import (
     ContentType,
     Credential,
     CredentialType,
+    GroupContext,
+    GroupInfo,
     KeyPackage,
     Lifetime,
     MLSMessage,
@@ -93,6 +95,13 @@ def private(group: bytes, epoch: int, ctype: ContentType) -> bytes:
     """A PrivateMessage (the relay reads only its cleartext header)."""
     body = PrivateMessage(group, epoch, ctype, b"", os.urandom(12), os.urandom(24))
     return encode_mls_message(MLSMessage(1, WireFormat.PRIVATE_MESSAGE, body))
+
+
+def group_info(group: bytes, epoch: int) -> bytes:
+    """A GroupInfo MLSMessage for ``group`` at ``epoch`` (random secrets and signature)."""
+    ctx = GroupContext(1, 1, group, epoch, os.urandom(32), os.urandom(32), ())
+    info = GroupInfo(ctx, (), os.urandom(32), 0, os.urandom(64))
+    return encode_mls_message(MLSMessage(1, WireFormat.GROUP_INFO, info))
 
 
 def welcome(refs: list[bytes], suite: int = 1) -> bytes:

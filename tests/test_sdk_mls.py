@@ -4,23 +4,16 @@ and commits that carry a Welcome, a GroupInfo and removals."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import trio
 
 from protocol.mls import (
     ContentType,
-    GroupContext,
-    GroupInfo,
-    MLSMessage,
-    WireFormat,
-    encode_mls_message,
 )
 from relay.client import ClaimedKeyPackage, RelayClient, RequestFailed
 
 from .harness import running_relay
-from .mls_helpers import http, make_key_package, private, ref_of, welcome
+from .mls_helpers import group_info, http, make_key_package, private, ref_of, welcome
 from .relayclient import make_token
 
 ALICE, BOB, CAROL, DAN = (
@@ -30,12 +23,6 @@ ALICE, BOB, CAROL, DAN = (
     "did:example:dan",
 )
 COMMIT, APP = ContentType.COMMIT, ContentType.APPLICATION
-
-
-def group_info(group: bytes, epoch: int) -> bytes:
-    ctx = GroupContext(1, 1, group, epoch, os.urandom(32), os.urandom(32), ())
-    info = GroupInfo(ctx, (), os.urandom(32), 0, os.urandom(64))
-    return encode_mls_message(MLSMessage(1, WireFormat.GROUP_INFO, info))
 
 
 async def test_claim_then_commit_with_welcome_group_info_and_removes(database_url: str) -> None:

@@ -12,7 +12,7 @@ from typing import TypeVar
 import pytest
 import trio
 
-from relay.client import DeliveryState, Membership, Message, Other, RelayClient, RequestFailed
+from relay.client import DeliveryState, Membership, Message, Read, RelayClient, RequestFailed
 
 from .harness import running_relay
 from .mls_helpers import as_json, http
@@ -45,8 +45,7 @@ async def test_mark_read_then_read_positions(database_url: str) -> None:
                 await alice.send(CONV, b"m-%d" % i)
             assert await alice.read_positions(CONV) == {}
             assert await bob.mark_read(CONV, 2) == 2
-            read = await next_event(alice, Other, lambda e: e.type == "#read")
-            assert read.body == {"conversation": CONV, "user": BOB, "seq": 2}
+            assert await next_event(alice, Read, lambda e: True) == Read(CONV, BOB, 2)
             assert await bob.mark_read(CONV, 1) == 2  # never moves back
             with pytest.raises(RequestFailed) as future:
                 await bob.mark_read(CONV, 99)

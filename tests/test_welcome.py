@@ -10,16 +10,11 @@ import trio
 
 from protocol.mls import (
     ContentType,
-    GroupContext,
-    GroupInfo,
-    MLSMessage,
-    WireFormat,
-    encode_mls_message,
     parse_mls_message,
 )
 
 from .harness import running_relay
-from .mls_helpers import http, make_key_package, private, ref_of, vectors, welcome
+from .mls_helpers import group_info, http, make_key_package, private, ref_of, vectors, welcome
 from .relayclient import Client, connect, make_token
 
 ALICE, BOB, CAROL, DAN = (
@@ -29,12 +24,6 @@ ALICE, BOB, CAROL, DAN = (
     "did:example:dan",
 )
 COMMIT, APP = ContentType.COMMIT, ContentType.APPLICATION
-
-
-def group_info(group: bytes, epoch: int) -> bytes:
-    ctx = GroupContext(1, 1, group, epoch, os.urandom(32), os.urandom(32), ())
-    info = GroupInfo(ctx, (), os.urandom(32), 0, os.urandom(64))
-    return encode_mls_message(MLSMessage(1, WireFormat.GROUP_INFO, info))
 
 
 async def send(c: Client, conv: bytes, data: bytes, **extra: object) -> dict:  # type: ignore[type-arg]
