@@ -142,6 +142,13 @@ class RateLimited(RelayError):
     retryable = True
 
 
+class TooManyConnections(RateLimited):
+    """The user holds RELAY_CONNECTIONS_PER_USER connections (WebSockets and
+    SSE streams, across nodes) already."""
+
+    error = "TooManyConnections"
+
+
 class ShuttingDown(Unavailable):
     error = "ShuttingDown"
 

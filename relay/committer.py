@@ -1,12 +1,12 @@
 """Group commit: one transaction for the sends that arrive together.
 
-Sessions submit sends into a bounded channel (a full channel blocks the
-submitting connection's reader: backpressure, not loss).  One committer task
+Sessions submit sends into a bounded queue (from half full the node stops
+reading sockets; a send that still finds it full waits in its session:
+backpressure, not loss).  One committer task
 takes everything waiting, up to ``max_batch``, stores it in ONE storage
 transaction, and only after the commit: publishes the new messages to the
 fan-out in seq order, then acknowledges each sender.  While a commit is in
-flight the next batch accumulates, so batches grow with load and a lone send
-still commits immediately.
+flight the next batch accumulates, so batches grow with load.
 
 A batch may also wait a little (``linger``, RELAY_COMMIT_LINGER_MS) for the
 sends that follow its first one, counted from that first send's arrival.
@@ -15,7 +15,8 @@ otherwise hold two or three sends, and the fixed cost of a commit (the thread
 hop, the round trip, PostgreSQL's commit record and WAL flush) was most of
 the CPU per message.  Lingering never delays a send by more than ``linger``
 beyond what it would have waited anyway: a send that arrived during the
-previous commit has already waited that long and goes at once.
+previous commit has already waited that long and goes at once, and a full
+batch goes at once.
 """
 
 from __future__ import annotations

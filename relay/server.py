@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from protocol.errors import AuthError, ProtocolError, RateLimited, RelayError
+from protocol.errors import AuthError, ProtocolError, RelayError, TooManyConnections
 from protocol.websocket import (
     CLOSE_REPLACED,
     RequestHead,
@@ -114,12 +114,7 @@ async def _websocket(relay: Relay, stream: trio.SocketStream, head: RequestHead)
     if lease is None:
         relay.metrics.error("TooManyConnections")
         limit = relay.presence.limit
-        await _refuse(
-            stream,
-            429,
-            RateLimited(f"at most {limit} connections per user"),
-            error="TooManyConnections",
-        )
+        await _refuse(stream, 429, TooManyConnections(f"at most {limit} connections per user"))
         return
     try:
         try:  # single-use tokens: spend the jti in the shared database (relay/retention.py)

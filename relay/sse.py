@@ -21,6 +21,9 @@ subscription, :class:`~relay.streams.Streams` with its replay/live seam, the
 #subscribe handler) writing into :class:`SseSink`, an Outbox whose consumer
 is the HTTP response instead of a socket, with the same byte bound: a client
 that reads too slowly is cut off (ConsumerTooSlow) and resumes by cursor.
+Like a WebSocket, a stream holds a connection lease (relay/presence.py): it
+counts in RELAY_CONNECTIONS_PER_USER across nodes (429 TooManyConnections
+beyond), and its device counts as online, so it gets no push.
 """
 
 from __future__ import annotations
@@ -39,7 +42,13 @@ import trio
 from quart import Response, request
 
 from protocol import events
-from protocol.errors import FutureCursor, InvalidRequest, NotMember, ShuttingDown
+from protocol.errors import (
+    FutureCursor,
+    InvalidRequest,
+    NotMember,
+    ShuttingDown,
+    TooManyConnections,
+)
 from protocol.frames import OP_ERROR, decode_frame
 from protocol.requests import Subscribe
 from protocol.websocket import binary_frame
@@ -56,6 +65,7 @@ if TYPE_CHECKING:
 
     from .app import Relay
     from .auth import Identity
+    from .presence import Lease
     from .session import Session
 
 log = logging.getLogger("relay.sse")
@@ -139,9 +149,12 @@ class SseStream:
     #: Where request handlers start follow-up tasks (a session's nursery).
     nursery: trio.Nursery
 
-    def __init__(self, relay: Relay, identity: Identity, positions: dict[bytes, int]) -> None:
+    def __init__(
+        self, relay: Relay, identity: Identity, positions: dict[bytes, int], lease: Lease
+    ) -> None:
         self.relay = relay
         self.identity = identity
+        self.lease = lease
         self.user = identity.user
         self.device = identity.device
         self.id = secrets.token_hex(8)
@@ -226,6 +239,7 @@ class SseStream:
         self._cancel.cancel()
         self.relay.hub.remove(self.streams, list(self.streams.by_conversation))
         self.relay.metrics.closed(self.sink)
+        self.relay.presence.release(self.lease)  # idempotent
 
     # --- the response body ---------------------------------------------------
 
@@ -286,12 +300,17 @@ def register(app: QuartTrio, relay: Relay) -> None:
             raise ShuttingDown("relay is shutting down")
         headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in request.headers.items()]
         identity = relay.authenticator.verify(token_from_request(headers, request.query_string))
-        await consume_jti(relay, identity)  # single-use tokens (relay/retention.py)
         positions = decode_cursor(
             request.headers.get("Last-Event-ID") or request.args.get("cursor", "")
         )
-        stream = SseStream(relay, identity, positions)
+        lease = await relay.presence.admit(identity.user, identity.device)
+        if lease is None:
+            relay.metrics.error("TooManyConnections")
+            limit = relay.presence.limit
+            raise TooManyConnections(f"at most {limit} connections per user")
+        stream = SseStream(relay, identity, positions, lease)
         try:
+            await consume_jti(relay, identity)  # single-use tokens (relay/retention.py)
             await stream.start()
         except BaseException:
             stream.close()

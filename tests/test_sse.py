@@ -7,7 +7,9 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+import pytest
 import trio
+from trio_websocket import ConnectionRejected
 
 from .harness import running_relay
 from .relayclient import connect, make_token
@@ -187,3 +189,32 @@ async def test_sse_refuses_bad_requests(tmp_path):
             status, _, body = await http_request(r.port, req)
             assert status == 400 and json.loads(body)["error"] == "InvalidRequest"
             assert r.relay.metrics.connections()["sse"] == 0
+
+
+async def test_sse_streams_count_as_connections_and_as_online(database_url):
+    """An SSE stream holds a connection lease like a WebSocket: counted in the
+    per-user limit (429 TooManyConnections beyond it, on either transport),
+    its device online (no push), and its slot freed when it ends."""
+    sse_request = (
+        "GET /v1/events HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+        "Authorization: Bearer {token}\r\n\r\n"
+    )
+    with trio.fail_after(30):
+        async with running_relay(database_url, connections_per_user=1) as r:
+            reader = await open_sse(r.port, make_token(ALICE, "a1"))
+            assert reader.status == 200
+            assert await r.relay.presence.online([(ALICE, "a1")]) == {(ALICE, "a1")}
+            token = make_token(ALICE, "a2")
+            status, _, body = await http_request(r.port, sse_request.format(token=token).encode())
+            assert (status, json.loads(body)["error"]) == (429, "TooManyConnections")
+            with pytest.raises(ConnectionRejected) as refused:  # a WebSocket of another device
+                async with connect(r.ws_url, ALICE, "a2"):
+                    pass
+            assert refused.value.status_code == 429
+            async with connect(r.ws_url, BOB, "b1"):  # other users are not affected
+                pass
+            await reader.stream.aclose()
+            await wait_for(lambda: r.relay.metrics.connections()["sse"] == 0)
+            assert await r.relay.presence.online([(ALICE, "a1")]) == set()
+            async with connect(r.ws_url, ALICE, "a2"):  # the slot is free again
+                pass
