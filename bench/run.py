@@ -82,13 +82,24 @@ class Server:
     def ps(self) -> psutil.Process:
         return psutil.Process(self.proc.pid)
 
+    def _procs(self) -> list[psutil.Process]:
+        """The server and, with ``serve --workers N``, its worker processes."""
+        ps = self.ps
+        return [ps, *ps.children(recursive=True)]
+
     def cpu(self) -> float:
-        t = self.ps.cpu_times()
-        return float(t.user + t.system)
+        return sum(float(t.user + t.system) for t in self._cpu_times())
 
     def sys_cpu(self) -> float:
         """Kernel CPU seconds: on loopback a send() also runs the receiver's TCP path."""
-        return float(self.ps.cpu_times().system)
+        return sum(float(t.system) for t in self._cpu_times())
+
+    def _cpu_times(self) -> list[Any]:
+        times = []
+        for p in self._procs():
+            with contextlib.suppress(psutil.Error):
+                times.append(p.cpu_times())
+        return times
 
     def rss(self) -> int:
         return int(self.ps.memory_info().rss)
@@ -103,7 +114,9 @@ class Server:
                 self.proc.wait(5)
 
 
-def start_relay(database_url: str) -> Server:
+def start_relay(database_url: str, workers: int = 1, redis_url: str = "") -> Server:
+    """The relay as a subprocess; ``workers`` > 1 runs ``serve --workers`` (one
+    port, fan-out between the processes through Redis, a fresh key prefix)."""
     port = free_port()
     env = dict(os.environ)
     env.update(
@@ -115,6 +128,9 @@ def start_relay(database_url: str) -> Server:
         RELAY_LOG_LEVEL="WARNING",
     )
     cmd = [sys.executable, "-m", "relay.cli", "serve", "--host", LOOPBACK, "--port", str(port)]
+    if workers > 1:
+        env.update(REDIS_URL=redis_url, RELAY_REDIS_PREFIX=f"bench-{os.urandom(4).hex()}:")
+        cmd += ["--workers", str(workers)]
     proc = subprocess.Popen(cmd, env=env, cwd=REPO, preexec_fn=raise_nofile)
     server = Server("relay", proc, port)
     _wait_port(port, proc)
@@ -689,6 +705,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--idle-counts", help="e.g. 1000,10000")
     p.add_argument("--catchup-messages", type=int)
     p.add_argument("--pg-dsn", default=os.environ.get("MLS_RELAY_TEST_PG", PG_DEFAULT))
+    p.add_argument(
+        "--relay-workers", type=int, default=1, help="fan-out: serve --workers N (needs Redis)"
+    )
+    p.add_argument(
+        "--redis-url", default=os.environ.get("MLS_RELAY_TEST_REDIS", "redis://127.0.0.1:6379/0")
+    )
     p.add_argument("--profile", action="store_true", help="py-spy the relay at each step")
     p.add_argument("--idle-subscribe", action="store_true", help="idle connections also #subscribe")
     p.add_argument("--no-stop", action="store_true", help="run every rate even past p99 100 ms")
@@ -755,6 +777,7 @@ def main(argv: list[str] | None = None) -> int:
             "python": platform.python_version(),
             "mode": "tiny" if a.tiny else "quick" if a.quick else "full",
             "workers": opts.workers,
+            "relay_workers": a.relay_workers,
             "nofile": raise_nofile(),
         },
         "scenarios": {},
@@ -767,7 +790,7 @@ def main(argv: list[str] | None = None) -> int:
         relay = None
         if needs_pg:
             dbname, url = stack.enter_context(bench_database(a.pg_dsn))
-            relay = start_relay(url)
+            relay = start_relay(url, a.relay_workers, a.redis_url)
             stack.callback(relay.stop)
         if "fanout" in wanted and relay:
             sc["fanout"] = fanout(relay, opts, dbname, opts.workers, "relay")
