@@ -96,7 +96,7 @@ class Committer:
         it was never stored, so the client resends with the same id."""
         if self._closed:
             item.on_done(ShuttingDown("relay is shutting down; send again elsewhere"))
-        elif len(self._queue) >= self._limit:
+        elif self.full:
             item.on_done(Unavailable("the commit queue is full; retry shortly"))
         else:
             queue = self._queue

@@ -29,6 +29,8 @@ from typing import TYPE_CHECKING, TypeVar
 import trio
 from coredis.commands import Script
 
+from protocol.errors import TooManyConnections
+
 from .limits import Limits
 from .sharedlimits import LUA_NOW, SharedRedis, script_call
 
@@ -166,9 +168,16 @@ class Presence:
 
     # --- admission ---------------------------------------------------------------
 
-    async def admit(self, user: str, device: str) -> Lease | None:
-        """A lease for a new connection, or None (counted) when the user is at
-        the limit -- this node's count first, then every node's."""
+    async def admit(self, user: str, device: str) -> Lease:
+        """A lease for a new connection (WebSocket or SSE stream), or
+        TooManyConnections (counted) when the user is at the limit -- this
+        node's count first, then every node's."""
+        lease = await self._admit(user, device)
+        if lease is None:
+            raise TooManyConnections(f"at most {self.limit} connections per user")
+        return lease
+
+    async def _admit(self, user: str, device: str) -> Lease | None:
         if not self._limits.connect(user, device):
             return None
         member = f"{_device_prefix(device)}{self._node_id}\x00{secrets.token_hex(8)}"

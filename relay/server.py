@@ -110,11 +110,11 @@ async def _websocket(relay: Relay, stream: trio.SocketStream, head: RequestHead)
         return
     # A lease across all nodes (relay/presence.py); this node's count alone
     # when there is no Redis or it is unreachable.
-    lease = await relay.presence.admit(identity.user, identity.device)
-    if lease is None:
-        relay.metrics.error("TooManyConnections")
-        limit = relay.presence.limit
-        await _refuse(stream, 429, TooManyConnections(f"at most {limit} connections per user"))
+    try:
+        lease = await relay.presence.admit(identity.user, identity.device)
+    except TooManyConnections as exc:
+        relay.metrics.error(exc.error)
+        await _refuse(stream, exc.http_status, exc)
         return
     try:
         try:  # single-use tokens: spend the jti in the shared database (relay/retention.py)

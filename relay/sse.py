@@ -303,11 +303,11 @@ def register(app: QuartTrio, relay: Relay) -> None:
         positions = decode_cursor(
             request.headers.get("Last-Event-ID") or request.args.get("cursor", "")
         )
-        lease = await relay.presence.admit(identity.user, identity.device)
-        if lease is None:
-            relay.metrics.error("TooManyConnections")
-            limit = relay.presence.limit
-            raise TooManyConnections(f"at most {limit} connections per user")
+        try:
+            lease = await relay.presence.admit(identity.user, identity.device)
+        except TooManyConnections as exc:
+            relay.metrics.error(exc.error)
+            raise
         stream = SseStream(relay, identity, positions, lease)
         try:
             await consume_jti(relay, identity)  # single-use tokens (relay/retention.py)
