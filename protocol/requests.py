@@ -11,12 +11,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from . import text
 from .errors import InvalidRequest, PayloadTooLarge, UnknownRequest
 from .frames import Frame
 
 MAX_REQUEST_ID = 2**53 - 1
 MAX_CONVERSATION_ID = 255
-MAX_DID = 2048
+MAX_DID = text.MAX_DID
 MAX_CLIENT_MESSAGE_ID = 128
 MAX_MEMBERS_PER_REQUEST = 1000
 
@@ -173,7 +174,7 @@ def parse_request(frame: Frame, limits: Limits) -> Request:
         raise InvalidRequest("every request needs an integer id in 0..2^53-1")
     parser = _PARSERS.get(frame.t or "")
     if parser is None:
-        raise UnknownRequest(f"unknown request type {frame.t!r}")
+        raise UnknownRequest(f"unknown request type {text.excerpt(frame.t)}")
     return parser(rid, frame.body, limits)
 
 
@@ -191,9 +192,7 @@ def _conversation(body: dict[str, Any]) -> bytes:
 
 
 def _did(value: object, key: str) -> str:
-    if not isinstance(value, str) or not value.startswith("did:") or len(value) > MAX_DID:
-        raise InvalidRequest(f"{key} must hold DIDs (text starting with 'did:')")
-    return value
+    return text.did(value, key)
 
 
 def _members(body: dict[str, Any], key: str = "members") -> tuple[str, ...]:
@@ -237,12 +236,8 @@ def _send(rid: int, body: dict[str, Any], limits: Limits) -> Send:
     if not isinstance(ephemeral, bool):
         raise InvalidRequest("ephemeral must be a boolean")
     cmid = body.get("client_message_id", "")
-    if not ephemeral and (
-        not isinstance(cmid, str) or not cmid or len(cmid) > MAX_CLIENT_MESSAGE_ID
-    ):
-        raise InvalidRequest(
-            f"client_message_id must be text of 1..{MAX_CLIENT_MESSAGE_ID} characters"
-        )
+    if not ephemeral:
+        text.storable(cmid, "client_message_id", MAX_CLIENT_MESSAGE_ID, empty=False)
     welcome = _optional_bytes(body, "welcome", limits.max_ciphertext)
     group_info = _optional_bytes(body, "group_info", limits.max_ciphertext)
     removes = _members(body, "removes") if "removes" in body else ()
@@ -339,10 +334,7 @@ def _read_positions(rid: int, body: dict[str, Any], limits: Limits) -> ReadPosit
 
 
 def _text(body: dict[str, Any], key: str, max_len: int) -> str:
-    value = body.get(key, "")
-    if not isinstance(value, str) or len(value) > max_len:
-        raise InvalidRequest(f"{key} must be text of at most {max_len} characters")
-    return value
+    return text.storable(body.get(key, ""), key, max_len)
 
 
 def _register_push(rid: int, body: dict[str, Any], limits: Limits) -> RegisterPush:
