@@ -29,22 +29,19 @@ beyond), and its device counts as online, so it gets no push.
 from __future__ import annotations
 
 import base64
-import binascii
 import json
 import logging
 import secrets
 import time
+from collections import deque
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any, cast
 
-import cbor2
 import trio
 from quart import Response, request
 
-from protocol import events
+from protocol import events, ssecursor
 from protocol.errors import (
-    FutureCursor,
-    InvalidRequest,
     NotMember,
     ShuttingDown,
     TooManyConnections,
@@ -70,30 +67,20 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("relay.sse")
 
-MAX_CURSOR = 64 * 1024
-CURSOR_PREFIX = "v1."
+#: Most bytes of SSE text rendered per write of the response body: an event's
+#: ``id:`` repeats the whole cursor (up to 8 KiB), so a backlog of small
+#: messages is rendered a slice at a time, never all at once.
+RENDER_SLICE = 256 * 1024
 
 
 def encode_cursor(positions: dict[bytes, int]) -> str:
-    raw = cbor2.dumps([[conv, seq] for conv, seq in sorted(positions.items())])
-    return CURSOR_PREFIX + base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+    return ssecursor.encode(positions)
 
 
 def decode_cursor(text: str) -> dict[bytes, int]:
-    """Positions from a cursor; raises InvalidRequest on anything malformed."""
-    if not text:
-        return {}
-    if len(text) > MAX_CURSOR or not text.startswith(CURSOR_PREFIX):
-        raise InvalidRequest("Last-Event-ID is not a cursor issued by this relay")
-    body = text[len(CURSOR_PREFIX) :]
-    try:
-        entries = cbor2.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
-        out = {bytes(conv): int(seq) for conv, seq in entries}
-    except (ValueError, TypeError, binascii.Error, cbor2.CBORDecodeError):
-        raise InvalidRequest("Last-Event-ID is not a cursor issued by this relay") from None
-    if any(seq < 0 or not conv for conv, seq in out.items()):
-        raise InvalidRequest("Last-Event-ID is not a cursor issued by this relay")
-    return out
+    """Positions from a cursor; raises InvalidRequest on anything malformed
+    (protocol/ssecursor.py: checked before anything is allocated)."""
+    return ssecursor.decode(text)
 
 
 class SseSink(Outbox):
@@ -105,6 +92,7 @@ class SseSink(Outbox):
 
     def __init__(self, flusher: Flusher, limit: int) -> None:
         super().__init__(-1, flusher, limit)
+        self._queue: deque[bytes] = deque()
         self.ready = trio.Event()
         self.on_fail = self._wake  # overflow: wake the body, which ends the stream
 
@@ -112,15 +100,27 @@ class SseSink(Outbox):
         self.ready.set()
 
     def flush(self) -> None:
-        if self._pending:
+        if self._pending or self._queue:
             self.ready.set()
 
-    def take(self) -> list[bytes]:
-        frames, self._pending = self._pending, []
-        self.pending_bytes = 0
-        self.ready = trio.Event()
+    def pop(self) -> bytes | None:
+        """The oldest pending frame (None when there is none).  A frame stays
+        counted in pending_bytes until it is popped, so the byte bound holds
+        while the body renders a backlog slice by slice."""
+        if not self._queue:
+            if not self._pending:
+                return None
+            self._queue.extend(self._pending)
+            self._pending = []
+        wire = self._queue.popleft()
+        self.pending_bytes -= len(wire)
+        return wire
+
+    def taken(self) -> None:
+        """After a slice: wake waiting producers; rearm unless more is pending."""
         self._progress()
-        return frames
+        if not self._queue and not self._pending:
+            self.ready = trio.Event()
 
 
 def _payload(wire: bytes) -> bytes:
@@ -196,8 +196,10 @@ class SseStream:
             try:
                 await Handlers(cast("Session", self)).subscribe(Subscribe(0, cursors))
                 break
-            except (NotMember, FutureCursor):
+            except NotMember:
                 # Membership changed between our check and the subscription.
+                # (FutureCursor is the client's: a cursor beyond the end is
+                # refused as on the WebSocket, never clamped.)
                 if attempt == 2:
                     raise
         log.info(
@@ -206,13 +208,11 @@ class SseStream:
         )
 
     async def _valid_cursors(self) -> dict[bytes, int]:
-        """Positions of conversations we still belong to, clamped to their end."""
-        convs = {c.conversation: c for c in await self.relay.storage.list_conversations(self.user)}
-        return {
-            conv: min(seq, convs[conv].last_seq)
-            for conv, seq in self.positions.items()
-            if conv in convs
-        }
+        """Positions of conversations we still belong to (one we left since
+        the cursor was issued is dropped; one beyond its end is FutureCursor,
+        raised by #subscribe as on the WebSocket)."""
+        convs = {c.conversation for c in await self.relay.storage.list_conversations(self.user)}
+        return {conv: seq for conv, seq in self.positions.items() if conv in convs}
 
     async def _background(self, *, task_status: trio.TaskStatus[None]) -> None:
         with self._cancel:
@@ -255,7 +255,7 @@ class SseStream:
                     self._end("ConsumerTooSlow" if self.sink.overflowed else "closed")
                 if self.relay.state.shutting_down:
                     self._end("ServiceRestart")
-                chunk = self._render(self.sink.take()) if self.sink.ready.is_set() else b""
+                chunk = self._render_slice() if self.sink.ready.is_set() else b""
                 if self._ended is not None:
                     reason = self._ended
                     if reason == "ConsumerTooSlow":
@@ -272,6 +272,17 @@ class SseStream:
             self.close()
             log.info("sse stream closed", extra={"session": self.id, "reason": reason})
 
+    def _render_slice(self) -> bytes:
+        """Render pending frames until RENDER_SLICE bytes of text (or none left)."""
+        out: list[bytes] = []
+        size = 0
+        while size < RENDER_SLICE and (wire := self.sink.pop()) is not None:
+            piece = self._render([wire])
+            out.append(piece)
+            size += len(piece)
+        self.sink.taken()
+        return b"".join(out)
+
     def _render(self, frames: list[bytes]) -> bytes:
         out: list[str] = []
         for wire in frames:
@@ -285,6 +296,9 @@ class SseStream:
             else:
                 name = (frame.t or "#").lstrip("#")
                 if name == "message":
+                    # Most recent last: a cursor too long to hold every
+                    # conversation keeps the recent ones (protocol/ssecursor.py).
+                    self.positions.pop(body["conversation"], None)
                     self.positions[body["conversation"]] = body["seq"]
                     lines.append("id: " + encode_cursor(self.positions))
             lines.append("event: " + name)
@@ -300,17 +314,19 @@ def register(app: QuartTrio, relay: Relay) -> None:
             raise ShuttingDown("relay is shutting down")
         headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in request.headers.items()]
         identity = relay.authenticator.verify(token_from_request(headers, request.query_string))
-        positions = decode_cursor(
-            request.headers.get("Last-Event-ID") or request.args.get("cursor", "")
-        )
         try:
             lease = await relay.presence.admit(identity.user, identity.device)
         except TooManyConnections as exc:
             relay.metrics.error(exc.error)
             raise
-        stream = SseStream(relay, identity, positions, lease)
+        stream = SseStream(relay, identity, {}, lease)
         try:
+            # The token is spent before the cursor is even looked at: a used
+            # token gets TokenReplayed, whatever its cursor.
             await consume_jti(relay, identity)  # single-use tokens (relay/retention.py)
+            stream.positions = decode_cursor(
+                request.headers.get("Last-Event-ID") or request.args.get("cursor", "")
+            )
             await stream.start()
         except BaseException:
             stream.close()
