@@ -31,7 +31,7 @@ from coredis.retry import NoRetryPolicy
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from protocol.errors import RateLimited
+from protocol.errors import InvalidRequest, RateLimited
 
 log = logging.getLogger("relay.sharedlimits")
 
@@ -50,25 +50,46 @@ local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 # KEYS[1]: the claimer's key, KEYS[2..]: one per target user.  ARGV: claimer
 # period (ms per claim) and burst, then the same for targets; a period of 0
 # disables that limit.  Returns {0, 0} when allowed, else {i, wait_ms} for the
-# first key over its rate -- the keys before it stay charged, exactly like the
-# in-process buckets.  A key holds its "theoretical arrival time" and expires
-# once that has passed (its bucket is full again).
+# first key over its rate.  The claimer is charged when it is under its own
+# rate (a refused claim still costs a claim); the targets are checked first
+# and charged only if every one of them is under its rate, so a claim refused
+# for one user takes nothing from the others -- exactly like the in-process
+# buckets (TokenBuckets).  A key holds its "theoretical arrival time" and
+# expires once that has passed (its bucket is full again).
 _CLAIM: Script[bytes] = Script(
     script=LUA_NOW
     + """
-for i, key in ipairs(KEYS) do
-  local j = (i == 1) and 1 or 3
-  local period, burst = tonumber(ARGV[j]), tonumber(ARGV[j + 1])
-  if period > 0 then
-    local tat = math.max(tonumber(redis.call('GET', key)) or now, now)
-    local wait = tat + period - burst * period - now
+local function wait_of(key, period, burst)
+  local tat = math.max(tonumber(redis.call('GET', key)) or now, now)
+  return tat, tat + period - burst * period - now
+end
+local function charge(key, tat, period)
+  redis.call('SET', key, tostring(tat + period), 'PX', math.ceil(tat + period - now))
+end
+local cp, cb = tonumber(ARGV[1]), tonumber(ARGV[2])
+if cp > 0 then
+  local tat, wait = wait_of(KEYS[1], cp, cb)
+  if wait > 0 then return {1, math.ceil(wait)} end
+  charge(KEYS[1], tat, cp)
+end
+local tp, tb = tonumber(ARGV[3]), tonumber(ARGV[4])
+if tp > 0 then
+  local tats = {}
+  for i = 2, #KEYS do
+    local tat, wait = wait_of(KEYS[i], tp, tb)
     if wait > 0 then return {i, math.ceil(wait)} end
-    redis.call('SET', key, tostring(tat + period), 'PX', math.ceil(tat + period - now))
+    tats[i] = tat
   end
+  for i = 2, #KEYS do charge(KEYS[i], tats[i], tp) end
 end
 return {0, 0}
 """
 )
+
+#: Most distinct users one claim may name (WebSocket #claimKeyPackages and
+#: POST /v1/keypackages/claim alike): each costs a rate-limit key, so padding
+#: a claim with junk DIDs must not be free.
+MAX_USERS_PER_CLAIM = 100
 
 
 class SharedRedis:
@@ -184,49 +205,94 @@ class _Collector(Collector):
 
 
 class TokenBuckets:
-    """Per-key token buckets: ``rate`` tokens per second, at most ``burst``."""
+    """Per-key token buckets: ``rate`` tokens per second, at most ``burst``.
+
+    Forgetting a bucket must never hand its owner a fresh burst: only buckets
+    that have refilled completely are dropped (they hold no state), and only
+    when the table has doubled since the last sweep, so sweeping costs O(1)
+    per take on average.  If the table still holds ``max_keys`` buckets that
+    are all in use, a NEW key is refused for one token's time (fail closed
+    for whoever brings new keys) rather than any existing bucket forgotten."""
 
     def __init__(
-        self, rate: float, burst: float, clock: Callable[[], float] = time.monotonic
+        self,
+        rate: float,
+        burst: float,
+        clock: Callable[[], float] = time.monotonic,
+        *,
+        max_keys: int = 100_000,
     ) -> None:
         self.rate = rate
         self.burst = burst
         self.clock = clock
+        self.max_keys = max_keys
         self._buckets: dict[str, tuple[float, float]] = {}
+        self._sweep_at = 1024
+
+    def _level(self, key: str, now: float) -> float:
+        tokens, at = self._buckets.get(key, (self.burst, now))
+        return min(self.burst, tokens + (now - at) * self.rate)
+
+    def wait(self, key: str, n: float = 1.0) -> float:
+        """Seconds until ``n`` tokens are there (0.0: now); takes nothing."""
+        now = self.clock()
+        if key not in self._buckets and not self._room():
+            return 1 / self.rate if self.rate > 0 else float("inf")
+        tokens = self._level(key, now)
+        if tokens >= n:
+            return 0.0
+        return (n - tokens) / self.rate if self.rate > 0 else float("inf")
 
     def take(self, key: str, n: float = 1.0) -> float:
         """Take ``n`` tokens: 0.0 when allowed, else seconds until they would be."""
+        wait = self.wait(key, n)
+        if wait:
+            return wait
         now = self.clock()
-        tokens, at = self._buckets.get(key, (self.burst, now))
-        tokens = min(self.burst, tokens + (now - at) * self.rate)
-        if tokens < n:
-            self._buckets[key] = (tokens, now)
-            return (n - tokens) / self.rate if self.rate > 0 else float("inf")
-        self._buckets[key] = (tokens - n, now)
-        if len(self._buckets) > 10_000:  # forget full buckets: they hold no state
-            full = [k for k, (t, a) in self._buckets.items() if t + (now - a) * self.rate >= n]
+        self._buckets[key] = (self._level(key, now) - n, now)
+        return 0.0
+
+    def _room(self) -> bool:
+        """Whether a new key may be added (after sweeping full buckets if due)."""
+        if len(self._buckets) >= self._sweep_at:
+            now = self.clock()
+            full = [k for k in self._buckets if self._level(k, now) >= self.burst]
             for k in full:
                 del self._buckets[k]
-        return 0.0
+            self._sweep_at = max(1024, 2 * len(self._buckets))
+        return len(self._buckets) < self.max_keys
 
 
 class ClaimLimits:
     """KeyPackage claims per minute, per claimer and per target user.
 
     Across nodes through Redis when there is one; this node's own buckets
-    otherwise, and while Redis is unreachable.  A rate of 0 disables a limit."""
+    otherwise, and while Redis is unreachable: the same rule either way (a
+    claimer under its rate is charged; targets are charged only when all are
+    under theirs).  A rate of 0 disables a limit."""
 
-    def __init__(self, redis: SharedRedis, per_claimer: int, per_target: int) -> None:
+    def __init__(
+        self,
+        redis: SharedRedis,
+        per_claimer: int,
+        per_target: int,
+        *,
+        max_users: int = MAX_USERS_PER_CLAIM,
+    ) -> None:
         self._redis = redis
         self._per_claimer = per_claimer
         self._per_target = per_target
+        self.max_users = max_users
         self.claimers = TokenBuckets(per_claimer / 60, per_claimer)
         self.targets = TokenBuckets(per_target / 60, per_target)
 
     async def check(self, claimer: str, users: Sequence[str]) -> None:
         """Charge one claim; raise RateLimited (retryable, ``retry_after_ms``)
-        when the claimer, or one of the users, is over its rate."""
+        when the claimer, or one of the users, is over its rate, and
+        InvalidRequest when the claim names more than ``max_users`` users."""
         targets = list(dict.fromkeys(users))
+        if len(targets) > self.max_users:
+            raise InvalidRequest(f"a claim names at most {self.max_users} users", field="users")
         verdict = await self._redis.attempt("claims", lambda c: self._shared(c, claimer, targets))
         if verdict is None:
             verdict = self._local(claimer, targets)
@@ -244,9 +310,12 @@ class ClaimLimits:
         """(-1, 0) when allowed, else (0 for the claimer or 1 + target index, seconds)."""
         if self._per_claimer and (wait := self.claimers.take(claimer)):
             return 0, wait
-        for i, user in enumerate(targets, 1):
-            if self._per_target and (wait := self.targets.take(user)):
-                return i, wait
+        if self._per_target:
+            for i, user in enumerate(targets, 1):
+                if wait := self.targets.wait(user):
+                    return i, wait
+            for user in targets:
+                self.targets.take(user)
         return -1, 0.0
 
     async def _shared(self, client: Client, claimer: str, targets: list[str]) -> tuple[int, float]:
