@@ -125,6 +125,20 @@ class PayloadTooLarge(InvalidRequest):
     http_status = 413
 
 
+class RequestTimeout(InvalidRequest):
+    """An HTTP request body that did not arrive in time (idle, or too slow)."""
+
+    error = "RequestTimeout"
+    http_status = 408
+
+
+class LengthRequired(InvalidRequest):
+    """An HTTP upload without Content-Length where the relay needs the size first."""
+
+    error = "LengthRequired"
+    http_status = 411
+
+
 # --- capacity / availability --------------------------------------------------
 
 
@@ -147,6 +161,27 @@ class TooManyConnections(RateLimited):
     SSE streams, across nodes) already."""
 
     error = "TooManyConnections"
+
+
+class TooManyRequests(RateLimited):
+    """The user has RELAY_HTTP_REQUESTS_PER_USER HTTP requests (or
+    RELAY_TRANSFERS_PER_USER blob transfers) in progress on this node already."""
+
+    error = "TooManyRequests"
+
+
+class TooManyConnectionsFromAddress(RateLimited):
+    """The source address holds RELAY_CONNECTIONS_PER_ADDRESS connections
+    (open or still in their handshake) on this node already."""
+
+    error = "TooManyConnectionsFromAddress"
+
+
+class NodeBusy(Unavailable):
+    """This node is at a node-wide cap (RELAY_MAX_CONNECTIONS, RELAY_TRANSFERS);
+    retry later or connect to another node."""
+
+    error = "NodeBusy"
 
 
 class ShuttingDown(Unavailable):

@@ -19,6 +19,11 @@ Routes (bearer token as everywhere):
 * ``POST /v1/conversations/<hex id>/blobs`` -- body: the ciphertext; returns
   ``{blob, size}``.  Members only; the conversation must use the blob model.
 * ``GET /v1/conversations/<hex id>/blobs/<key>`` -- the bytes.
+
+Both stream: an upload goes to the store (a file, or a spool file then S3)
+and a download comes back in chunks of STREAM_CHUNK (storage/blobstore.py),
+so a transfer holds about one chunk in memory whatever the blob's size, and
+each holds a transfer slot (relay/httplimits.py).
 """
 
 from __future__ import annotations
@@ -27,19 +32,22 @@ import hashlib
 import logging
 import secrets
 import time
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 import trio
-from quart import Blueprint, Response, jsonify, request
+from quart import Blueprint, Response, jsonify
 
-from protocol.errors import InvalidRequest, PayloadTooLarge, RelayError, StorageError
+from protocol.errors import InvalidRequest, RelayError, StorageError
 from protocol.requests import blob_key
-from storage.blobstore import BlobStore, open_blob_store
+from storage.blobstore import BlobReader, BlobStore, open_blob_store
 
-from .keypackages import request_identity
+from .httpbody import body_chunks, check_length
+from .httplimits import on_exit
 
 if TYPE_CHECKING:
     from .app import Relay
+    from .httplimits import HttpLimits
 
 log = logging.getLogger("relay.blobs")
 
@@ -76,6 +84,13 @@ class Blobs:
         await storage.put_blob(conversation, key, user, device, len(data), self._now_ms())
         await self.store.put(store_path(conversation, key), data)
         self.written += 1
+        return key
+
+    async def register(self, conversation: bytes, user: str, device: str, size: int) -> str:
+        """A new blob key, registered (membership and storage model checked)
+        before any of its bytes is read: an HTTP upload streams in after."""
+        key = new_key()
+        await self.relay.storage.put_blob(conversation, key, user, device, size, self._now_ms())
         return key
 
     async def load(self, conversation: bytes, key: str) -> bytes:
@@ -123,44 +138,65 @@ def _conversation(text: str) -> bytes:
     return conv
 
 
-async def _body(limit: int) -> bytes:
-    """The request body, refused as soon as it grows past ``limit``."""
-    if (request.content_length or 0) > limit:
-        raise PayloadTooLarge(f"blobs are at most {limit} bytes")
-    parts: list[bytes] = []
-    size = 0
-    async for chunk in request.body:
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"blobs are at most {limit} bytes")
-        parts.append(chunk)
-    if not size:
-        raise InvalidRequest("a blob needs a non-empty body")
-    return b"".join(parts)
-
-
-def blueprint(relay: Relay, blobs: Blobs) -> Blueprint:
+def blueprint(relay: Relay, blobs: Blobs, limits: HttpLimits) -> Blueprint:
     bp = Blueprint("blobs", __name__)
+    timeout = relay.config.handshake_timeout_s
 
     @bp.post("/v1/conversations/<conversation>/blobs")
     async def upload(conversation: str) -> Any:
-        who = request_identity(relay)
+        # Everything that can refuse is asked before the first byte is read:
+        # the token, the user's request and transfer slots, the size, and
+        # membership with the storage model (the registration).
+        who = limits.admit()
         conv = _conversation(conversation)
-        data = await _body(relay.config.max_blob)
-        key = await blobs.save(conv, who.user, who.device, data)
-        return jsonify({"blob": key, "size": len(data)}), 201
+        size = check_length(relay.config.max_blob, required=True)
+        if not size:
+            raise InvalidRequest("a blob needs a non-empty body")
+        limits.transfer(who)
+        key = await blobs.register(conv, who.user, who.device, size)
+        await blobs.store.put_stream(
+            store_path(conv, key), body_chunks(relay.config.max_blob, timeout), size
+        )
+        blobs.written += 1
+        return jsonify({"blob": key, "size": size}), 201
 
     @bp.get("/v1/conversations/<conversation>/blobs/<key>")
     async def download(conversation: str, key: str) -> Any:
-        who = request_identity(relay)
+        who = limits.admit()
         conv = _conversation(conversation)
         key = blob_key(key)
         info = await relay.storage.blob_for_reader(conv, key, who.user)
-        data = await blobs.load(conv, key)
-        headers = {"Cache-Control": "private, max-age=31536000, immutable"}
-        if len(data) != info.size:  # never hand out a torn or foreign object
-            log.error("blob size mismatch", extra={"expected": info.size, "got": len(data)})
+        limits.transfer(who)
+        reader = await blobs.store.open(store_path(conv, key))
+        on_exit(reader.aclose)  # however the exchange ends
+        if reader.size != info.size:  # never hand out a torn or foreign object
+            log.error("blob size mismatch", extra={"expected": info.size, "got": reader.size})
             raise StorageError("blob is damaged in the store")
-        return Response(data, content_type="application/octet-stream", headers=headers)
+        headers = {
+            "Cache-Control": "private, max-age=31536000, immutable",
+            "Content-Length": str(info.size),
+        }
+        response = Response(
+            _send(reader, info.size), content_type="application/octet-stream", headers=headers
+        )
+        # Time is bounded per chunk by the store's own timeouts and by TCP:
+        # Quart's whole-response timeout would cut a large blob to a slow reader.
+        response.timeout = None
+        return response
 
     return bp
+
+
+async def _send(reader: BlobReader, size: int) -> AsyncIterator[bytes]:
+    """The blob's bytes in bounded chunks; stops short (the client sees a
+    truncated body, as Content-Length promised more) if the store changes."""
+    sent = 0
+    try:
+        async for chunk in reader.chunks():
+            sent += len(chunk)
+            if sent > size:
+                log.error("blob grew in the store while being sent")
+                return
+            yield chunk
+    finally:
+        await reader.aclose()

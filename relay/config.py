@@ -133,6 +133,25 @@ class Config:
     #: Seconds between flushes of delivered positions (delivery state) to storage.
     delivery_flush_s: float = 1.0
 
+    # --- the HTTP edge: connection and concurrency caps (relay/edge.py, relay/httplimits.py) ---
+    #: Open connections (WebSockets, SSE, HTTP, handshakes in progress) per
+    #: source address on this node; beyond it 429 TooManyConnectionsFromAddress.  0 disables.
+    connections_per_address: int = 256
+    #: Open connections on this node; beyond it 503 NodeBusy.  0: automatic,
+    #: the file-descriptor limit (raised to its hard limit at start) less a
+    #: reserve for the database, Redis, the blob store and files.  Always
+    #: clamped below that limit.
+    max_connections: int = 0
+    #: Addresses or networks (comma-separated, e.g. "10.0.0.0/8,::1") of
+    #: reverse proxies whose X-Forwarded-For names the client; empty: none
+    #: (every peer is the client, X-Forwarded-For is ignored).
+    trusted_proxies: str = ""
+    #: Authenticated HTTP requests in progress per user on this node; 0 disables.
+    http_requests_per_user: int = 8
+    #: Blob uploads and downloads in progress per user, and on this node; 0 disables.
+    transfers_per_user: int = 4
+    transfers: int = 64
+
     @property
     def effective_database_url(self) -> str:
         if self.database_url:
@@ -216,6 +235,22 @@ def validate(cfg: Config) -> None:
             parse_providers(cfg.push_providers)
         except ValueError as exc:
             raise ConfigError(f"RELAY_PUSH_PROVIDERS: {exc}") from None
+    for name in (
+        "connections_per_address",
+        "max_connections",
+        "http_requests_per_user",
+        "transfers_per_user",
+        "transfers",
+    ):
+        if getattr(cfg, name) < 0:
+            raise ConfigError(f"{_env_name(name)} must be >= 0 (0 disables)")
+    if cfg.trusted_proxies:
+        from .edge import parse_networks
+
+        try:
+            parse_networks(cfg.trusted_proxies)
+        except ValueError as exc:
+            raise ConfigError(f"RELAY_TRUSTED_PROXIES: {exc}") from None
     if cfg.workers < 1:
         raise ConfigError(f"RELAY_WORKERS must be >= 1, got {cfg.workers}")
     if cfg.workers > 1 and not cfg.redis_url:

@@ -9,6 +9,9 @@ connections (neither on ``Connection: close`` nor on keep-alive timeout).
 
 from __future__ import annotations
 
+import base64
+import logging
+import secrets
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -17,17 +20,22 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio.tcp_server import TCPServer
 from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.utils import wrap_app
-from quart import jsonify
+from quart import has_request_context, jsonify, request
 from quart_trio import QuartTrio
+from werkzeug.exceptions import HTTPException
 
 from protocol.errors import RelayError
 
 from . import __version__
 from .blobs import blueprint as blobs_blueprint
+from .httpbody import SCOPE_KEY, RequestBody, wrap_receive
+from .httplimits import HttpLimits, run_cleanup
 from .keypackages import blueprint as keypackages_blueprint
 
 if TYPE_CHECKING:
     from .app import Relay
+
+log = logging.getLogger("relay.http")
 
 
 class PrefixedStream:
@@ -60,7 +68,11 @@ def _shielded(app: Any) -> Any:
             with trio.CancelScope(shield=True):
                 await send(message)
 
-        await app(scope, receive, shielded_send)
+        try:
+            # Bodies reach routes through relay/httpbody.py, never Quart's buffer.
+            await app(scope, wrap_receive(scope, receive), shielded_send)
+        finally:
+            await run_cleanup(scope)  # concurrency slots, open blob readers (relay/httplimits.py)
 
     return asgi
 
@@ -88,20 +100,65 @@ class HttpFrontend:
         await server.run()
 
 
+def _jsonable(value: Any) -> Any:
+    """Error details as JSON: byte strings (conversation ids) in standard base64."""
+    if isinstance(value, bytes):
+        return base64.b64encode(value).decode()
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    return value
+
+
 def _error(exc: RelayError) -> Any:
-    response = jsonify(exc.to_body())
+    response = jsonify(_jsonable(exc.to_body()))
     response.status_code = exc.http_status
+    return _close_if_unread(response)
+
+
+def _close_if_unread(response: Any) -> Any:
+    """A refusal sent before the route read the body closes the connection:
+    draining what the client still sends would cost what the refusal saved."""
+    body = request.scope.get(SCOPE_KEY) if has_request_context() else None
+    if isinstance(body, RequestBody) and not (body.received or body.consumed):
+        response.headers["Connection"] = "close"
     return response
+
+
+def _http_error(exc: HTTPException) -> Any:
+    """The framework's own refusals (404, 405, 408, 413, ...) as JSON too."""
+    name = "".join(word.capitalize() for word in (exc.name or "Error").split())
+    code = exc.code or 500
+    response = jsonify({"error": name, "message": exc.description or name})
+    response.status_code = code
+    return _close_if_unread(response)
 
 
 def create_app(relay: Relay) -> QuartTrio:
     app = QuartTrio("mls-relay")
-    app.register_blueprint(keypackages_blueprint(relay))  # MLS DS routes
-    app.register_blueprint(blobs_blueprint(relay, relay.blobs))  # out-of-line ciphertext
+    limits = HttpLimits(relay)
+    app.register_blueprint(keypackages_blueprint(relay, limits))  # MLS DS routes
+    app.register_blueprint(blobs_blueprint(relay, relay.blobs, limits))  # out-of-line ciphertext
 
     @app.errorhandler(RelayError)
     async def relay_error(exc: RelayError) -> Any:
         return _error(exc)
+
+    @app.errorhandler(HTTPException)
+    async def http_error(exc: HTTPException) -> Any:
+        return _http_error(exc)
+
+    @app.errorhandler(Exception)
+    async def unexpected(exc: Exception) -> Any:
+        # A bug: JSON like every other error, and an id to find it in the log.
+        incident = secrets.token_hex(6)
+        log.error("HTTP request failed", exc_info=exc, extra={"incident": incident})
+        relay.metrics.error("InternalError")
+        body = {"error": "InternalError", "message": "internal error", "incident": incident}
+        response = jsonify(body)
+        response.status_code = 500
+        return _close_if_unread(response)
 
     @app.errorhandler(404)
     async def not_found(exc: Exception) -> Any:

@@ -10,7 +10,6 @@ Anything else is replayed into Hypercorn, which serves the Quart app.
 from __future__ import annotations
 
 import logging
-from functools import partial
 from typing import TYPE_CHECKING
 
 import trio
@@ -25,6 +24,7 @@ from protocol.websocket import (
 )
 
 from .auth import token_from_request
+from .edge import ConnectionGate, accept_loop, peer_address, raise_nofile_limit
 from .retention import consume_jti
 from .session import Session
 
@@ -42,12 +42,32 @@ async def serve_listeners(
     *,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
+    cfg = relay.config
+    # Caps on open sockets per source address and per node (relay/edge.py);
+    # the soft descriptor limit is raised to the hard one first.
+    gate = ConnectionGate(
+        cfg.connections_per_address,
+        cfg.max_connections,
+        cfg.trusted_proxies,
+        nofile=raise_nofile_limit(),
+    )
+    gate.register_metrics(relay.metrics.registry)
+
     async def handler(stream: trio.SocketStream) -> None:
+        address = peer_address(stream)
+        refusal = gate.admit(address)
+        if refusal is not None:
+            relay.metrics.error(refusal.error)
+            await gate.refuse(stream, refusal)
+            return
+        forwarded: list[str] = []
         # One connection's bug must never take the node (and everyone on it) down.
         try:
-            await handle_connection(relay, http, stream)
+            await handle_connection(relay, http, stream, gate, address, forwarded)
         except Exception:
             log.exception("connection failed")
+        finally:
+            gate.release(address, forwarded[0] if forwarded else None)
             await trio.aclose_forcefully(stream)
 
     # Connections live in their own nursery so that shutdown can stop
@@ -57,15 +77,21 @@ async def serve_listeners(
         with trio.CancelScope() as accepting:
             relay.stop_accepting = accepting.cancel
             async with trio.open_nursery() as acceptors:
-                acceptors.start_soon(
-                    partial(trio.serve_listeners, handler, listeners, handler_nursery=connections)
-                )
+                for listener in listeners:
+                    acceptors.start_soon(accept_loop, listener, gate, handler, connections)
                 task_status.started()
         for listener in listeners:
             await listener.aclose()
 
 
-async def handle_connection(relay: Relay, http: HttpFrontend, stream: trio.SocketStream) -> None:
+async def handle_connection(
+    relay: Relay,
+    http: HttpFrontend,
+    stream: trio.SocketStream,
+    gate: ConnectionGate | None = None,
+    address: str = "",
+    forwarded: list[str] | None = None,
+) -> None:
     buffer = b""
     try:
         with trio.move_on_after(relay.config.handshake_timeout_s):
@@ -85,6 +111,17 @@ async def handle_connection(relay: Relay, http: HttpFrontend, stream: trio.Socke
         return
     except (trio.BrokenResourceError, trio.ClosedResourceError):
         return
+    if gate is not None and gate.trusts(address):
+        # Behind a trusted reverse proxy: count the client it names (relay/edge.py).
+        client = gate.forwarded(head)
+        if client is not None:
+            refusal = gate.admit_forwarded(client)
+            if refusal is not None:
+                relay.metrics.error(refusal.error)
+                await _refuse(stream, refusal.http_status, refusal)
+                return
+            if forwarded is not None:
+                forwarded.append(client)
     if head.path == relay.config.ws_path:
         await _websocket(relay, stream, head)
     else:

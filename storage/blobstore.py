@@ -20,9 +20,9 @@ import errno
 import os
 import re
 import secrets
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TypeVar
+from typing import BinaryIO, TypeVar
 from urllib.parse import unquote, urlsplit
 
 import trio
@@ -30,7 +30,7 @@ import trio
 from protocol.errors import BlobNotFound, BlobStoreError, InvalidRequest
 from relay.config import ConfigError
 
-__all__ = ["BlobStore", "FileBlobStore", "open_blob_store", "validate_key"]
+__all__ = ["BlobReader", "BlobStore", "FileBlobStore", "open_blob_store", "validate_key"]
 
 T = TypeVar("T")
 
@@ -69,11 +69,40 @@ class BlobStore(abc.ABC):
         """Delete every key; keys that do not exist are not an error."""
 
     @abc.abstractmethod
+    async def put_stream(self, key: str, chunks: AsyncIterator[bytes], size: int) -> None:
+        """Store exactly ``size`` bytes read from ``chunks``, holding at most
+        STREAM_CHUNK of them in memory; durable on return.  InvalidRequest
+        when ``chunks`` does not hold ``size`` bytes (nothing is stored)."""
+
+    @abc.abstractmethod
+    async def open(self, key: str) -> BlobReader:
+        """A reader of the bytes under ``key``; BlobNotFound if there are none.
+        The caller closes it (``aclose``)."""
+
+    @abc.abstractmethod
     async def ping(self) -> None:
         """Return if the store is usable; raise BlobStoreError saying why not."""
 
     async def aclose(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
         """Release connections; the store is not used afterwards."""
+
+
+#: Bytes moved per step of a streamed put or get (memory per transfer in progress).
+STREAM_CHUNK = 256 * 1024
+
+
+class BlobReader(abc.ABC):
+    """A blob being read: its size first, then its bytes in bounded chunks."""
+
+    size: int
+
+    @abc.abstractmethod
+    def chunks(self) -> AsyncIterator[bytes]:
+        """The bytes, at most STREAM_CHUNK at a time; BlobStoreError on an outage."""
+
+    @abc.abstractmethod
+    async def aclose(self) -> None:
+        """Release the file or connection (idempotent)."""
 
 
 class FileBlobStore(BlobStore):
@@ -107,6 +136,38 @@ class FileBlobStore(BlobStore):
         paths = [self.root / validate_key(key) for key in keys]
         if paths:
             await self._run(self._delete_sync, paths)
+
+    async def put_stream(self, key: str, chunks: AsyncIterator[bytes], size: int) -> None:
+        path = self.root / validate_key(key)
+        tmp, fd = await self._run(self._create_tmp, path)
+        try:
+            with open(fd, "wb") as f:  # noqa: ASYNC230 - a new fd; writes run in threads
+                buffer = bytearray()
+                written = 0
+                async for chunk in chunks:
+                    written += len(chunk)
+                    if written > size:
+                        raise InvalidRequest(f"the body holds more than {size} bytes")
+                    buffer += chunk
+                    if len(buffer) >= STREAM_CHUNK:
+                        await self._run(f.write, bytes(buffer))
+                        buffer.clear()
+                if written != size:
+                    raise InvalidRequest(f"the body holds {written} bytes, not {size}")
+                await self._run(_write_and_sync, f, bytes(buffer))
+            await self._run(os.replace, tmp, path)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(lambda: tmp.unlink(missing_ok=True))
+            raise
+        await self._run(_fsync_dir, path.parent)
+
+    async def open(self, key: str) -> BlobReader:
+        path = self.root / validate_key(key)
+        fh = await self._run(_open_or_none, path)
+        if fh is None:
+            raise BlobNotFound(f"no blob {key!r}")
+        return _FileReader(self, fh)
 
     async def ping(self) -> None:
         # Write and remove a probe file: proves the directory exists, is ours
@@ -148,6 +209,20 @@ class FileBlobStore(BlobStore):
             raise
         _fsync_dir(path.parent)
 
+    def _create_tmp(self, path: Path) -> tuple[Path, int]:
+        """A new temporary file next to ``path`` (its directory made if needed)."""
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+        for attempt in range(3):  # a concurrent delete may remove the directory (_put_sync)
+            try:
+                self._makedirs(path.parent)
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            except FileNotFoundError:
+                if attempt == 2:
+                    raise
+                continue
+            return tmp, fd
+        raise AssertionError("unreachable")
+
     def _makedirs(self, directory: Path) -> None:
         """Create ``directory`` (0700) and its missing parents, each entry made durable."""
         if directory.is_dir():
@@ -182,6 +257,32 @@ class FileBlobStore(BlobStore):
                 parent = parent.parent
 
 
+class _FileReader(BlobReader):
+    def __init__(self, store: FileBlobStore, fh: BinaryIO) -> None:
+        self._store = store
+        self._fh: BinaryIO | None = fh
+        self.size = os.fstat(fh.fileno()).st_size
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        while self._fh is not None:
+            data = await self._store._run(self._fh.read, STREAM_CHUNK)
+            if not data:
+                return
+            yield data
+
+    async def aclose(self) -> None:
+        fh, self._fh = self._fh, None
+        if fh is not None:
+            fh.close()
+
+
+def _open_or_none(path: Path) -> BinaryIO | None:
+    try:
+        return open(path, "rb")  # closed by _FileReader.aclose
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+        return None
+
+
 def _read_or_none(path: Path) -> bytes | None:
     try:
         return path.read_bytes()
@@ -189,6 +290,12 @@ def _read_or_none(path: Path) -> bytes | None:
         # Not there, or a directory stands where the file would be (keys
         # "a" and "a/b"), or a file where a directory would be: no such blob.
         return None
+
+
+def _write_and_sync(f: BinaryIO, data: bytes) -> None:
+    f.write(data)
+    f.flush()
+    os.fsync(f.fileno())
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -17,18 +17,19 @@ import functools
 import hashlib
 import hmac
 import re
+import tempfile
 import time
-from collections.abc import Awaitable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, BinaryIO, TypeVar
 from urllib.parse import parse_qsl, quote, urlsplit
 
 import httpx
 import trio
 
-from protocol.errors import BlobNotFound, BlobStoreError
+from protocol.errors import BlobNotFound, BlobStoreError, InvalidRequest
 from relay.config import ConfigError
-from storage.blobstore import BlobStore, validate_key
+from storage.blobstore import STREAM_CHUNK, BlobReader, BlobStore, validate_key
 
 __all__ = ["EMPTY_SHA256", "Credentials", "S3BlobStore", "sign_headers"]
 
@@ -226,6 +227,42 @@ class S3BlobStore(BlobStore):
         self._check(reply, f"reading {key!r}", ok=(200,))
         return reply.body
 
+    async def put_stream(self, key: str, chunks: AsyncIterator[bytes], size: int) -> None:
+        """Spooled to a temporary file first (hashing as it comes): the request
+        signs the body's SHA-256, which is known only at its end."""
+        path = self._object_path(key)
+        spool = await _Spool.create()
+        try:
+            await spool.fill(chunks, size)
+            reply = await self._call("PUT", path, spool=spool)
+        finally:
+            await spool.aclose()
+        self._check(reply, f"storing {key!r}", ok=(200,))
+
+    async def open(self, key: str) -> BlobReader:
+        path = self._object_path(key)
+        for attempt in (1, 2):
+            request = self._request("GET", path, EMPTY_SHA256, b"", 0)
+            try:
+                response = await self._within(self.timeout, self._client.send(request, stream=True))
+                break
+            except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as exc:
+                if attempt == 2:
+                    raise self._unreachable(exc) from exc
+            except httpx.HTTPError as exc:
+                raise self._unreachable(exc) from exc
+        if response.status_code == 200:
+            return _S3Reader(self, response)
+        try:  # an error: its XML body is small, but read at most 64 KiB of it
+            body = await self._within(self.timeout, _read_at_most(response, 64 * 1024))
+        finally:
+            await response.aclose()
+        reply = _Reply(response.status_code, body)
+        if reply.status == 404 and reply.error_code() != "NoSuchBucket":
+            raise BlobNotFound(f"no blob {key!r}")
+        self._check(reply, f"reading {key!r}", ok=(200,))
+        raise AssertionError("unreachable")
+
     async def delete(self, keys: Sequence[str]) -> None:
         paths = sorted({self._object_path(key) for key in keys})  # all checked before any I/O
         failures: list[BlobStoreError] = []
@@ -288,25 +325,36 @@ class S3BlobStore(BlobStore):
             name = f"{self.prefix}/{name}"
         return f"{self._bucket_path}/{_encode(name, keep_slash=True)}"
 
-    async def _call(self, method: str, path: str, *, body: bytes = b"") -> _Reply:
-        payload_hash = await _sha256_hex(body)
+    def _request(
+        self, method: str, path: str, payload_hash: str, content: Any, size: int
+    ) -> httpx.Request:
+        headers = sign_headers(
+            credentials=self._credentials,
+            region=self.region,
+            service="s3",
+            method=method,
+            host=self._host,
+            path=path,
+            headers={"x-amz-content-sha256": payload_hash},
+            payload_hash=payload_hash,
+            amz_date=amz_now(),
+        )
+        if not isinstance(content, bytes):
+            headers["content-length"] = str(size)  # a stream: never chunked
+        return self._client.build_request(
+            method, self._origin + path, headers=headers, content=content
+        )
+
+    async def _call(
+        self, method: str, path: str, *, body: bytes = b"", spool: _Spool | None = None
+    ) -> _Reply:
+        payload_hash = spool.sha256 if spool else await _sha256_hex(body)
+        size = spool.size if spool else len(body)
         for attempt in (1, 2):
-            headers = sign_headers(
-                credentials=self._credentials,
-                region=self.region,
-                service="s3",
-                method=method,
-                host=self._host,
-                path=path,
-                headers={"x-amz-content-sha256": payload_hash},
-                payload_hash=payload_hash,
-                amz_date=amz_now(),
-            )
-            request = self._client.build_request(
-                method, self._origin + path, headers=headers, content=body
-            )
+            content = spool.read() if spool else body
+            request = self._request(method, path, payload_hash, content, size)
             try:
-                return await self._exchange(request, len(body))
+                return await self._exchange(request, size)
             except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as exc:
                 # A pooled keep-alive connection the server had already closed;
                 # every call here is idempotent, so one more try is safe.
@@ -348,6 +396,92 @@ class S3BlobStore(BlobStore):
         if reply.status == 404:
             raise BlobStoreError(f"S3 {where} while {doing}: {code}")
         raise BlobStoreError(f"S3 {where} failed while {doing}: {code}")
+
+
+class _Spool:
+    """A streamed upload on local disk (a temporary file, gone on close), with
+    its size and SHA-256 computed on the way in."""
+
+    def __init__(self, file: BinaryIO) -> None:
+        self._file = file
+        self._digest = hashlib.sha256()
+        self.size = 0
+        self.sha256 = ""
+
+    @classmethod
+    async def create(cls) -> _Spool:
+        return cls(await trio.to_thread.run_sync(tempfile.TemporaryFile))
+
+    async def fill(self, chunks: AsyncIterator[bytes], size: int) -> None:
+        buffer = bytearray()
+        async for chunk in chunks:
+            if self.size + len(buffer) + len(chunk) > size:
+                raise InvalidRequest(f"the body holds more than {size} bytes")
+            buffer += chunk
+            if len(buffer) >= STREAM_CHUNK:
+                await self._write(bytes(buffer))
+                buffer.clear()
+        await self._write(bytes(buffer))
+        if self.size != size:
+            raise InvalidRequest(f"the body holds {self.size} bytes, not {size}")
+        self.sha256 = self._digest.hexdigest()
+
+    async def _write(self, data: bytes) -> None:
+        def write() -> None:
+            self._file.write(data)
+            self._digest.update(data)
+
+        await trio.to_thread.run_sync(write)
+        self.size += len(data)
+
+    async def read(self) -> AsyncIterator[bytes]:
+        """The spooled bytes from the start (each request attempt reads anew)."""
+        await trio.to_thread.run_sync(self._file.seek, 0)
+        while data := await trio.to_thread.run_sync(self._file.read, STREAM_CHUNK):
+            yield data
+
+    async def aclose(self) -> None:
+        await trio.to_thread.run_sync(self._file.close)
+
+
+class _S3Reader(BlobReader):
+    def __init__(self, store: S3BlobStore, response: httpx.Response) -> None:
+        self._store = store
+        self._response: httpx.Response | None = response
+        self.size = int(response.headers.get("content-length") or 0)
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        response = self._response
+        if response is None:
+            return
+        parts = response.aiter_raw(STREAM_CHUNK)
+        while True:
+            chunk = None
+            with trio.move_on_after(self._store.timeout):
+                try:
+                    chunk = await anext(parts)
+                except StopAsyncIteration:
+                    return
+                except httpx.HTTPError as exc:
+                    raise self._store._unreachable(exc) from exc
+            if chunk is None:
+                raise BlobStoreError(f"S3 at {self._store.endpoint} stopped sending a blob")
+            yield chunk  # outside the cancel scope: this is an async generator
+
+    async def aclose(self) -> None:
+        response, self._response = self._response, None
+        if response is not None:
+            with trio.CancelScope(shield=True):
+                await response.aclose()
+
+
+async def _read_at_most(response: httpx.Response, limit: int) -> bytes:
+    body = bytearray()
+    async for chunk in response.aiter_raw():
+        body += chunk
+        if len(body) >= limit:
+            break
+    return bytes(body[:limit])
 
 
 def _endpoint(raw: str, shown: str) -> str:
