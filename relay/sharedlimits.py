@@ -220,7 +220,7 @@ class TokenBuckets:
         burst: float,
         clock: Callable[[], float] = time.monotonic,
         *,
-        max_keys: int = 100_000,
+        max_keys: int = 50_000,
     ) -> None:
         self.rate = rate
         self.burst = burst
@@ -228,6 +228,7 @@ class TokenBuckets:
         self.max_keys = max_keys
         self._buckets: dict[str, tuple[float, float]] = {}
         self._sweep_at = 1024
+        self._swept = -1e18
 
     def _level(self, key: str, now: float) -> float:
         tokens, at = self._buckets.get(key, (self.burst, now))
@@ -253,12 +254,15 @@ class TokenBuckets:
         return 0.0
 
     def _room(self) -> bool:
-        """Whether a new key may be added (after sweeping full buckets if due)."""
-        if len(self._buckets) >= self._sweep_at:
-            now = self.clock()
+        """Whether a new key may be added, after sweeping full buckets when the
+        table has doubled since the last sweep (or, when it is at max_keys, at
+        most once a second: a sweep of a full table costs ~10 ms)."""
+        size, now = len(self._buckets), self.clock()
+        if size >= self._sweep_at or (size >= self.max_keys and now - self._swept >= 1.0):
             full = [k for k in self._buckets if self._level(k, now) >= self.burst]
             for k in full:
                 del self._buckets[k]
+            self._swept = now
             self._sweep_at = max(1024, 2 * len(self._buckets))
         return len(self._buckets) < self.max_keys
 
