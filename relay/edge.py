@@ -58,6 +58,9 @@ RESERVE_FDS = 128
 CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 #: Refusals being written at once; past this a refused socket is closed unanswered.
 MAX_REFUSING = 64
+#: How long a refused socket is drained after its answer, so that closing it
+#: with the client's request unread does not reset the answer away.
+REFUSAL_DRAIN_S = 0.1
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -208,7 +211,7 @@ class ConnectionGate:
             with trio.move_on_after(1):
                 await stream.send_all(json_response(exc.http_status, exc.to_body()))
                 await stream.send_eof()
-                with trio.move_on_after(0.5):
+                with trio.move_on_after(REFUSAL_DRAIN_S):
                     while await stream.receive_some(16384):
                         pass
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):

@@ -191,9 +191,10 @@ class Prober:
         return 1000 * max(self.latencies) if self.latencies else float("inf")
 
 
-async def metric(port: int, name: str, labels: str = "") -> float:
-    """One sample of /metrics (0 when absent)."""
-    _, _, body = await exchange(port, request("GET", "/metrics"))
+async def metric(port: int, name: str, labels: str = "", host: str = "127.0.0.250") -> float:
+    """One sample of /metrics (0 when absent), asked from ``host``."""
+    status, _, body = await exchange(port, request("GET", "/metrics"), host=host)
+    assert status == 200, body
     wanted = name + (f"{{{labels}}}" if labels else "")
     for line in body.decode().splitlines():
         if line.startswith(wanted + " "):
