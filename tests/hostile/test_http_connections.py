@@ -109,7 +109,7 @@ async def test_one_address_is_capped_and_others_still_get_in(tmp_path) -> None:
                 await _close_all(attacker)
             # Freed: the address gets in again.
             with trio.fail_after(10):
-                while await _honest(node, "127.0.0.1", 2):
+                while await _honest(node, "127.0.0.1", 2):  # noqa: ASYNC110 (polling the relay)
                     await trio.sleep(0.1)
             assert "Traceback" not in node.log_text()
 
@@ -150,7 +150,7 @@ async def test_node_cap_below_a_low_fd_limit_and_emfile_backoff(tmp_path) -> Non
             finally:
                 await _close_all(attacker)
             with trio.fail_after(10):
-                while await _honest(node, "127.0.0.2", 1):  # the sockets above are gone
+                while await _honest(node, "127.0.0.2", 1):  # noqa: ASYNC110 (sockets closing)
                     await trio.sleep(0.1)
             assert await metric(node.port, "relay_connections_refused_total", 'cap="node"') > 0
 
