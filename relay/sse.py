@@ -308,7 +308,11 @@ def register(app: QuartTrio, relay: Relay) -> None:
         except TooManyConnections as exc:
             relay.metrics.error(exc.error)
             raise
-        stream = SseStream(relay, identity, positions, lease)
+        try:  # the token's claims were checked by verify(); the lease goes back on any failure
+            stream = SseStream(relay, identity, positions, lease)
+        except BaseException:
+            relay.presence.release(lease)
+            raise
         try:
             await consume_jti(relay, identity)  # single-use tokens (relay/retention.py)
             await stream.start()
