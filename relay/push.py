@@ -103,8 +103,16 @@ def parse_providers(text: str) -> dict[str, str]:
         name, sep, url = (s.strip() for s in item.partition("="))
         if not sep or not _NAME.fullmatch(name):
             raise ValueError(f"push provider {item!r}: expected name=URL")
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
+        # Refused here what would fail every push later: control characters
+        # (httpx.InvalidURL at each request), a port out of range.
+        usable = url.isprintable()
+        try:
+            parts = urlsplit(url)
+            _ = parts.port  # ValueError when out of range
+            httpx.URL(url)
+        except (ValueError, httpx.InvalidURL):
+            usable = False
+        if not usable or parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"push provider {name!r}: URL must be http(s)://host/...")
         if name in providers:
             raise ValueError(f"push provider {name!r} is configured twice")

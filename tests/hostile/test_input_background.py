@@ -17,8 +17,12 @@ import logging
 import pytest
 import trio
 
+from relay.push import Pusher, PushTarget, parse_providers
+
 from ..harness import Running, running_relay
+from ..pushreceiver import push_receiver
 from ..relayclient import Client, connect
+from ..test_push import ROOM, World, config, running, until
 from .inputs import install_refusal
 
 ALICE, BOB, CAROL = "did:example:alice", "did:example:bob", "did:example:carol"
@@ -83,3 +87,44 @@ async def test_the_delivery_flush_drops_a_poisoned_row_and_writes_the_rest(datab
         assert all(POISONED in line for line in lines)
         scrape = r.relay.metrics.exposition().decode()
         assert 'relay_poisoned_dropped_total{job="delivery_state"} 2.0' in scrape
+
+
+@pytest.mark.timeout(30)
+async def test_push_drops_an_entry_it_cannot_send_and_keeps_pushing(caplog):
+    """A push request that raises what the sender never expected (here httpx's
+    InvalidURL, from a provider URL with a control character) drops that
+    entry, logged once and counted, without a retry; the sender tasks live
+    on and the other devices' pushes go out.  Before, the exception ended
+    the pusher's nursery, and with it the node."""
+    caplog.set_level(logging.WARNING, logger="relay.incidents")
+    members = {
+        ROOM: [
+            PushTarget(BOB, "b-bad", "bad", "eu", "tok-bob", 0),
+            PushTarget(CAROL, "c1", "fcm", "eu", "tok-carol", 0),
+        ]
+    }
+    world = World(members)
+    async with push_receiver() as receiver:
+        providers = {"fcm": receiver.url(), "bad": "http://127.0.0.1:1/p\x7fq"}
+        pusher = Pusher(config(receiver, providers=providers), world.resolve, world.online)
+        async with running(pusher):
+            for seq in (1, 2):
+                pusher.offer(ROOM, seq, ALICE, "a1")
+                with trio.fail_after(5):
+                    (request,) = (await receiver.wait_requests(seq))[seq - 1 :]
+                assert request.json()["token"] == "tok-carol" and request.json()["seq"] == seq
+                await until(lambda: pusher.stats.poisoned == seq)  # noqa: B023
+            await until(lambda: pusher.pending() == 0)  # nothing left to retry
+        assert pusher.stats.retried == 0 and pusher.stats.sent == 2
+        assert pusher.incidents.dropped["push"] == 2  # one entry per message, none retried
+        assert pusher.incidents.counts == {}
+    lines = [rec.getMessage() for rec in caplog.records if "dropped a row" in rec.getMessage()]
+    assert len(lines) == 2 and all("InvalidURL" in line for line in lines), lines
+
+
+@pytest.mark.parametrize(
+    "url", ["http://127.0.0.1:1/p\x7fq", "http://h/\x00", "http://h:99999/p", "ftp://h/p"]
+)
+def test_push_provider_urls_httpx_cannot_use_are_refused_at_start(url):
+    with pytest.raises(ValueError, match="URL must be"):
+        parse_providers(f"p={url}")
