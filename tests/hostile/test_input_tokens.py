@@ -173,3 +173,34 @@ async def test_presence_refuses_text_redis_cannot_hold_before_counting(redis_url
                     await trio.sleep(0.05)
             assert presence.redis.up and presence.redis.fallbacks == {}
             nursery.cancel_scope.cancel()
+
+
+@pytest.mark.timeout(30)
+async def test_lease_releases_are_not_retried_past_the_lease_expiry(redis_url):
+    """Releases that Redis cannot take (here: unreachable) stay queued only
+    until their lease would have expired in Redis anyway, then go: the queue
+    is never retried forever.  Before, they stayed until the node stopped."""
+    from relay.limits import Limits
+
+    from ..nodes import RedisProxy
+
+    prefix = f"{redis_url.prefix}{secrets.token_hex(4)}:"
+    ttl = 0.9
+    with trio.fail_after(20):
+        async with RedisProxy(redis_url.url).running() as proxy, trio.open_nursery() as nursery:
+            presence = Presence(Limits(), SharedRedis(proxy.url, prefix), "node", lease_ttl=ttl)
+            await nursery.start(presence.run)
+            leases = [await presence.admit(ALICE, f"d{i}") for i in range(3)]
+            assert presence.redis.fallbacks == {}
+            proxy.cut()
+            for lease in leases:
+                presence.release(lease)
+            assert len(presence._released) == 3
+            released_at = trio.current_time()
+            while True:  # the maintenance task retries, then lets them go
+                if not presence._released:
+                    break
+                await trio.sleep(0.05)
+            assert trio.current_time() - released_at >= ttl  # not before their expiry
+            assert presence.redis.fallbacks["release"] >= 1
+            nursery.cancel_scope.cancel()
