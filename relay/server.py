@@ -33,7 +33,6 @@ if TYPE_CHECKING:
     from .auth import Identity
     from .http import HttpFrontend
     from .incidents import Incidents
-    from .presence import Lease
 
 log = logging.getLogger("relay.server")
 
@@ -128,7 +127,7 @@ async def _websocket(relay: Relay, stream: trio.SocketStream, head: RequestHead)
         await _refuse(stream, refusal.http_status, refusal)
         return
     try:
-        session = await _start_session(relay, stream, identity, lease)
+        session = await _start_session(relay, stream, identity)
         if session is None:
             return
         try:
@@ -142,7 +141,7 @@ async def _websocket(relay: Relay, stream: trio.SocketStream, head: RequestHead)
 
 
 async def _start_session(
-    relay: Relay, stream: trio.SocketStream, identity: Identity, lease: Lease
+    relay: Relay, stream: trio.SocketStream, identity: Identity
 ) -> Session | None:
     """Spend the jti and register the session; None (answered) when refused."""
     session: Session | None = None
