@@ -9,6 +9,8 @@ the protocol codec raise these; only the edges translate them.
 
 from __future__ import annotations
 
+import secrets
+
 
 class RelayError(Exception):
     """Base of every error mls-relay reports."""
@@ -316,3 +318,34 @@ class UnknownPushProvider(InvalidRequest):
     """The push provider named at registration is not configured on the relay."""
 
     error = "UnknownPushProvider"
+
+
+# --- incidents (relay/incidents.py) ---------------------------------------------------
+
+
+def new_incident_id() -> str:
+    """A short random id that ties one InternalError reply to one log line."""
+    return secrets.token_hex(8)
+
+
+class Incident(RelayError):
+    """An unexpected failure on the relay's side: a bug, or data storage refused
+    that the edge should have refused first.  The reply carries ``incident``, the
+    id of the one log line that describes it (with the exception), so a user's
+    report can be matched with the operator's log.
+
+    Retryable: the relay cannot tell a passing fault from a lasting one, and
+    resending a ``#send`` with the same ``client_message_id`` is idempotent."""
+
+    error = "InternalError"
+    http_status = 500
+    retryable = True
+
+    def __init__(self, message: str = "", incident: str = "", **details: object) -> None:
+        incident = incident or new_incident_id()
+        super().__init__(message or f"internal error (incident {incident}); retry later", **details)
+        self.details["incident"] = incident
+
+    @property
+    def incident(self) -> str:
+        return str(self.details["incident"])

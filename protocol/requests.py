@@ -155,6 +155,9 @@ Request = (
 )
 
 MAX_SEQS_PER_REQUEST = 1000
+MAX_CURSORS_PER_REQUEST = 10_000
+#: Seqs (and cursors) are signed 64-bit in storage.
+MAX_SEQ = 2**63 - 1
 MAX_PUSH_FIELD = 4096
 BLOB_KEY_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
 
@@ -181,9 +184,9 @@ def parse_request(frame: Frame, limits: Limits) -> Request:
 def _bytes(body: dict[str, Any], key: str, max_len: int) -> bytes:
     value = body.get(key)
     if not isinstance(value, bytes) or not value:
-        raise InvalidRequest(f"{key} must be a non-empty byte string")
+        raise InvalidRequest(f"{key} must be a non-empty byte string", field=key)
     if len(value) > max_len:
-        raise InvalidRequest(f"{key} is longer than {max_len} bytes")
+        raise InvalidRequest(f"{key} is longer than {max_len} bytes", field=key)
     return value
 
 
@@ -198,15 +201,16 @@ def _did(value: object, key: str) -> str:
 def _members(body: dict[str, Any], key: str = "members") -> tuple[str, ...]:
     value = body.get(key)
     if not isinstance(value, list):
-        raise InvalidRequest(f"{key} must be a list of DIDs")
+        raise InvalidRequest(f"{key} must be a list of DIDs", field=key)
     if len(value) > MAX_MEMBERS_PER_REQUEST:
-        raise InvalidRequest(f"at most {MAX_MEMBERS_PER_REQUEST} {key} per request")
+        raise InvalidRequest(f"at most {MAX_MEMBERS_PER_REQUEST} {key} per request", field=key)
     return tuple(dict.fromkeys(_did(v, key) for v in value))
 
 
 def _seq(value: object, key: str) -> int:
-    if type(value) is not int or value < 0 or value > 2**63 - 1:
-        raise InvalidRequest(f"{key} must be a non-negative integer")
+    # type() is int: a bool is an int in Python, and CBOR true is not a seq.
+    if type(value) is not int or value < 0 or value > MAX_SEQ:
+        raise InvalidRequest(f"{key} must be an integer in 0..2^63-1", field=key)
     return value
 
 
@@ -217,7 +221,7 @@ def blob_key(value: object) -> str:
         or not 16 <= len(value) <= 64
         or not BLOB_KEY_CHARS.issuperset(value)
     ):
-        raise InvalidRequest("blob must be a blob key returned by an upload")
+        raise InvalidRequest("blob must be a blob key returned by an upload", field="blob")
     return value
 
 
@@ -301,12 +305,21 @@ def _list(rid: int, body: dict[str, Any], limits: Limits) -> ListConversations:
 def _subscribe(rid: int, body: dict[str, Any], limits: Limits) -> Subscribe:
     raw = body.get("cursors", [])
     if not isinstance(raw, list):
-        raise InvalidRequest("cursors must be a list of {conversation, seq}")
+        raise InvalidRequest("cursors must be a list of {conversation, seq}", field="cursors")
+    if len(raw) > MAX_CURSORS_PER_REQUEST:
+        raise InvalidRequest(
+            f"at most {MAX_CURSORS_PER_REQUEST} cursors per #subscribe (the other"
+            " conversations resume from their stored cursors)",
+            field="cursors",
+        )
     cursors: dict[bytes, int] = {}
     for entry in raw:
         if not isinstance(entry, dict):
-            raise InvalidRequest("cursors must be a list of {conversation, seq}")
-        cursors[_conversation(entry)] = _seq(entry.get("seq"), "cursors[].seq")
+            raise InvalidRequest("cursors must be a list of {conversation, seq}", field="cursors")
+        conversation = _conversation(entry)
+        if conversation in cursors:
+            raise InvalidRequest("cursors name a conversation twice", field="cursors")
+        cursors[conversation] = _seq(entry.get("seq"), "cursors[].seq")
     return Subscribe(rid, cursors)
 
 
@@ -321,7 +334,7 @@ def _delete(rid: int, body: dict[str, Any], limits: Limits) -> DeleteConversatio
 def _delivery_state(rid: int, body: dict[str, Any], limits: Limits) -> DeliveryStateRequest:
     seqs = body.get("seqs")
     if not isinstance(seqs, list) or not 0 < len(seqs) <= MAX_SEQS_PER_REQUEST:
-        raise InvalidRequest(f"seqs must list 1..{MAX_SEQS_PER_REQUEST} seqs")
+        raise InvalidRequest(f"seqs must list 1..{MAX_SEQS_PER_REQUEST} seqs", field="seqs")
     return DeliveryStateRequest(rid, _conversation(body), tuple(_seq(s, "seqs[]") for s in seqs))
 
 

@@ -48,6 +48,17 @@ def _check_unicode(value: str, field: str) -> None:
         ) from None
 
 
+def printable(value: object, field: str, max_len: int) -> str:
+    """An identifier (a device id, a token id): non-empty text storage can hold,
+    at most ``max_len`` characters, without control characters (it appears in
+    logs and push requests).  Any printable Unicode is accepted."""
+    storable(value, field, max_len, empty=False)
+    assert isinstance(value, str)
+    if not value.isprintable():
+        raise InvalidRequest(f"{field} must not contain control characters", field=field)
+    return value
+
+
 def did(value: object, field: str) -> str:
     """A DID: ``did:`` then printable ASCII without spaces, at most MAX_DID characters.
 

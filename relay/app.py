@@ -120,6 +120,7 @@ class Relay:
                 self.push_providers, secret=cfg.push_secret, queue_limit=cfg.push_queue
             )
             self.pusher = Pusher(push_config, self._push_targets, self._online, self._push_gone)
+            self.pusher.incidents = self.metrics.incidents
 
     async def _push_targets(self, conversations: list[bytes]) -> dict[bytes, list[PushTarget]]:
         """The pusher's resolve(): storage opens only in run(), so look it up per call."""
@@ -173,6 +174,7 @@ class Relay:
             self.flusher,
             max_batch=self.config.commit_batch,
             linger=self.config.commit_linger_ms / 1000,
+            incidents=self.metrics.incidents,
         )
         self._committer.observer = self.metrics.observe_batch
         self._committer.on_published = self._on_published

@@ -47,9 +47,12 @@ from jwt.exceptions import (
     PyJWTError,
 )
 
-from protocol.errors import ExpiredToken, InvalidToken, RelayError
+from protocol import text
+from protocol.errors import ExpiredToken, InvalidRequest, InvalidToken, RelayError
 
 __all__ = [
+    "MAX_DEVICE_LENGTH",
+    "MAX_JTI_LENGTH",
     "MAX_TOKEN_LENGTH",
     "MIN_HS256_SECRET_BYTES",
     "AuthConfig",
@@ -61,6 +64,10 @@ __all__ = [
 
 #: Longest token accepted; anything longer is refused before it is parsed.
 MAX_TOKEN_LENGTH = 8192
+
+#: Longest device id (the device claim) and token id (``jti``) accepted.
+MAX_DEVICE_LENGTH = 128
+MAX_JTI_LENGTH = 256
 
 #: Shortest HS256 secret accepted (RFC 7518 §3.2: at least the hash size).
 MIN_HS256_SECRET_BYTES = 32
@@ -190,6 +197,22 @@ def _str_claim(payload: Mapping[str, Any], name: str) -> str:
     return value
 
 
+def _storable_claims(sub: str, device: str, jti: str, device_claim: str) -> None:
+    """The claims the relay stores and keys on (user, device, token id) must be
+    text storage, Redis and the logs can hold, checked before anything is
+    registered: a NUL or a lone surrogate there failed every later write that
+    carried it (delivery state, lease release, the token's own ``jti``)."""
+    for name, value, check in (
+        ("sub", sub, lambda v, f: text.did(v, f)),
+        (device_claim, device, lambda v, f: text.printable(v, f, MAX_DEVICE_LENGTH)),
+        ("jti", jti, lambda v, f: text.printable(v, f, MAX_JTI_LENGTH)),
+    ):
+        try:
+            check(value, f"claim {name!r}")
+        except InvalidRequest as exc:
+            raise InvalidToken(exc.message, claim=name) from None
+
+
 class Authenticator:
     """Verifies client JWTs against an :class:`AuthConfig`.
 
@@ -276,7 +299,7 @@ class Authenticator:
                 raise InvalidToken(f"{alg} token has no 'kid' header")
             jwk = self._jwks.get(kid)
             if jwk is None:
-                raise InvalidToken(f"unknown key id {kid!r}")
+                raise InvalidToken(f"unknown key id {text.excerpt(kid)}")
             if jwk.algorithm_name != alg:
                 raise InvalidToken(
                     f"algorithm {alg} is not allowed for key {kid!r} "
@@ -284,7 +307,7 @@ class Authenticator:
                 )
             return jwk, alg
         raise InvalidToken(
-            f"algorithm {alg!r} is not allowed (allowed: "
+            f"algorithm {text.excerpt(alg)} is not allowed (allowed: "
             f"{', '.join(sorted(self.allowed_algorithms))})"
         )
 
@@ -330,6 +353,7 @@ class Authenticator:
             raise InvalidToken(f"wrong audience: 'aud' must be {cfg.audience!r}")
         jti = _str_claim(payload, "jti")
         device = _str_claim(payload, cfg.device_claim)
+        _storable_claims(sub, device, jti, cfg.device_claim)
         exp = _int_claim(payload, "exp")
         iat = _int_claim(payload, "iat")
 

@@ -17,6 +17,13 @@ the CPU per message.  Lingering never delays a send by more than ``linger``
 beyond what it would have waited anyway: a send that arrived during the
 previous commit has already waited that long and goes at once, and a full
 batch goes at once.
+
+One bad item fails alone: a batch that storage refuses for its data (not an
+outage) is split in halves until the refused item is alone, and everything
+else commits.  And the committer is supervised: an unexpected exception
+anywhere in a batch is one logged incident (relay/incidents.py) and a
+retryable ``InternalError`` carrying its id for that batch's senders, and the
+committer goes on.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from storage.base import Appended, NewMessage, Storage
 
 from .fanout import FanOut
 from .hub import MembershipChange, Published
+from .incidents import Incidents
 from .outbox import Flusher
 
 
@@ -43,6 +51,8 @@ class PendingSend:
     on_done: Callable[[Appended | RelayError], None]
     #: Returns True when the submitter is gone: its send is then never stored.
     abandoned: Callable[[], bool]
+    #: Set when on_done was called (the committer answers each send once).
+    answered: bool = False
 
 
 class Committer:
@@ -55,6 +65,7 @@ class Committer:
         max_batch: int = 512,
         queue: int = 4096,
         linger: float = 0.0,
+        incidents: Incidents | None = None,
     ) -> None:
         self._storage = storage
         self._fanout = fanout
@@ -73,6 +84,10 @@ class Committer:
         self._closed = False
         self.batches = 0
         self.committed = 0
+        #: Batches split because one of their items failed (see _append).
+        self.splits = 0
+        #: Where unexpected failures are logged and counted (the node's, in a relay).
+        self.incidents = incidents or Incidents()
         #: Called once per batch after its fan-out and acks (relay.metrics
         #: latency histograms): per batch, never per recipient.
         self.observer: Callable[[list[PendingSend], float], None] | None = None
@@ -145,7 +160,13 @@ class Committer:
             self._room.set()
             if len(queue) <= self._low:
                 self._calm.set()
-            await self._commit([p for p in batch if not p.abandoned()])
+            live = [p for p in batch if not p.abandoned()]
+            try:
+                await self._commit(live)
+            except Exception as exc:  # last resort: the committer outlives any bug
+                incident = self.incidents.report("committer", exc, "a batch")
+                for pending in live:
+                    self._answer(pending, incident)
         self.drained.set()
 
     async def _gather(self, deadline: float) -> None:
@@ -159,16 +180,60 @@ class Committer:
             await self._full.wait()
 
     async def _commit(self, batch: list[PendingSend]) -> None:
+        """Store one batch, publish what is new, answer every sender exactly once.
+
+        Supervised: whatever goes wrong after the commit (a bug in the fan-out,
+        a hook, a callback) is one logged incident and a retryable error for
+        the senders not yet answered; the committer goes on with the next
+        batch.  A resend is safe: the idempotency key finds the stored copy."""
         if not batch:
             return
-        try:
-            results: list[Appended | RelayError] = await self._storage.append_messages(
-                [p.message for p in batch]
-            )
-        except RelayError as exc:
-            results = [exc] * len(batch)
+        results = await self._append(batch)
         committed_at = time.time()
         self.batches += 1
+        try:
+            self._publish(batch, results)
+        except Exception as exc:
+            incident = self.incidents.report(
+                "committer", exc, f"publishing a committed batch of {len(batch)}"
+            )
+            results = [incident if isinstance(r, Appended) else r for r in results]
+        for pending, outcome in zip(batch, results, strict=True):
+            self._answer(pending, outcome)
+        try:
+            self._flusher.flush()
+            if self.observer is not None:
+                self.observer(batch, committed_at)
+        except Exception as exc:
+            self.incidents.report("committer", exc, "after answering a batch")
+
+    async def _append(self, batch: list[PendingSend]) -> list[Appended | RelayError]:
+        """append_messages, with a batch that fails on its data split in halves
+        until the item storage refuses is alone: the others commit, only that
+        one gets an error.  A failed statement stores nothing (one transaction
+        on both backends), so the halves never store an item twice; should a
+        failure come after a commit, the idempotency key answers the retry
+        with the stored seq (duplicate).  An outage is never split: every
+        half would fail the same way."""
+        try:
+            results = await self._storage.append_messages([p.message for p in batch])
+        except Unavailable as exc:
+            return [exc] * len(batch)
+        except Exception as exc:  # StorageError, or a bug below us: not an outage
+            if len(batch) == 1:
+                return [self.incidents.report("committer", exc, "a send storage refused")]
+            self.splits += 1
+            mid = len(batch) // 2
+            first = await self._append(batch[:mid])
+            return first + await self._append(batch[mid:])
+        if len(results) != len(batch):  # committed, but we cannot tell who got what
+            incident = self.incidents.report(
+                "committer", None, f"{len(results)} results for {len(batch)} sends"
+            )
+            return [incident] * len(batch)
+        return results
+
+    def _publish(self, batch: list[PendingSend], results: list[Appended | RelayError]) -> None:
         fresh: list[Published] = []
         for pending, outcome in zip(batch, results, strict=True):
             if isinstance(outcome, Appended) and not outcome.duplicate:
@@ -203,11 +268,17 @@ class Committer:
                         outcome.seq,
                     )
                 )
-        for pending, outcome in zip(batch, results, strict=True):
+
+    def _answer(self, pending: PendingSend, outcome: Appended | RelayError) -> None:
+        """Call the sender's on_done once; a callback that raises is an incident
+        of its own and does not keep the batch's other senders waiting."""
+        if pending.answered:
+            return
+        pending.answered = True
+        try:
             pending.on_done(outcome)
-        self._flusher.flush()
-        if self.observer is not None:
-            self.observer(batch, committed_at)
+        except Exception as exc:
+            self.incidents.report("committer", exc, "a sender's callback")
 
     def queued(self) -> int:
         return len(self._queue)

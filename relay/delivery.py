@@ -9,7 +9,8 @@ batch (``record_deliveries``), together with the devices that connected
 
 "Delivered" means handed to the device's connection; "acknowledged" comes
 from the device's own ``#ack`` (its cursor).  A position the database did
-not take (an outage) is retried next round: it only ever grows.
+not take (an outage) is retried next round: it only ever grows.  A row it
+refuses for its data is dropped, alone, and never tried again.
 """
 
 from __future__ import annotations
@@ -20,7 +21,11 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from protocol.errors import RelayError
+from protocol import text
+from protocol.errors import Unavailable
+
+from .incidents import isolate
+from .logs import user_hash
 
 if TYPE_CHECKING:
     from .app import Relay
@@ -29,6 +34,8 @@ log = logging.getLogger("relay.delivery")
 
 #: Most devices remembered as connected-but-not-yet-recorded between rounds.
 MAX_SEEN = 100_000
+#: Most rows remembered as refused by storage (skipped without a new try).
+MAX_POISONED = 10_000
 
 Key = tuple[str, str, bytes]
 
@@ -39,8 +46,11 @@ class DeliveryTracker:
         self._seen: set[tuple[str, str]] = set()
         #: Positions written so far, for the sessions alive at the last round.
         self._recorded: dict[Key, int] = {}
+        #: Keys ((user, device) or (user, device, conversation)) storage refused.
+        self._poisoned: set[tuple[str | bytes, ...]] = set()
         self.rounds = 0
         self.rows_written = 0
+        self.dropped = 0
 
     def connected(self, user: str, device: str) -> None:
         """A device connected (synchronous; recorded at the next round)."""
@@ -66,19 +76,41 @@ class DeliveryTracker:
         return moved, current
 
     async def flush(self) -> None:
-        """One round: write what moved; raises RelayError if storage refused."""
+        """One round: write what moved.  Raises in an outage (Unavailable: the
+        next round writes it all again).  A row storage refuses for its data is
+        dropped alone -- logged once, counted, never tried again -- and the
+        other rows of the round are still written (relay/incidents.py)."""
         seen, self._seen = self._seen, set()
         moved, current = self._moved()
         now_ms = int(time.time() * 1000)
+        storage = self.relay.storage
+        devices = sorted(pair for pair in seen if pair not in self._poisoned)
+        rows = [row for row in moved if row[:3] not in self._poisoned]
+
+        async def touch(chunk: list[tuple[str, str]]) -> None:
+            await storage.touch_devices(chunk, now_ms)
+
+        async def record(chunk: list[tuple[str, str, bytes, int]]) -> None:
+            await storage.record_deliveries(chunk, now_ms)
+
         try:
-            await self.relay.storage.touch_devices(sorted(seen), now_ms)
-            await self.relay.storage.record_deliveries(moved, now_ms)
+            await isolate(devices, touch, self._drop)
+            await isolate(rows, record, self._drop)
         except BaseException:
             self._seen |= seen  # next round tries again; positions are recomputed anyway
             raise
         self._recorded = current
         self.rounds += 1
-        self.rows_written += len(moved)
+        self.rows_written += len(rows)
+
+    def _drop(self, row: tuple[str, str] | tuple[str, str, bytes, int], exc: Exception) -> None:
+        """A row storage refuses: skipped from now on (its key never changes)."""
+        if len(self._poisoned) >= MAX_POISONED:
+            self._poisoned.clear()  # a bound; a cleared row fails (and is dropped) once more
+        self._poisoned.add(row[:3])
+        what = f"user {user_hash(row[0])}, device {text.excerpt(row[1])}"
+        self.relay.metrics.incidents.drop("delivery_state", exc, what)
+        self.dropped += 1
 
     async def run(self) -> None:
         period = self.relay.config.delivery_flush_s
@@ -86,5 +118,7 @@ class DeliveryTracker:
             await trio.sleep(period)
             try:
                 await self.flush()
-            except RelayError:
+            except Unavailable:
                 log.warning("could not record delivery positions", exc_info=True)
+            except Exception as exc:  # a bug: told, counted, and the next round runs
+                self.relay.metrics.incidents.report("delivery_state", exc, "a flush")

@@ -30,9 +30,11 @@ from prometheus_client.core import (
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
+from .incidents import Incidents
+
 if TYPE_CHECKING:
     from .app import Relay
-    from .committer import PendingSend
+    from .committer import Committer, PendingSend
     from .outbox import Outbox
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -98,6 +100,8 @@ class RelayMetrics:
         self._closed_frames_out = 0
         self._closed_bytes_out = 0
         self.errors: Counter[str] = Counter()
+        #: Unexpected failures (InternalError replies) and poisoned rows dropped.
+        self.incidents = Incidents()
         self._recent_errors: deque[tuple[float, str]] = deque(maxlen=10000)
         self.send_to_commit = FastHistogram()
         self.commit_to_deliver = FastHistogram()
@@ -287,6 +291,32 @@ class _Collector(Collector):
         )
         yield from _pool_families(relay)
         yield from _offline_families(relay)
+        yield from _incident_families(m, committer)
+
+
+def _incident_families(m: RelayMetrics, committer: Committer | None) -> Iterator[Any]:
+    """Unexpected failures, isolated batch items and dropped rows (relay/incidents.py)."""
+    incidents = CounterMetricFamily(
+        "relay_incidents",
+        "Unexpected failures answered with InternalError (each logged with its id).",
+        labels=["where"],
+    )
+    for where, count in sorted(m.incidents.counts.items()):
+        incidents.add_metric([where], count)
+    yield incidents
+    dropped = CounterMetricFamily(
+        "relay_poisoned_dropped",
+        "Rows a background job could not write and dropped (each logged once).",
+        labels=["job"],
+    )
+    for job, count in sorted(m.incidents.dropped.items()):
+        dropped.add_metric([job], count)
+    yield dropped
+    yield _counter(
+        "relay_commit_splits",
+        "Commit batches split because storage refused one of their items.",
+        committer.splits if committer else 0,
+    )
 
 
 def _offline_families(relay: Relay) -> Iterator[Any]:

@@ -54,6 +54,9 @@ if TYPE_CHECKING:
     from .app import Relay
 
 ETERNAL = 2**64 - 1
+#: Highest MLS epoch accepted in a send: storage holds epochs as signed 64-bit
+#: integers and a commit creates epoch + 1.
+MAX_EPOCH = 2**63 - 2
 _KINDS = {
     ContentType.APPLICATION: "application",
     ContentType.PROPOSAL: "proposal",
@@ -216,6 +219,13 @@ def mls_message(base: NewMessage, req: Send, window: int) -> NewMessage:
     )
     validate_handshake_framing(msg)  # RFC 9420 §6: no application data in a PublicMessage
     assert msg.content_type is not None and msg.group_id is not None and msg.epoch is not None
+    if msg.epoch > MAX_EPOCH:
+        # uint64 on the wire, a signed 64-bit column in storage: refused here, as
+        # the one send it is, instead of failing the append of a whole batch.
+        raise MLSValidationError(
+            f"epoch is above {MAX_EPOCH}, the highest the relay stores", field="epoch",
+            max_epoch=MAX_EPOCH,
+        )  # fmt: skip
     kind = _KINDS[msg.content_type]
     body = msg.body
     if isinstance(body, PublicMessage) and body.sender.sender_type is SenderType.NEW_MEMBER_COMMIT:

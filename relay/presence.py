@@ -29,8 +29,10 @@ from typing import TYPE_CHECKING, TypeVar
 import trio
 from coredis.commands import Script
 
+from protocol import text
 from protocol.errors import TooManyConnections
 
+from .incidents import Incidents
 from .limits import Limits
 from .sharedlimits import LUA_NOW, SharedRedis, script_call
 
@@ -40,6 +42,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("relay.presence")
 
 T = TypeVar("T")
+
+#: Longest user or device name a lease takes (the token checks are tighter).
+_MAX_NAME = 4096
 
 #: Extends a user's set to its newest lease, so that an idle set expires by itself.
 _KEEP = """
@@ -147,8 +152,10 @@ class Presence:
         self._max_pending = max_pending
         self._leases: dict[str, Lease] = {}
         self._devices: Counter[tuple[str, str]] = Counter()
-        #: (key, member) of released leases not yet removed from Redis.
-        self._released: list[tuple[str, str]] = []
+        #: (key, member, released at) of released leases not yet removed from Redis.
+        self._released: list[tuple[str, str, float]] = []
+        #: Where a dropped release is counted (the node's, in a relay).
+        self.incidents = Incidents()
         self._wake = trio.Event()
 
     @classmethod
@@ -157,7 +164,9 @@ class Presence:
         name = f"{cfg.redis_prefix}{relay.node_id}"
         redis = SharedRedis(cfg.redis_url, cfg.redis_prefix, name=name)
         redis.register_metrics(relay.metrics.registry)
-        return cls(relay.node_limits, redis, relay.node_id, lease_ttl=cfg.presence_lease_ttl_s)
+        presence = cls(relay.node_limits, redis, relay.node_id, lease_ttl=cfg.presence_lease_ttl_s)
+        presence.incidents = relay.metrics.incidents
+        return presence
 
     @property
     def limit(self) -> int:
@@ -178,11 +187,17 @@ class Presence:
         return lease
 
     async def _admit(self, user: str, device: str) -> Lease | None:
-        if not self._limits.connect(user, device):
-            return None
+        # Everything that can fail on the text comes before anything is counted:
+        # a user or device Redis cannot encode once took a slot that was never
+        # given back, and stuck in the release queue (the edge refuses it first:
+        # relay/auth.py; this is the backstop).
+        text.storable(user, "user", _MAX_NAME, empty=False)
+        text.storable(device, "device", _MAX_NAME, empty=False)
         member = f"{_device_prefix(device)}{self._node_id}\x00{secrets.token_hex(8)}"
         lease = Lease(user, device, member)
         args: list[str | int] = [member, _device_prefix(device), self.limit, self._ttl_ms()]
+        if not self._limits.connect(user, device):
+            return None
         try:
             reply = await self.redis.attempt(
                 "connections", script_call(_ADMIT, [self._key(user)], args)
@@ -216,8 +231,13 @@ class Presence:
         """Remove the lease from Redis soon (the maintenance task batches removals)."""
         if not self.redis.enabled:
             return
+        key = self._key(lease.user)
+        if not _encodable(key) or not _encodable(lease.member):
+            # It could never be sent, and would fail every batch it shares.
+            self.incidents.drop("lease_release", ValueError("not UTF-8"), "a lease")
+            return
         if len(self._released) < self._max_pending:  # beyond that they expire
-            self._released.append((self._key(lease.user), lease.member))
+            self._released.append((key, lease.member, trio.current_time()))
         self._wake.set()
 
     # --- presence -------------------------------------------------------------------
@@ -277,14 +297,19 @@ class Presence:
     async def _flush_released(self) -> None:
         while self._released:
             chunk = self._released[: self._max_batch]
-            if await self.redis.attempt("release", script_call(_RELEASE, *_split(chunk))) is None:
-                return  # kept for the next wake-up; they expire anyway
+            pairs = [(key, member) for key, member, _ in chunk]
+            if await self.redis.attempt("release", script_call(_RELEASE, *_split(pairs))) is None:
+                # Kept for the next wake-up, but never retried past the lease's
+                # own expiry: by then Redis dropped it anyway.
+                stale = trio.current_time() - self.lease_ttl
+                self._released = [r for r in self._released if r[2] > stale]
+                return
             del self._released[: len(chunk)]
 
     async def _release_all(self) -> None:
         """Stopping: remove every lease of this node.  A fresh client, since
         the cancellation that stops us also stopped the shared one's connections."""
-        pending = self._released + self._held()
+        pending = [(key, member) for key, member, _ in self._released] + self._held()
         if not pending:
             return
         try:
@@ -304,6 +329,14 @@ class Presence:
 
     def _ttl_ms(self) -> int:
         return max(1, int(self.lease_ttl * 1000))
+
+
+def _encodable(value: str) -> bool:
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _split(pairs: list[tuple[str, str]]) -> tuple[list[str], list[str]]:

@@ -38,6 +38,7 @@ import trio
 
 from storage.records import PushRegistration
 
+from .incidents import Incidents
 from .logs import short_did
 
 log = logging.getLogger("relay.push")
@@ -85,6 +86,7 @@ class PushStats:
     coalesced: int = 0  # messages merged into a device's waiting entry
     gone: int = 0  # 410: the token is dead
     online: int = 0  # skipped: the device was connected at send time
+    poisoned: int = 0  # dropped: handling the entry raised (relay/incidents.py)
 
 
 Resolve = Callable[[list[bytes]], Awaitable[dict[bytes, list[PushTarget]]]]
@@ -101,8 +103,16 @@ def parse_providers(text: str) -> dict[str, str]:
         name, sep, url = (s.strip() for s in item.partition("="))
         if not sep or not _NAME.fullmatch(name):
             raise ValueError(f"push provider {item!r}: expected name=URL")
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
+        # Refused here what would fail every push later: control characters
+        # (httpx.InvalidURL at each request), a port out of range.
+        usable = url.isprintable()
+        try:
+            parts = urlsplit(url)
+            _ = parts.port  # ValueError when out of range
+            httpx.URL(url)
+        except (ValueError, httpx.InvalidURL):
+            usable = False
+        if not usable or parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"push provider {name!r}: URL must be http(s)://host/...")
         if name in providers:
             raise ValueError(f"push provider {name!r} is configured twice")
@@ -146,6 +156,8 @@ class Pusher:
         self._wake = trio.Event()
         self._client: httpx.AsyncClient | None = None
         self._unknown: set[str] = set()  # unconfigured providers already logged
+        #: Where a dropped entry is logged and counted (the node's, in a relay).
+        self.incidents = Incidents()
 
     # --- intake --------------------------------------------------------------
 
@@ -264,11 +276,22 @@ class Pusher:
 
     async def _sender(self, take: trio.MemoryReceiveChannel[_Entry]) -> None:
         async for entry in take:
-            await self._deliver(entry)
+            try:
+                await self._deliver(entry)
+            except Exception as exc:  # a bug: told once; the sender lives on
+                self.incidents.report("push", exc, "delivering a push")
 
     async def _deliver(self, entry: _Entry) -> None:
         target, sent = entry.target, entry.count
-        outcome, retry_after = await self._post(entry)
+        try:
+            outcome, retry_after = await self._post(entry)
+        except Exception as exc:
+            # An entry this code cannot turn into a request: dropped (logged once,
+            # counted), never retried; the other devices' pushes go on.
+            self.stats.poisoned += 1
+            self.incidents.drop("push", exc, _tag(target))
+            self._finish(entry)
+            return
         if outcome in ("ok", "permanent"):
             self.stats.sent += outcome == "ok"
             self.stats.failed += outcome == "permanent"

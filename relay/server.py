@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from protocol.errors import AuthError, ProtocolError, RelayError, TooManyConnections
+from protocol.errors import AuthError, ProtocolError, RelayError
 from protocol.websocket import (
     CLOSE_REPLACED,
     RequestHead,
@@ -30,7 +30,9 @@ from .session import Session
 
 if TYPE_CHECKING:
     from .app import Relay
+    from .auth import Identity
     from .http import HttpFrontend
+    from .incidents import Incidents
 
 log = logging.getLogger("relay.server")
 
@@ -135,6 +137,10 @@ async def _websocket(relay: Relay, stream: trio.SocketStream, head: RequestHead)
     if relay.state.shutting_down:
         await _refuse(stream, 503, RelayError("relay is shutting down"), error="ShuttingDown")
         return
+    incidents = relay.metrics.incidents
+    # Every refusal below is an HTTP JSON answer, whatever failed, and leaves
+    # nothing registered: the token's claims are checked (relay/auth.py) before
+    # the lease is taken, and the lease is given back on every way out.
     try:
         identity = relay.authenticator.verify(token_from_request(head.headers, head.query))
         response = accept_response(head)
@@ -145,24 +151,22 @@ async def _websocket(relay: Relay, stream: trio.SocketStream, head: RequestHead)
     except ProtocolError as exc:
         await _refuse(stream, 400, exc)
         return
+    except Exception as exc:
+        await _refuse(stream, 500, incidents.report("handshake", exc, "verifying the token"))
+        return
     # A lease across all nodes (relay/presence.py); this node's count alone
     # when there is no Redis or it is unreachable.
     try:
         lease = await relay.presence.admit(identity.user, identity.device)
-    except TooManyConnections as exc:
-        relay.metrics.error(exc.error)
-        await _refuse(stream, exc.http_status, exc)
+    except Exception as exc:  # TooManyConnections (429); anything else is answered too
+        refusal = _refusal(incidents, exc)
+        relay.metrics.error(refusal.error)
+        await _refuse(stream, refusal.http_status, refusal)
         return
     try:
-        try:  # single-use tokens: spend the jti in the shared database (relay/retention.py)
-            await consume_jti(relay, identity)
-        except RelayError as exc:  # TokenReplayed (401), Unavailable (503)
-            await _refuse(stream, exc.http_status, exc)
+        session = await _start_session(relay, stream, identity)
+        if session is None:
             return
-        session = Session(relay, identity, stream)
-        previous = relay.register(session, identity.user, identity.device)
-        if isinstance(previous, Session):
-            previous.close(CLOSE_REPLACED, "ReplacedByNewConnection")
         try:
             await stream.send_all(response)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -173,10 +177,41 @@ async def _websocket(relay: Relay, stream: trio.SocketStream, head: RequestHead)
         relay.presence.release(lease)
 
 
+async def _start_session(
+    relay: Relay, stream: trio.SocketStream, identity: Identity
+) -> Session | None:
+    """Spend the jti and register the session; None (answered) when refused."""
+    session: Session | None = None
+    try:
+        # single-use tokens: spend the jti in the shared database (relay/retention.py)
+        await consume_jti(relay, identity)
+        session = Session(relay, identity, stream)
+        previous = relay.register(session, identity.user, identity.device)
+    except Exception as exc:  # TokenReplayed (401), Unavailable (503), or a bug (500)
+        if session is not None and relay.sessions.get((identity.user, identity.device)) is session:
+            relay.forget(session)
+        refusal = _refusal(relay.metrics.incidents, exc)
+        await _refuse(stream, refusal.http_status, refusal)
+        return None
+    if isinstance(previous, Session):
+        previous.close(CLOSE_REPLACED, "ReplacedByNewConnection")
+    return session
+
+
+def _refusal(incidents: Incidents, exc: Exception) -> RelayError:
+    """The error a refused handshake answers with: a RelayError as it is (an
+    InternalError with an incident id), anything else as a logged incident."""
+    if isinstance(exc, RelayError):
+        return incidents.reply(exc, "handshake")
+    return incidents.report("handshake", exc, "admitting a connection")
+
+
 async def _refuse(
     stream: trio.SocketStream, status: int, exc: RelayError, error: str | None = None
 ) -> None:
     body: dict[str, object] = {"error": error or exc.error, "message": exc.message}
+    # Details that say which claim failed, or the incident id of an InternalError.
+    body.update({k: v for k, v in exc.details.items() if isinstance(v, str | int)})
     extra = 'www-authenticate: Bearer realm="mls-relay"\r\n' if status == 401 else ""
     try:
         with trio.move_on_after(5):

@@ -23,7 +23,6 @@ from protocol.errors import (
     ProtocolError,
     RateLimited,
     RelayError,
-    StorageError,
 )
 from protocol.frames import decode_frame
 from protocol.requests import Request, Send, parse_request, request_id
@@ -265,6 +264,9 @@ class Session:
         except RelayError as exc:
             self._reply_failed(req, exc)
             return
+        except Exception as exc:  # a parser bug fails this send alone
+            self._reply_failed(req, self.relay.metrics.incidents.report("send", exc))
+            return
         if message is None:
             self._send_later(req)
         else:
@@ -279,8 +281,10 @@ class Session:
             req = self._slow_sends[0]
             try:
                 message = await self.handlers.new_message(req)
-            except RelayError as exc:
+            except Exception as exc:  # RelayError; anything else is an incident
                 self._slow_sends.popleft()
+                if not isinstance(exc, RelayError):
+                    exc = self.relay.metrics.incidents.report("send", exc)
                 self._reply_failed(req, exc)
                 continue
             # Still first in line while waiting: later sends queue behind it.
@@ -291,6 +295,7 @@ class Session:
 
     def _reply_failed(self, req: Send, exc: RelayError) -> None:
         self._release_slot()
+        exc = self.relay.metrics.incidents.reply(exc, "send")  # InternalError: logged, with id
         self.relay.metrics.error(exc.error)
         self.outbox.write_control(binary_frame(events.error(exc, req.id)))
 
@@ -313,12 +318,14 @@ class Session:
         try:
             reply = await self.handlers.handle(req)
         except RelayError as exc:
+            # An InternalError (StorageError) is logged with an id the reply carries.
+            exc = self.relay.metrics.incidents.reply(exc, "request", type(req).__name__)
             self.relay.metrics.error(exc.error)
             reply = events.error(exc, req.id)
-        except Exception:
+        except Exception as exc:
             self.relay.metrics.error("InternalError")
-            log.exception("request %s failed", type(req).__name__)
-            reply = events.error(StorageError("internal error"), req.id)
+            incident = self.relay.metrics.incidents.report("request", exc, type(req).__name__)
+            reply = events.error(incident, req.id)
         finally:
             self._release_slot()
         self.send_frame(reply)

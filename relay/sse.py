@@ -319,7 +319,11 @@ def register(app: QuartTrio, relay: Relay) -> None:
         except TooManyConnections as exc:
             relay.metrics.error(exc.error)
             raise
-        stream = SseStream(relay, identity, {}, lease)
+        try:  # the token's claims were checked by verify(); the lease goes back on any failure
+            stream = SseStream(relay, identity, {}, lease)
+        except BaseException:
+            relay.presence.release(lease)
+            raise
         try:
             # The token is spent before the cursor is even looked at: a used
             # token gets TokenReplayed, whatever its cursor.

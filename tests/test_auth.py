@@ -17,6 +17,8 @@ from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 
 from protocol.errors import AuthError, ExpiredToken, InvalidToken
 from relay.auth import (
+    MAX_DEVICE_LENGTH,
+    MAX_JTI_LENGTH,
     MAX_TOKEN_LENGTH,
     AuthConfig,
     AuthConfigError,
@@ -263,6 +265,46 @@ def test_wrong_audience(aud: Any) -> None:
 @pytest.mark.parametrize("sub", ["alice", "did:", "DID:plc:alice", "user:did:plc:x"])
 def test_sub_not_a_did(sub: str) -> None:
     refused(hs_auth(), hs_token(claims(sub=sub)), "'sub' must be a DID")
+
+
+# --- claims the relay stores: text storage, Redis and the logs can hold -------------
+
+
+@pytest.mark.parametrize(
+    ("claim", "value", "match"),
+    [
+        ("sub", "did:plc:\x00alice", "'sub' must hold DIDs"),
+        ("sub", "did:plc:\ud800", "'sub' must hold DIDs"),
+        ("sub", "did:plc:a b", "'sub' must hold DIDs"),
+        ("sub", "did:plc:" + "a" * 2048, "'sub' must hold DIDs"),
+        ("device", "dev\x00", "'device' must not contain NUL"),
+        ("device", "\udfff", "'device' must be valid Unicode"),
+        ("device", "dev\u2028ice", "'device' must not contain control characters"),
+        ("device", "d" * (MAX_DEVICE_LENGTH + 1), f"longer than {MAX_DEVICE_LENGTH}"),
+        ("jti", "\x00", "'jti' must not contain NUL"),
+        ("jti", "j\ud83d", "'jti' must be valid Unicode"),
+        ("jti", "j" * (MAX_JTI_LENGTH + 1), f"longer than {MAX_JTI_LENGTH}"),
+    ],
+)
+def test_stored_claims_must_be_storable_text(claim: str, value: str, match: str) -> None:
+    error = refused(hs_auth(), hs_token(claims(**{claim: value})), match)
+    assert error.details == {"claim": claim}
+
+
+def test_the_configured_device_claim_is_the_one_checked() -> None:
+    auth = hs_auth(device_claim="dev")
+    payload = claims(dev="phone\x00")
+    error = refused(auth, hs_token(payload), "'dev' must not contain NUL")
+    assert error.details == {"claim": "dev"}
+
+
+def test_stored_claims_at_their_limits_are_accepted() -> None:
+    payload = claims(
+        sub="did:plc:" + "a" * (2048 - 8), device="📱 " + "d" * (MAX_DEVICE_LENGTH - 2),
+        jti="j" * MAX_JTI_LENGTH,
+    )  # fmt: skip
+    identity = hs_auth().verify(hs_token(payload))
+    assert len(identity.user) == 2048 and len(identity.device) == MAX_DEVICE_LENGTH
 
 
 # --- algorithms --------------------------------------------------------------------
