@@ -149,6 +149,16 @@ class TooManyConnections(RateLimited):
     error = "TooManyConnections"
 
 
+class RateLimitIgnored(ProtocolError):
+    """The client kept sending after RateLimited replies (more than
+    RELAY_RATE_LIMIT_STRIKES of them in about a minute): the WebSocket is
+    closed with 1008 (policy violation)."""
+
+    error = "RateLimitIgnored"
+    http_status = 429
+    close_code = 1008
+
+
 class ShuttingDown(Unavailable):
     error = "ShuttingDown"
 
