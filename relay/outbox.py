@@ -50,6 +50,7 @@ class Outbox:
         self._resume_at = int(limit * RESUME_AT)
         self._backlogged = False
         self._pending: list[bytes] = []
+        self._partial = False  # _pending[0] was partly sent already
         self.pending_bytes = 0
         self._blocked = False
         self._writing = False  # a pushback writer task is running
@@ -158,17 +159,36 @@ class Outbox:
         if sent == len(data):
             self._pending.clear()
             self.pending_bytes = 0
+            self._partial = False
             self._progress()
             return
-        rest = data[sent:]
-        self._pending = [rest]
-        self.pending_bytes = len(rest)
+        # Keep frame boundaries (discard() needs them): skip the frames sent
+        # whole, cut what was sent off the first one left.
+        frames, skip, i = self._pending, sent, 0
+        while skip >= len(frames[i]):
+            skip -= len(frames[i])
+            i += 1
+        rest = frames[i:]
+        if skip:
+            rest[0] = rest[0][skip:]
+        self._partial = skip > 0 or (i == 0 and self._partial)
+        self._pending = rest
+        self.pending_bytes -= sent
         if sent:
             self._progress()
         self._blocked = True
         if not self._writing and self.nursery is not None:
             self._writing = True
             self.nursery.start_soon(self._write_when_writable)
+
+    def discard(self) -> None:
+        """Drop every queued frame not yet begun: closing a client that did
+        not read, the close frame should not wait behind what it never
+        will (and that memory is freed now).  A frame partly sent is kept,
+        or the close frame would be read as the rest of its payload."""
+        keep = self._pending[:1] if self._partial else []
+        self._pending = keep
+        self.pending_bytes = len(keep[0]) if keep else 0
 
     def _fail(self) -> None:
         self.broken = True

@@ -71,6 +71,10 @@ RECEIVE_SIZE = 65536
 
 # Why reading is paused (bits of Session._paused_for).
 _IN_FLIGHT, _BACKLOG = 1, 2
+#: Closes after which what is still queued is dropped, not drained: the
+#: client did not read it (4008), or flooded us (1008).  Nothing is lost: a
+#: dropped #message is replayed on resume, a dropped #result's send is durable.
+_DISCARD_ON = frozenset({CLOSE_CONSUMER_TOO_SLOW, RateLimitIgnored.close_code})
 
 
 class Session:
@@ -162,6 +166,8 @@ class Session:
     async def _finish(self) -> None:
         code, reason = self._closing or (CLOSE_NORMAL, "")
         with trio.CancelScope(shield=True), trio.move_on_after(2):
+            if code in _DISCARD_ON:
+                self.outbox.discard()  # it was not reading: the close frame goes next
             self.outbox.write_final(close_frame(code, reason))
             await self.outbox.drain()
             # Closing handshake (RFC 6455 §7.1.1): half-close, then read to the
