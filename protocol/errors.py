@@ -186,6 +186,16 @@ class NodeBusy(Unavailable):
     error = "NodeBusy"
 
 
+class RateLimitIgnored(ProtocolError):
+    """The client kept sending after RateLimited replies (more than
+    RELAY_RATE_LIMIT_STRIKES of them in about a minute): the WebSocket is
+    closed with 1008 (policy violation)."""
+
+    error = "RateLimitIgnored"
+    http_status = 429
+    close_code = 1008
+
+
 class ShuttingDown(Unavailable):
     error = "ShuttingDown"
 

@@ -20,6 +20,7 @@ from urllib.parse import parse_qs
 import h11
 
 from .errors import ProtocolError
+from .text import excerpt
 from .wsframes import Closed, FrameReader, Message, PingReceived, WsEvent
 
 __all__ = ["Closed", "Message", "PingReceived", "ServerConnection", "WsEvent"]
@@ -82,7 +83,7 @@ def parse_head(buffer: bytes) -> RequestHead | None:
     try:
         event = conn.next_event()
     except h11.RemoteProtocolError as exc:
-        raise ProtocolError(f"bad request head: {exc}") from None
+        raise ProtocolError(f"bad request head: {excerpt(str(exc))}") from None
     if not isinstance(event, h11.Request):
         raise ProtocolError("bad request head")
     target = bytes(event.target)

@@ -14,6 +14,14 @@ inside a fragmented message, invalid close codes; text frames are not part
 of this protocol (MalformedFrame, 4400); a message larger than the limit is
 refused from its header, before its payload is buffered (FrameTooLarge, 1009);
 a close reason that is not UTF-8 is InvalidFramePayload (1007).
+
+A fragmented message is bounded by its wire size, not only its payload: each
+of its frames counts its header bytes too, and it may have at most
+MAX_FRAGMENTS frames (FrameTooLarge).  Counting payload alone let a client
+send empty continuation frames forever: 15 million of them grew a node by
+120 MB (one list entry each) without ever reaching the limit.  The fragments
+are gathered in one bytearray, so memory is the message's size, not a
+Python object per fragment.
 """
 
 from __future__ import annotations
@@ -27,6 +35,10 @@ OP_CLOSE, OP_PING, OP_PONG = 0x8, 0x9, 0xA
 #: Close codes a peer may send (RFC 6455 §7.4.1-2; 1004-1006 and 1015 are reserved).
 _VALID_CLOSE = frozenset((1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014))
 NO_STATUS = 1005
+#: Most frames one fragmented message may have.  Clients that fragment at all
+#: use fragments of kilobytes (4-64 KiB); a 1 MiB message in 256-byte pieces
+#: still fits.
+MAX_FRAGMENTS = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,12 +54,19 @@ class PingReceived:
 
 
 @dataclass(frozen=True, slots=True)
+class PongReceived:
+    """Reported so the session can count control frames against its rate limit."""
+
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
 class Closed:
     code: int
     reason: str
 
 
-WsEvent = Message | PingReceived | Closed
+WsEvent = Message | PingReceived | PongReceived | Closed
 
 
 def unmask(payload: bytes, mask: bytes) -> bytes:
@@ -67,8 +86,11 @@ class FrameReader:
         # Bytes of an incomplete frame.  A bytearray: appending a slowly
         # arriving large frame chunk by chunk must not copy it every time.
         self._rest = bytearray()
-        self._parts: list[bytes] = []
-        self._size = 0  # bytes of the fragmented message so far
+        # The fragmented message so far (payloads), its wire size (headers
+        # included) and its frame count; _fragments == 0: none in progress.
+        self._parts = bytearray()
+        self._size = 0
+        self._fragments = 0
         self._closed = False
 
     def receive(self, data: bytes) -> list[WsEvent]:
@@ -109,16 +131,16 @@ class FrameReader:
                 if length >> 63:
                     raise ProtocolError("frame length has its most significant bit set")
             opcode, fin = b0 & 0x0F, bool(b0 & 0x80)
-            self._check(opcode, fin, length)
+            self._check(opcode, fin, length, head + 4 - i)
             end = head + 4 + length
             if end > n:
                 break
             payload = unmask(bytes(buf[head + 4 : end]), bytes(buf[head : head + 4]))
+            self._frame(opcode, fin, payload, head + 4 - i, out)
             i = end
-            self._frame(opcode, fin, payload, out)
         return i
 
-    def _check(self, opcode: int, fin: bool, length: int) -> None:
+    def _check(self, opcode: int, fin: bool, length: int, header: int) -> None:
         """Refuse a frame from its header, before its payload is waited for."""
         if opcode >= OP_CLOSE:
             if opcode > OP_PONG:
@@ -129,33 +151,45 @@ class FrameReader:
         if opcode == OP_TEXT:
             raise MalformedFrame("text frames are not part of this protocol")
         if opcode == OP_CONTINUATION:
-            if not self._parts:
+            if not self._fragments:
                 raise ProtocolError("continuation frame without a message to continue")
         elif opcode == OP_BINARY:
-            if self._parts:
+            if self._fragments:
                 raise ProtocolError("new message inside a fragmented message")
+            if fin:  # the common case: a whole message in one frame
+                if length > self._max_message:
+                    raise FrameTooLarge(f"message larger than {self._max_message} bytes")
+                return
         else:
             raise ProtocolError(f"unknown opcode {opcode:#x}")
-        if self._size + length > self._max_message:
-            raise FrameTooLarge(f"message larger than {self._max_message} bytes")
+        if self._size + header + length > self._max_message:
+            raise FrameTooLarge(
+                f"message larger than {self._max_message} bytes (frame headers included)"
+            )
+        if self._fragments >= MAX_FRAGMENTS:
+            raise FrameTooLarge(f"message in more than {MAX_FRAGMENTS} frames")
 
-    def _frame(self, opcode: int, fin: bool, payload: bytes, out: list[WsEvent]) -> None:
+    def _frame(
+        self, opcode: int, fin: bool, payload: bytes, header: int, out: list[WsEvent]
+    ) -> None:
         if opcode <= OP_BINARY:
-            if fin and not self._parts:
+            if fin and not self._fragments:
                 out.append(Message(payload))  # the common case: one frame, one message
                 return
-            self._parts.append(payload)
-            self._size += len(payload)
+            self._parts += payload
+            self._size += header + len(payload)
+            self._fragments += 1
             if fin:
-                out.append(Message(b"".join(self._parts)))
-                self._parts.clear()
-                self._size = 0
+                out.append(Message(bytes(self._parts)))
+                self._parts = bytearray()
+                self._size = self._fragments = 0
         elif opcode == OP_PING:
             out.append(PingReceived(payload))
         elif opcode == OP_CLOSE:
             self._closed = True
             out.append(_closed(payload))
-        # Pongs need no action: any inbound traffic proves liveness.
+        else:
+            out.append(PongReceived(payload))
 
 
 def _closed(payload: bytes) -> Closed:

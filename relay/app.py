@@ -55,6 +55,7 @@ class Relay:
             connections_per_user=config.connections_per_user,
             requests_per_connection=config.requests_per_connection,
             requests_per_user=config.requests_per_user,
+            rate_limit_strikes=config.rate_limit_strikes,
         )
         self.flusher = Flusher()
         self.reader = NodeReader(self.flusher)

@@ -73,6 +73,9 @@ class Config:
     connections_per_user: int = 20
     requests_per_connection: float = 200.0
     requests_per_user: float = 400.0
+    #: RateLimited refusals a WebSocket may collect (refilled at that many per
+    #: minute) before it is closed with 1008 RateLimitIgnored; 0: never.
+    rate_limit_strikes: int = 100
     log_level: str = "INFO"
     secret_source: str = field(default="env", compare=False)
     #: "json" (one object per line, the default) or "console" (local reading).
@@ -213,6 +216,8 @@ def validate(cfg: Config) -> None:
             )
         if len(cfg.jwt_secret.encode()) < 32:
             raise ConfigError("RELAY_JWT_SECRET must be at least 32 bytes")
+    if cfg.rate_limit_strikes < 0:
+        raise ConfigError("RELAY_RATE_LIMIT_STRIKES must be >= 0")
     if cfg.retention_days < 0 or cfg.retention_interval_s <= 0:
         raise ConfigError("RELAY_RETENTION_DAYS must be >= 0, RELAY_RETENTION_INTERVAL_S > 0")
     for name, url in (("DATABASE_URL", cfg.database_url), ("REDIS_URL", cfg.redis_url)):

@@ -6,7 +6,7 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from protocol import events
+from protocol import events, text
 from protocol.errors import (
     FutureCursor,
     InvalidRequest,
@@ -124,7 +124,7 @@ class Handlers:
 
     async def register_push(self, req: RegisterPush) -> bytes:
         if req.provider and req.provider not in self.s.relay.push_providers:
-            raise UnknownPushProvider(f"no push provider named {req.provider!r} here")
+            raise UnknownPushProvider(f"no push provider named {text.excerpt(req.provider)} here")
         await self.storage.register_push(
             self.s.user, self.s.device, req.provider, req.zone, req.token, _now_ms()
         )

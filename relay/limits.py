@@ -11,6 +11,16 @@ cost more than most requests.  A user's request rate across all nodes is still
 bounded, by ``connections_per_user`` (cross-node) x ``requests_per_connection``.
 Everything here is synchronous and allocation-free on the hot path: one
 bucket update per request.
+
+What counts as a request (relay/session.py): every data message the client
+sends, before it is parsed -- unknown and invalid requests included, and a
+message costs one request per started REQUEST_BYTES, so 1 MiB frames cannot
+be sent at the rate of small ones -- and every ping and pong.  A connection
+that keeps sending after RateLimited uses up its strike bucket
+(``rate_limit_strikes`` refusals, refilled at that many per minute) and is
+then closed (RateLimitIgnored, 1008), as Centrifugo and Discord's gateway
+disconnect clients that ignore their limits: every refusal is a reply, and
+an unbounded stream of replies is what the limit was there to prevent.
 """
 
 from __future__ import annotations
@@ -21,6 +31,14 @@ from dataclasses import dataclass, field
 import trio
 
 from protocol.errors import RateLimited
+
+#: A message costs one request per started REQUEST_BYTES of its size.
+REQUEST_BYTES = 64 * 1024
+
+
+def request_cost(size: int) -> int:
+    """Requests a message of ``size`` bytes counts as (1 up to 64 KiB, 16 for 1 MiB)."""
+    return 1 + max(0, size - 1) // REQUEST_BYTES
 
 
 class TokenBucket:
@@ -61,6 +79,9 @@ class Limits:
     connections_per_user: int = 20
     requests_per_connection: float = 200.0
     requests_per_user: float = 400.0
+    #: RateLimited refusals a connection may collect (refilled at that many
+    #: per minute) before it is closed; 0: never closed for it.
+    rate_limit_strikes: int = 100
     clock: Callable[[], float] = field(default=trio.current_time)
     _users: dict[str, _User] = field(default_factory=dict)
     rejected: dict[str, int] = field(default_factory=dict)
@@ -101,15 +122,23 @@ class Limits:
         rate = self.requests_per_connection
         return TokenBucket(rate, 2 * rate, self.clock) if rate else None
 
-    def check_request(self, user: str, bucket: TokenBucket | None) -> None:
-        """Raise RateLimited if this connection or this user is over its rate."""
-        wait = bucket.take() if bucket is not None else 0.0
+    def strike_bucket(self) -> TokenBucket | None:
+        """Per connection: one token per RateLimited refusal; empty means close."""
+        n = self.rate_limit_strikes
+        return TokenBucket(n / 60.0, n, self.clock) if n else None
+
+    def check_request(self, user: str, bucket: TokenBucket | None, cost: int = 1) -> None:
+        """Raise RateLimited if this connection or this user is over its rate.
+
+        ``cost`` is capped at a bucket's burst, so that a large message is
+        slow to send but never impossible."""
+        wait = bucket.take(min(cost, bucket.burst)) if bucket is not None else 0.0
         if not wait and self.requests_per_user:
             entry = self._users.setdefault(user, _User())
             if entry.requests is None:
                 rate = self.requests_per_user
                 entry.requests = TokenBucket(rate, 2 * rate, self.clock)
-            wait = entry.requests.take()
+            wait = entry.requests.take(min(cost, entry.requests.burst))
         if wait:
             self._count("RateLimited")
             raise RateLimited(

@@ -8,9 +8,21 @@ non-blocking ``send`` of everything it has pending.  Only when the kernel
 buffer is full is a writer task started for that connection; it sleeps on
 socket writability and ends once the kernel has taken everything.
 
-The buffer is bounded in bytes.  Live traffic beyond the bound marks the
-connection too slow (it is then closed with ConsumerTooSlow and recovers by
-resuming from its cursor); replay traffic instead waits for room.
+The buffer is bounded in bytes, and every byte queued counts: live
+messages, replays, replies, errors, pongs, pings, membership events.  A
+frame that would pass the bound marks the connection too slow instead of
+being queued (it is then closed with ConsumerTooSlow and recovers by
+resuming from its cursor; a #result lost that way is harmless, the send is
+durable and its retry gets the same seq).  Replays wait for room instead
+(:meth:`Outbox.wait_room_for`), so a long backlog fills at most half the
+bound.  Only the close frame may go past the bound, once.  Replies used to
+bypass the bound: a client that sent requests and never read grew a node
+by gigabytes.
+
+Above PAUSE_AT of the bound the owner is told (``on_backlog(True)``) so it
+can stop reading the connection, and again (``on_backlog(False)``) once the
+queue drained to RESUME_AT: a client that does not read is not decoded at
+full speed either (TCP backpressure does the rest).
 """
 
 from __future__ import annotations
@@ -19,6 +31,9 @@ import os
 from collections.abc import Callable
 
 import trio
+
+#: Fractions of the bound where the owner pauses and resumes reading.
+PAUSE_AT, RESUME_AT = 0.75, 0.5
 
 
 class Outbox:
@@ -31,7 +46,11 @@ class Outbox:
         self._fd = fd
         self._flusher = flusher
         self.limit = limit
+        self._pause_at = int(limit * PAUSE_AT)
+        self._resume_at = int(limit * RESUME_AT)
+        self._backlogged = False
         self._pending: list[bytes] = []
+        self._partial = False  # _pending[0] was partly sent already
         self.pending_bytes = 0
         self._blocked = False
         self._writing = False  # a pushback writer task is running
@@ -43,6 +62,9 @@ class Outbox:
         self.bytes_out = 0
         #: Called once when the owner must close the connection (overflow or error).
         self.on_fail: Callable[[], None] = _ignore
+        #: Called with True when the queue passes PAUSE_AT of the bound, with
+        #: False when it drained back to RESUME_AT.
+        self.on_backlog: Callable[[bool], None] = _ignore_flag
         #: Where the pushback writer runs; set by the owner while it is open.
         self.nursery: trio.Nursery | None = None
 
@@ -53,20 +75,40 @@ class Outbox:
     # --- producers ----------------------------------------------------------
 
     def write(self, data: bytes) -> bool:
-        """Queue live data; False (and nothing queued) if over the limit."""
+        """Queue a frame; False (nothing queued, the owner told to close) if it
+        would pass the bound.  A frame larger than the whole bound is queued
+        only into an empty queue, so that it can be delivered at all."""
         if self.overflowed or self.broken:
             return False
-        if self.pending_bytes + len(data) > self.limit:
+        if self.pending_bytes and self.pending_bytes + len(data) > self.limit:
             self.overflowed = True
+            self._progress()  # a replay waiting for room gives up
             self.on_fail()
             return False
         self._append(data)
         return True
 
-    def write_control(self, data: bytes) -> None:
-        """Queue a frame that must go out whatever the bound (replies, close)."""
+    def write_control(self, data: bytes) -> bool:
+        """Replies, errors, pongs, events: counted and bounded like live data
+        (the name says who writes, not a privilege)."""
+        return self.write(data)
+
+    def write_final(self, data: bytes) -> None:
+        """The close frame (at most 127 bytes): queued even past the bound,
+        once, since nothing is queued after it."""
         if not self.broken:
             self._append(data)
+
+    async def wait_room_for(self, size: int) -> None:
+        """Replay waits here before each frame while the queue is over half
+        the bound: a backlog of any length never fills more than that, and
+        live traffic keeps the other half.  Returns at once if the
+        connection failed (the write then says so)."""
+        half = self.limit // 2
+        while self._pending and self.pending_bytes + size > half and not self.has_failed:
+            self._flusher.flush()  # what is queued must be on its way before we wait
+            if self._pending and self.pending_bytes + size > half:
+                await self._wait_progress()
 
     def _append(self, data: bytes) -> None:
         if not self._pending:
@@ -74,6 +116,9 @@ class Outbox:
         self._pending.append(data)
         self.pending_bytes += len(data)
         self.frames_out += 1
+        if self.pending_bytes > self._pause_at and not self._backlogged:
+            self._backlogged = True
+            self.on_backlog(True)
 
     async def wait_for_room(self, low_water: int) -> None:
         """Replay waits here so a long backlog never overflows the buffer."""
@@ -89,6 +134,9 @@ class Outbox:
         room, self._room = self._room, None
         if room is not None:
             room.set()
+        if self._backlogged and self.pending_bytes <= self._resume_at:
+            self._backlogged = False
+            self.on_backlog(False)
 
     # --- flushing -----------------------------------------------------------
 
@@ -111,17 +159,36 @@ class Outbox:
         if sent == len(data):
             self._pending.clear()
             self.pending_bytes = 0
+            self._partial = False
             self._progress()
             return
-        rest = data[sent:]
-        self._pending = [rest]
-        self.pending_bytes = len(rest)
+        # Keep frame boundaries (discard() needs them): skip the frames sent
+        # whole, cut what was sent off the first one left.
+        frames, skip, i = self._pending, sent, 0
+        while skip >= len(frames[i]):
+            skip -= len(frames[i])
+            i += 1
+        rest = frames[i:]
+        if skip:
+            rest[0] = rest[0][skip:]
+        self._partial = skip > 0 or (i == 0 and self._partial)
+        self._pending = rest
+        self.pending_bytes -= sent
         if sent:
             self._progress()
         self._blocked = True
         if not self._writing and self.nursery is not None:
             self._writing = True
             self.nursery.start_soon(self._write_when_writable)
+
+    def discard(self) -> None:
+        """Drop every queued frame not yet begun: closing a client that did
+        not read, the close frame should not wait behind what it never
+        will (and that memory is freed now).  A frame partly sent is kept,
+        or the close frame would be read as the rest of its payload."""
+        keep = self._pending[:1] if self._partial else []
+        self._pending = keep
+        self.pending_bytes = len(keep[0]) if keep else 0
 
     def _fail(self) -> None:
         self.broken = True
@@ -150,6 +217,10 @@ class Outbox:
 
 
 def _ignore() -> None:
+    pass
+
+
+def _ignore_flag(flag: bool) -> None:
     pass
 
 

@@ -5,6 +5,15 @@ committer in arrival order (so one device's sends keep their order) and are
 answered from the committer's callback after the commit; other requests run
 as tasks in the session's nursery, bounded per connection.  Outgoing frames
 go through the connection's :class:`~relay.outbox.Outbox`.
+
+What one client can make this connection cost is bounded: every message,
+ping and pong it sends takes from its request rate limit before anything is
+parsed (relay/limits.py), one that keeps sending while refused is closed
+(1008 RateLimitIgnored), every byte queued for it counts against
+RELAY_OUTBOX_LIMIT (4008 ConsumerTooSlow beyond), and while its queue is
+over three quarters full the connection is not read at all: a client that
+does not read is not decoded either.  If such a paused queue makes no
+progress between two sweeps, the client is not reading: 4008 as well.
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ from protocol.errors import (
     InvalidRequest,
     ProtocolError,
     RateLimited,
+    RateLimitIgnored,
     RelayError,
 )
 from protocol.frames import decode_frame
@@ -40,10 +50,12 @@ from protocol.websocket import (
     ping_frame,
     pong_frame,
 )
+from protocol.wsframes import PongReceived
 from storage.base import Appended, NewMessage
 
 from .committer import PendingSend
 from .handlers import Handlers
+from .limits import request_cost
 from .logs import connection_context
 from .outbox import Outbox
 from .streams import Streams
@@ -55,6 +67,13 @@ if TYPE_CHECKING:
 log = logging.getLogger("relay.session")
 
 RECEIVE_SIZE = 65536
+
+# Why reading is paused (bits of Session._paused_for).
+_IN_FLIGHT, _BACKLOG = 1, 2
+#: Closes after which what is still queued is dropped, not drained: the
+#: client did not read it (4008), or flooded us (1008).  Nothing is lost: a
+#: dropped #message is replayed on resume, a dropped #result's send is durable.
+_DISCARD_ON = frozenset({CLOSE_CONSUMER_TOO_SLOW, RateLimitIgnored.close_code})
 
 
 class Session:
@@ -74,11 +93,15 @@ class Session:
         # Requests in flight on this connection (bounded by max_in_flight; the
         # reader waits on _slot_freed, created only when it has to wait).
         self._in_flight = 0
-        self._paused = False
+        self._paused_for = 0  # _IN_FLIGHT | _BACKLOG
         self._slow_sends: deque[Send] = deque()
         self._fd = stream.socket.fileno()
         self.outbox.on_fail = self._on_outbox_failed
+        self.outbox.on_backlog = self._on_backlog
+        #: outbox.bytes_out at the last sweep (a paused queue must move).
+        self._bytes_out_at_tick = 0
         self._requests = relay.node_limits.connection_bucket()
+        self._strikes = relay.node_limits.strike_bucket()
         self._closing: tuple[int, str] | None = None
         self._done = False
         self._cancel = trio.CancelScope()
@@ -118,6 +141,8 @@ class Session:
                     self.outbox.nursery = nursery
                     self.streams.attach(nursery, self._caught_up)
                     self.relay.reader.add(self._fd, self)
+                    if self._paused_for:  # the hello alone filled the queue (tiny bound)
+                        self.relay.reader.pause(self._fd)
                     try:
                         if early:
                             self.feed(early)
@@ -140,7 +165,9 @@ class Session:
     async def _finish(self) -> None:
         code, reason = self._closing or (CLOSE_NORMAL, "")
         with trio.CancelScope(shield=True), trio.move_on_after(2):
-            self.outbox.write_control(close_frame(code, reason))
+            if code in _DISCARD_ON:
+                self.outbox.discard()  # it was not reading: the close frame goes next
+            self.outbox.write_final(close_frame(code, reason))
             await self.outbox.drain()
             # Closing handshake (RFC 6455 §7.1.1): half-close, then read to the
             # client's EOF.  Closing with its frames still arriving would reset
@@ -154,11 +181,24 @@ class Session:
 
     def _on_outbox_failed(self) -> None:
         if self.outbox.overflowed:
-            self.relay.metrics_slow_consumers += 1
-            self.relay.metrics.error("ConsumerTooSlow")
-            self.close(CLOSE_CONSUMER_TOO_SLOW, "ConsumerTooSlow")
+            self._too_slow()
         else:
             self.close(CLOSE_NORMAL, "")
+
+    def _too_slow(self) -> None:
+        if self._closing is None:
+            self.relay.metrics_slow_consumers += 1
+            self.relay.metrics.error("ConsumerTooSlow")
+        self.close(CLOSE_CONSUMER_TOO_SLOW, "ConsumerTooSlow")
+
+    def _on_backlog(self, backlogged: bool) -> None:
+        """The outbox passed three quarters of its bound (or drained to half):
+        stop (or resume) reading, so a client that does not read is not
+        decoded at full speed, and TCP pushes back on it."""
+        if backlogged:
+            self._pause(_BACKLOG)
+        else:
+            self._resume(_BACKLOG)
 
     def tick(self, now: float, wall: float) -> None:
         """Called by the node's sweeper (Relay.sweep) every few seconds.
@@ -169,6 +209,10 @@ class Session:
         if wall >= self.identity.expires_at:
             self.close(CLOSE_AUTH_EXPIRED, "TokenExpired")
             return
+        if self._paused_for & _BACKLOG and self.outbox.bytes_out == self._bytes_out_at_tick:
+            self._too_slow()  # paused since the last sweep, and not a byte taken
+            return
+        self._bytes_out_at_tick = self.outbox.bytes_out
         interval = self.relay.config.ping_interval_s
         silent = now - self._last_heard
         if silent >= 2 * interval:
@@ -199,11 +243,18 @@ class Session:
         self._last_heard = trio.current_time()
         try:
             for event in self._conn.receive(data):
+                if self._closing is not None:
+                    return  # e.g. closed for its rate: the rest is not looked at
                 if isinstance(event, Message):
                     self.relay.metrics.frames_in += 1
                     self._on_message(event.data)
                 elif isinstance(event, PingReceived):
-                    self.outbox.write_control(pong_frame(event.payload))
+                    # A ping beyond the rate gets no pong (it gets a strike):
+                    # answering every ping is what a ping flood wants.
+                    if self._admit_control():
+                        self.outbox.write_control(pong_frame(event.payload))
+                elif isinstance(event, PongReceived):
+                    self._admit_control()
                 else:
                     code = event.code if event.code in (1000, 1001) else CLOSE_NORMAL
                     self.close(code, "")
@@ -212,14 +263,37 @@ class Session:
             self.relay.metrics.error(exc.error)
             self.close(exc.close_code, exc.error)
 
+    def _admit_control(self) -> bool:
+        """Pings and pongs count against the request rate like requests."""
+        try:
+            self.relay.node_limits.check_request(self.user, self._requests)
+        except RateLimited as exc:
+            self._strike(exc)
+            return False
+        return True
+
+    def _strike(self, exc: RateLimited) -> None:
+        """A refusal for rate: counted, and the connection closed once its
+        strikes are used up (its error replies are bounded that way too)."""
+        self.relay.metrics.error(exc.error)
+        if self._strikes is not None and self._strikes.take():
+            refusal = RateLimitIgnored("the client kept sending after RateLimited")
+            self.relay.metrics.error(refusal.error)
+            log.warning("closing a connection that ignores its rate limit")
+            self.close(refusal.close_code, refusal.error)
+
     def _on_message(self, data: bytes) -> None:
-        if self._closing is not None:
-            return
         frame = decode_frame(data)  # MalformedFrame closes the connection
         try:
+            # The rate first: unknown and invalid requests count like valid ones.
+            self.relay.node_limits.check_request(self.user, self._requests, request_cost(len(data)))
             req = parse_request(frame, self.relay.limits)
-            self.relay.node_limits.check_request(self.user, self._requests)
-        except (InvalidRequest, RateLimited) as exc:
+        except RateLimited as exc:
+            self._strike(exc)
+            if self._closing is None:
+                self.outbox.write_control(binary_frame(events.error(exc, request_id(frame))))
+            return
+        except InvalidRequest as exc:
             self.relay.metrics.error(exc.error)
             self.outbox.write_control(binary_frame(events.error(exc, request_id(frame))))
             return
@@ -236,15 +310,24 @@ class Session:
         """Backpressure: a client with max_in_flight requests pending is not
         read until replies went out (the requests already read still run)."""
         self._in_flight += 1
-        if self._in_flight >= self.relay.config.max_in_flight and not self._paused:
-            self._paused = True
-            self.relay.reader.pause(self._fd)
+        if self._in_flight >= self.relay.config.max_in_flight:
+            self._pause(_IN_FLIGHT)
 
     def _release_slot(self) -> None:
         self._in_flight -= 1
-        if self._paused and self._in_flight < self.relay.config.max_in_flight // 2:
-            self._paused = False
-            self.relay.reader.resume(self._fd)
+        if self._paused_for & _IN_FLIGHT and self._in_flight < self.relay.config.max_in_flight // 2:
+            self._resume(_IN_FLIGHT)
+
+    def _pause(self, why: int) -> None:
+        if not self._paused_for:
+            self.relay.reader.pause(self._fd)
+        self._paused_for |= why
+
+    def _resume(self, why: int) -> None:
+        if self._paused_for & why:
+            self._paused_for &= ~why
+            if not self._paused_for:
+                self.relay.reader.resume(self._fd)
 
     def _send(self, req: Send) -> None:
         """Sends enter the committer in arrival order.  One whose MLS group

@@ -220,7 +220,8 @@ class Streams:
             ahead = None
             if self.by_conversation.get(conversation) is not st:
                 return  # left (or re-joined) while we were reading
-            self._replay(conversation, st, rows)
+            if not await self._replay(conversation, st, rows):
+                return  # left while the replay waited for room, or the connection failed
             if len(rows) < REPLAY_PAGE and st.next_seq > st.known_last:
                 st.catching_up = False  # see module doc: known_last covers the wait
                 return
@@ -236,7 +237,12 @@ class Streams:
     async def _read(self, conversation: bytes, after_seq: int) -> list[StoredMessage]:
         return await self._storage.read_messages(conversation, self.user, after_seq, REPLAY_PAGE)
 
-    def _replay(self, conversation: bytes, st: Stream, rows: list[StoredMessage]) -> None:
+    async def _replay(self, conversation: bytes, st: Stream, rows: list[StoredMessage]) -> bool:
+        """Queue ``rows``, waiting for room whenever the outbox is half full
+        (a page of large messages would otherwise pass its bound at once).
+        Live messages arriving meanwhile only raise known_last (catching_up),
+        so waiting here keeps the seam intact.  False: stop, the stream or
+        the connection is gone."""
         for row in rows:
             if row.seq < st.next_seq:
                 continue
@@ -245,20 +251,22 @@ class Streams:
                 st.known_last = row.seq
             if row.seq > st.replay_to and row.device == self.device and row.sender == self.user:
                 continue  # its #result carried the seq, as on the live path
-            self._outbox.write_control(
-                binary_frame(
-                    events.message(
-                        conversation,
-                        row.seq,
-                        row.sender,
-                        row.created_ms,
-                        row.ciphertext,
-                        row.blob_key,
-                        row.blob_size,
-                    )
+            wire = binary_frame(
+                events.message(
+                    conversation,
+                    row.seq,
+                    row.sender,
+                    row.created_ms,
+                    row.ciphertext,
+                    row.blob_key,
+                    row.blob_size,
                 )
             )
+            await self._outbox.wait_room_for(len(wire))
+            if self.by_conversation.get(conversation) is not st or not self._outbox.write(wire):
+                return False
         self._flusher.flush()
+        return True
 
     async def _skip_pruned(self, conversation: bytes, st: Stream) -> bool:
         """Nothing to read although seqs up to known_last were committed: they

@@ -18,7 +18,15 @@ from wsproto.connection import Connection, ConnectionType
 from wsproto.events import BytesMessage, CloseConnection, Ping
 
 from protocol.errors import FrameTooLarge, InvalidFramePayload, MalformedFrame, ProtocolError
-from protocol.wsframes import Closed, FrameReader, Message, PingReceived, unmask
+from protocol.wsframes import (
+    MAX_FRAGMENTS,
+    Closed,
+    FrameReader,
+    Message,
+    PingReceived,
+    PongReceived,
+    unmask,
+)
 
 
 def frame(payload: bytes, opcode: int = 0x2, *, fin: bool = True, rsv: int = 0,
@@ -131,3 +139,68 @@ def test_a_large_frame_trickling_in_is_not_copied_quadratically() -> None:
         got += reader.receive(wire[i : i + 64])
     assert got == [Message(payload)]
     assert time.perf_counter() - started < 5  # quadratic copying took minutes
+
+
+# --- bounds on fragmented messages (issue 12) -------------------------------------
+
+
+def test_empty_continuations_cannot_loop_forever() -> None:
+    """Each fragment counts its header: empty ones used to cost nothing and
+    15 million of them grew a node by 120 MB without tripping the limit."""
+    reader = FrameReader(1 << 20)
+    assert reader.receive(frame(b"", fin=False)) == []
+    empty = frame(b"", 0x0, fin=False)  # 6 bytes: 2 of header, 4 of mask
+    sent = 0
+    with pytest.raises(FrameTooLarge):
+        for _ in range(10_000):
+            reader.receive(empty)
+            sent += 1
+    assert sent < MAX_FRAGMENTS  # refused long before 10,000
+
+
+def test_fragment_headers_count_against_the_limit() -> None:
+    # Payload 90 in 3 frames of 30: 3 x (6 + 30) = 108 > 100 although 90 < 100.
+    reader = FrameReader(100)
+    reader.receive(frame(b"x" * 30, fin=False) + frame(b"x" * 30, 0x0, fin=False))
+    with pytest.raises(FrameTooLarge) as info:
+        reader.receive(frame(b"x" * 30, 0x0))
+    assert info.value.close_code == 1009
+    # The same payload as one frame is fine, so is a message exactly at the limit.
+    assert FrameReader(100).receive(frame(b"x" * 90)) == [Message(b"x" * 90)]
+    assert FrameReader(100).receive(frame(b"x" * 100)) == [Message(b"x" * 100)]
+
+
+def test_fragment_count_is_bounded() -> None:
+    reader = FrameReader(1 << 30)
+    wire = frame(b"a", fin=False) + frame(b"b", 0x0, fin=False) * (MAX_FRAGMENTS - 2)
+    assert reader.receive(wire) == []
+    assert reader.receive(frame(b"c", 0x0)) == [Message(b"a" + b"b" * (MAX_FRAGMENTS - 2) + b"c")]
+    reader.receive(wire + frame(b"b", 0x0, fin=False))  # MAX_FRAGMENTS frames so far
+    with pytest.raises(FrameTooLarge):
+        reader.receive(frame(b"c", 0x0))
+
+
+def test_fragmented_message_split_at_every_byte() -> None:
+    payload = bytes(range(256)) * 2
+    pieces = [payload[:1], payload[1:1], payload[1:200], payload[200:]]
+    wire = frame(pieces[0], fin=False)
+    wire += frame(pieces[1], 0x0, fin=False) + frame(b"ping", 0x9)
+    wire += frame(pieces[2], 0x0, fin=False) + frame(b"pong", 0xA)
+    wire += frame(pieces[3], 0x0)
+    expected = [PingReceived(b"ping"), PongReceived(b"pong"), Message(payload)]
+    for cut in range(len(wire) + 1):
+        reader = FrameReader(len(payload) + 64)
+        assert reader.receive(wire[:cut]) + reader.receive(wire[cut:]) == expected, cut
+    reader = FrameReader(len(payload) + 64)
+    got: list[object] = []
+    for i in range(len(wire)):
+        got += reader.receive(wire[i : i + 1])
+    assert got == expected
+    # One byte short of what the message needs (headers included): refused
+    # at whichever byte the limit is crossed, however it is split.
+    needed = len(wire) - 2 * 10  # everything but the two control frames
+    for cut in range(0, len(wire) + 1, 7):
+        reader = FrameReader(needed - 1)
+        with pytest.raises(FrameTooLarge):
+            reader.receive(wire[:cut])
+            reader.receive(wire[cut:])
