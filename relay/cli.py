@@ -50,20 +50,26 @@ def main(argv: list[str] | None = None) -> int:
     token.add_argument("user", help="user DID, e.g. did:example:alice")
     token.add_argument("--device", default="dev1")
     token.add_argument("--lifetime", type=int, default=3600, help="seconds")
-    inspect = sub.add_parser("inspect", help="decode an MLS object and print JSON", add_help=False)
-    inspect.add_argument("rest", nargs=argparse.REMAINDER)
+    from .inspect import DESCRIPTION as INSPECT_DESCRIPTION
+    from .inspect import add_arguments as inspect_arguments
+
+    inspect = sub.add_parser(
+        "inspect", help="decode an MLS object and print JSON", description=INSPECT_DESCRIPTION
+    )
+    inspect_arguments(inspect)  # real options: they work in any order, --help answers
     sub.add_parser("check", help="print the configuration and test database / Redis access")
-    bench = sub.add_parser("bench", help="run bench/run.py (source checkout)", add_help=False)
-    bench.add_argument("rest", nargs=argparse.REMAINDER)
+    # Listed for --help only: main() hands "bench ..." to bench/run.py before
+    # parsing, which answers "mls-relay bench --help" itself.
+    sub.add_parser("bench", help="run bench/run.py (source checkout; --help for its options)")
     tail = sub.add_parser("tail", help="print a device's events as JSON lines (debugging)")
     from .tail import add_arguments as tail_arguments
 
     tail_arguments(tail)
     args = parser.parse_args(argv)
     if args.command == "inspect":
-        from .inspect import main as inspect_main
+        from .inspect import run as inspect_run
 
-        return inspect_main(args.rest)
+        return inspect_run(args)
     try:
         return _COMMANDS[args.command](args)
     except ConfigError as exc:
