@@ -52,6 +52,13 @@ class FrameTooLarge(ProtocolError):
     close_code = 1009
 
 
+class UnsupportedWebSocketVersion(ProtocolError):
+    """An upgrade asking for another WebSocket version than 13: answered 400
+    with ``Sec-WebSocket-Version: 13`` (RFC 6455 §4.2.2)."""
+
+    error = "UnsupportedWebSocketVersion"
+
+
 class InvalidFramePayload(ProtocolError):
     """Data inconsistent with its frame type (a close reason that is not UTF-8)."""
 
@@ -76,6 +83,12 @@ class UnknownRequest(InvalidRequest):
 class AuthError(RelayError):
     error = "AuthRequired"
     http_status = 401
+
+
+class AuthRequired(AuthError):
+    """No credentials at all: no token, an empty one, or another scheme than Bearer."""
+
+    error = "AuthRequired"
 
 
 class InvalidToken(AuthError):

@@ -32,7 +32,13 @@ from typing import TYPE_CHECKING, Any
 import trio
 from quart import Blueprint, Response, jsonify, request
 
-from protocol.errors import InvalidRequest, PayloadTooLarge, RelayError, StorageError
+from protocol.errors import (
+    BlobNotFound,
+    InvalidRequest,
+    PayloadTooLarge,
+    RelayError,
+    StorageError,
+)
 from protocol.requests import blob_key
 from storage.blobstore import BlobStore, open_blob_store
 
@@ -154,7 +160,10 @@ def blueprint(relay: Relay, blobs: Blobs) -> Blueprint:
     async def download(conversation: str, key: str) -> Any:
         who = request_identity(relay)
         conv = _conversation(conversation)
-        key = blob_key(key)
+        try:
+            key = blob_key(key)
+        except InvalidRequest:  # docs/PROTOCOL.md: 404 unless readable; never a shape hint
+            raise BlobNotFound("no such blob") from None
         info = await relay.storage.blob_for_reader(conv, key, who.user)
         data = await blobs.load(conv, key)
         headers = {"Cache-Control": "private, max-age=31536000, immutable"}

@@ -22,6 +22,7 @@ from protocol.websocket import (
     accept_response,
     json_response,
     parse_head,
+    refusal_headers,
 )
 
 from .auth import token_from_request
@@ -99,7 +100,9 @@ async def _websocket(relay: Relay, stream: trio.SocketStream, head: RequestHead)
         await _refuse(stream, 503, RelayError("relay is shutting down"), error="ShuttingDown")
         return
     try:
-        identity = relay.authenticator.verify(token_from_request(head.headers, head.query))
+        identity = relay.authenticator.verify(
+            token_from_request(head.headers, head.query, from_query=True)
+        )
         response = accept_response(head)
     except AuthError as exc:
         relay.metrics.error(exc.error)
@@ -140,10 +143,9 @@ async def _refuse(
     stream: trio.SocketStream, status: int, exc: RelayError, error: str | None = None
 ) -> None:
     body: dict[str, object] = {"error": error or exc.error, "message": exc.message}
-    extra = 'www-authenticate: Bearer realm="mls-relay"\r\n' if status == 401 else ""
     try:
         with trio.move_on_after(5):
-            await stream.send_all(json_response(status, body, extra))
+            await stream.send_all(json_response(status, body, refusal_headers(status, exc)))
     except (trio.BrokenResourceError, trio.ClosedResourceError):
         pass
     await stream.aclose()

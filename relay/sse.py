@@ -186,7 +186,11 @@ class SseStream:
 
     async def start(self) -> None:
         self.relay.metrics.opened(self.sink, "sse")
-        self.send_frame(events.hello(self.user, self.device, self.relay.server_name, self.id))
+        self.send_frame(
+            events.hello(
+                self.user, self.device, self.relay.server_name, self.id, self.relay.node_id
+            )
+        )
         assert self.relay.nursery is not None, "relay not running"
         # Tasks live in the relay's nursery: a response body cannot own one
         # (it is an async generator that suspends at every yield).
@@ -196,7 +200,7 @@ class SseStream:
             try:
                 await Handlers(cast("Session", self)).subscribe(Subscribe(0, cursors))
                 break
-            except (NotMember, FutureCursor):
+            except NotMember:
                 # Membership changed between our check and the subscription.
                 if attempt == 2:
                     raise
@@ -206,13 +210,21 @@ class SseStream:
         )
 
     async def _valid_cursors(self) -> dict[bytes, int]:
-        """Positions of conversations we still belong to, clamped to their end."""
+        """Positions of conversations we still belong to (a conversation we
+        left is dropped from the cursor).  A position past a conversation's
+        end is FutureCursor, as on the WebSocket: nothing is streamed, since
+        the client holds a history this relay does not have (a restored
+        database): it must drop its cursor."""
         convs = {c.conversation: c for c in await self.relay.storage.list_conversations(self.user)}
-        return {
-            conv: min(seq, convs[conv].last_seq)
-            for conv, seq in self.positions.items()
-            if conv in convs
-        }
+        for conv, seq in self.positions.items():
+            info = convs.get(conv)
+            if info is not None and seq > info.last_seq:
+                raise FutureCursor(
+                    f"cursor {seq} is beyond the end of the conversation ({info.last_seq})",
+                    conversation=base64.b64encode(conv).decode(),
+                    last_seq=info.last_seq,
+                )
+        return {conv: seq for conv, seq in self.positions.items() if conv in convs}
 
     async def _background(self, *, task_status: trio.TaskStatus[None]) -> None:
         with self._cancel:
@@ -299,7 +311,9 @@ def register(app: QuartTrio, relay: Relay) -> None:
         if relay.state.shutting_down:
             raise ShuttingDown("relay is shutting down")
         headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in request.headers.items()]
-        identity = relay.authenticator.verify(token_from_request(headers, request.query_string))
+        identity = relay.authenticator.verify(
+            token_from_request(headers, request.query_string, from_query=True)
+        )
         positions = decode_cursor(
             request.headers.get("Last-Event-ID") or request.args.get("cursor", "")
         )
