@@ -2,7 +2,7 @@
 
 Every failure a client, an operator or a test can observe is a subclass of
 :class:`RelayError`.  Each class carries the wire name (``error``) that the
-edges translate it into: an ``op: -1`` frame body on the WebSocket, a JSON
+edges translate it into: a ``#error`` frame body on the WebSocket, a JSON
 ``{error, message}`` body over HTTP.  Storage backends, the session logic and
 the protocol codec raise these; only the edges translate them.
 """
