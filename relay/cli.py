@@ -15,6 +15,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from collections.abc import AsyncIterator
 
 import trio
 
@@ -108,7 +109,6 @@ def _serve(args: argparse.Namespace) -> int:
 async def _run_server(cfg: object, listen_fd: int | None = None) -> None:
     from .app import Relay
     from .config import Config
-    from .shutdown import graceful_shutdown
     from .workers import inherited_listeners, leave_with_parent
 
     assert isinstance(cfg, Config)
@@ -135,11 +135,37 @@ async def _run_server(cfg: object, listen_fd: int | None = None) -> None:
                 cfg.ws_path,
                 redacted(cfg)["DATABASE_URL"] or cfg.effective_database_url,
             )
+            await _drain_on_signal(relay, cfg, signals)
+            nursery.cancel_scope.cancel()
+
+
+async def _drain_on_signal(relay: object, cfg: object, signals: AsyncIterator[int]) -> None:
+    """The first SIGTERM/SIGINT drains (relay/shutdown.py); a second one ends
+    the drain grace period at once (the deadline still bounds the rest)."""
+    from .app import Relay
+    from .config import Config
+    from .shutdown import graceful_shutdown
+
+    assert isinstance(relay, Relay) and isinstance(cfg, Config)
+    async for _ in signals:
+        break
+    log.info(
+        "shutdown requested; draining (grace %ss, deadline %ss)",
+        cfg.drain_grace_s,
+        cfg.shutdown_deadline_s,
+    )
+    hurry = trio.Event()
+    async with trio.open_nursery() as nursery:
+
+        async def second_signal() -> None:
             async for _ in signals:
-                log.info("shutdown requested; draining (deadline %ss)", cfg.shutdown_deadline_s)
-                await graceful_shutdown(relay)
-                nursery.cancel_scope.cancel()
-                break
+                log.info("second signal: ending the drain grace period now")
+                hurry.set()
+                return
+
+        nursery.start_soon(second_signal)
+        await graceful_shutdown(relay, hurry)
+        nursery.cancel_scope.cancel()
 
 
 def _migrate(args: argparse.Namespace) -> int:

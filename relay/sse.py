@@ -74,6 +74,13 @@ MAX_CURSOR = 64 * 1024
 CURSOR_PREFIX = "v1."
 
 
+#: The ``message`` of a stream's last event (``info``, ``name`` = the reason).
+_END_DEFAULT = "stream closed; resume with Last-Event-ID"
+_END_MESSAGES = {
+    "ServiceRestart": "this node is going away; reconnect with Last-Event-ID",
+}
+
+
 def encode_cursor(positions: dict[bytes, int]) -> str:
     raw = cbor2.dumps([[conv, seq] for conv, seq in sorted(positions.items())])
     return CURSOR_PREFIX + base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
@@ -167,6 +174,8 @@ class SseStream:
         self._announced = False
         self._cancel = trio.CancelScope()
         self._ended: str | None = None
+        #: Set once the body has ended (after its last event) or the stream failed.
+        self.finished = trio.Event()
 
     # --- the session surface used by Handlers.subscribe ---------------------
 
@@ -185,6 +194,7 @@ class SseStream:
     # --- lifecycle -----------------------------------------------------------
 
     async def start(self) -> None:
+        self.relay.event_streams.add(self)
         self.relay.metrics.opened(self.sink, "sse")
         self.send_frame(
             events.hello(
@@ -246,8 +256,15 @@ class SseStream:
             self._ended = reason
         self.sink.ready.set()
 
+    def going_away(self) -> None:
+        """Graceful shutdown: the body sends what is pending, then a last
+        ``info`` event (ServiceRestart), then ends the response properly."""
+        self._end("ServiceRestart")
+
     def close(self) -> None:
         """Synchronous cleanup (runs in the body's finally, possibly cancelled)."""
+        self.relay.event_streams.discard(self)
+        self.finished.set()
         self._cancel.cancel()
         self.relay.hub.remove(self.streams, list(self.streams.by_conversation))
         self.relay.metrics.closed(self.sink)
@@ -274,7 +291,7 @@ class SseStream:
                         self.relay.metrics_slow_consumers += 1
                     if reason != "closed":
                         self.relay.metrics.error(reason)
-                    info = events.info(reason, "stream closed; resume with Last-Event-ID")
+                    info = events.info(reason, _END_MESSAGES.get(reason, _END_DEFAULT))
                     yield chunk + self._render([binary_frame(info)])
                     return
                 chunk = chunk or b": keep-alive\n\n"
