@@ -82,7 +82,7 @@ def entries() -> list[tuple[str, bytes]]:
                 conversation=CONV,
                 first_seq=10,
             ),
-        ),  # fmt: skip
+        ),
     ]
     for reason in ("ServiceRestart", "ConsumerTooSlow", "TokenExpired", "InternalError"):
         message = "stream closed; resume with Last-Event-ID"  # the SSE stream's last event
@@ -102,7 +102,7 @@ def entries() -> list[tuple[str, bytes]]:
                     {"conversation": CONV, "last_seq": 42, "joined_seq": 0, "first_seq": 1}
                 ],
             ),
-        ),  # fmt: skip
+        ),
         (
             "result-claim",
             events.result(
@@ -118,7 +118,7 @@ def entries() -> list[tuple[str, bytes]]:
                 ],
                 missing=[{"user": "did:example:carol", "device": None}],
             ),
-        ),  # fmt: skip
+        ),
     ]
     for cls in error_classes():
         exc = cls(f"example {cls.error}", **DETAILS.get(cls.error, {}))

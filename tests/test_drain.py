@@ -176,3 +176,13 @@ async def test_sigterm_drain_is_visible_on_the_port(tmp_path):
           f"{len(ready)} readiness 503, {len(upgrades)} upgrade 503 ShuttingDown")  # fmt: skip
     assert len(ready) >= 20 and set(ready) == {"503"}, set(ready)
     assert len(upgrades) >= 20 and set(upgrades) == {"503 ShuttingDown"}, set(upgrades)
+
+
+@pytest.mark.parametrize(
+    ("grace", "deadline"), [("-1", "30"), ("31", "30"), ("abc", "30"), ("1", "0")]
+)
+def test_drain_grace_is_validated(grace: str, deadline: str):
+    from relay.config import ConfigError, from_env
+
+    with pytest.raises(ConfigError, match="RELAY_"):
+        from_env({"RELAY_DRAIN_GRACE_S": grace, "RELAY_SHUTDOWN_DEADLINE_S": deadline})
