@@ -35,7 +35,7 @@ def _header(t: str | None, op: int = 1) -> bytes:
 MESSAGE = _header("#message")
 RESULT = _header("#result")
 HELLO = _header("#hello")
-ERROR = _header(None, -1)
+ERROR = _header("#error")  # request errors are #error frames, as the relay sends them
 
 
 class Broadcast:

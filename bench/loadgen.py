@@ -57,7 +57,7 @@ def _header(t: str | None, op: int = 1) -> bytes:
 
 MSG_HDR = _header("#message")
 RESULT_HDR = _header("#result")
-ERROR_HDR = _header(None, -1)
+ERROR_HDR = _header("#error")  # a request's error reply (docs/PROTOCOL.md)
 HELLO_HDR = _header("#hello")
 INFO_HDR = _header("#info")
 

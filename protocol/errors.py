@@ -2,7 +2,7 @@
 
 Every failure a client, an operator or a test can observe is a subclass of
 :class:`RelayError`.  Each class carries the wire name (``error``) that the
-edges translate it into: an ``op: -1`` frame body on the WebSocket, a JSON
+edges translate it into: a ``#error`` frame body on the WebSocket, a JSON
 ``{error, message}`` body over HTTP.  Storage backends, the session logic and
 the protocol codec raise these; only the edges translate them.
 """
@@ -54,6 +54,13 @@ class FrameTooLarge(ProtocolError):
     close_code = 1009
 
 
+class UnsupportedWebSocketVersion(ProtocolError):
+    """An upgrade asking for another WebSocket version than 13: answered 400
+    with ``Sec-WebSocket-Version: 13`` (RFC 6455 §4.2.2)."""
+
+    error = "UnsupportedWebSocketVersion"
+
+
 class InvalidFramePayload(ProtocolError):
     """Data inconsistent with its frame type (a close reason that is not UTF-8)."""
 
@@ -78,6 +85,12 @@ class UnknownRequest(InvalidRequest):
 class AuthError(RelayError):
     error = "AuthRequired"
     http_status = 401
+
+
+class AuthRequired(AuthError):
+    """No credentials at all: no token, an empty one, or another scheme than Bearer."""
+
+    error = "AuthRequired"
 
 
 class InvalidToken(AuthError):

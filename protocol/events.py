@@ -126,11 +126,31 @@ def result(request_id: int, **fields: Any) -> bytes:
     return encode_frame("#result", {"id": request_id, **fields})
 
 
+#: The type of a request's error reply (an ``op: 1`` frame, see error()).
+ERROR_T = "#error"
+
+
 def error(exc: RelayError, request_id: int | None = None) -> bytes:
-    """An ``op: -1`` error frame, addressed to a request when it has an id."""
-    extra: dict[str, Any] = dict(exc.details)
+    """The error reply to a request: ``{op: 1, t: "#error"}`` with ``id`` (when
+    the request had a valid one), ``error``, ``message``, ``retryable`` and
+    the error's details.
+
+    Not an ``op: -1`` frame: in AT Protocol an error frame ends the stream and
+    its body is exactly ``{error, message}`` (the Python SDK raises TypeError
+    on any other key), while a request error leaves the connection open and
+    must name its request.  An ``op: 1`` frame may carry any body, so every
+    AT Protocol decoder reads this one (docs/PROTOCOL.md, "Requests and
+    replies")."""
+    body: dict[str, Any] = dict(exc.details)
     if request_id is not None:
-        extra["id"] = request_id
+        body["id"] = request_id
     if exc.retryable:
-        extra["retryable"] = True
-    return encode_error(exc.error, exc.message, **extra)
+        body["retryable"] = True
+    body["error"] = exc.error
+    body["message"] = exc.message
+    return encode_frame(ERROR_T, body)
+
+
+def fatal(error: str, message: str) -> bytes:
+    """An ``op: -1`` frame: an error after which the relay ends the stream."""
+    return encode_error(error, message)

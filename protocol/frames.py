@@ -2,8 +2,10 @@
 
 Every WebSocket binary message is two concatenated CBOR objects: a header
 ``{op, t}`` and a body.  ``op: 1`` carries a message whose type is ``t``
-(``"#send"``, ``"#message"``, ...); ``op: -1`` carries an error whose body is
-``{error, message}`` and has no ``t``.
+(``"#send"``, ``"#message"``, ``"#result"``, and ``"#error"`` for a request
+that failed); ``op: -1`` carries an error that ends the stream, whose body is
+exactly ``{error, message}`` and has no ``t`` (AT Protocol's event-stream
+error frame: its SDKs read no other field there).
 
 What we emit is valid DAG-CBOR: map keys are text, sorted length-first then
 bytewise, lengths are definite, bytes are byte strings, integers are minimal
@@ -88,10 +90,14 @@ def encode_frame(t: str, body: Mapping[str, Any]) -> bytes:
     return encode_header(t) + cbor2.dumps(canonical(body))
 
 
-def encode_error(error: str, message: str, **extra: Any) -> bytes:
-    """Encode an ``op: -1`` error frame; ``extra`` may carry the request ``id``."""
-    body = {"error": error, "message": message, **extra}
-    return encode_header(None, OP_ERROR) + cbor2.dumps(canonical(body))
+def encode_error(error: str, message: str) -> bytes:
+    """Encode an ``op: -1`` frame: an error that ends the stream.  Its body is
+    exactly ``{error, message}``, the shape AT Protocol SDKs accept (Python
+    ``atproto`` raises on any other key); request errors are ``#error`` frames
+    (protocol/events.py) and carry their ``id`` there."""
+    return encode_header(None, OP_ERROR) + cbor2.dumps(
+        canonical({"error": error, "message": message})
+    )
 
 
 def encode_presorted(t: str, body: dict[str, Any]) -> bytes:

@@ -1,8 +1,8 @@
 """Client requests: typed, validated views of ``op: 1`` frames from a client.
 
 Every request body carries ``id`` (an unsigned integer chosen by the client);
-the relay answers each with exactly one ``#result`` frame or one ``op: -1``
-error frame carrying the same ``id``.
+the relay answers each with exactly one ``#result`` frame or one ``#error``
+frame carrying the same ``id``.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ from urllib.parse import parse_qs
 
 import h11
 
-from .errors import ProtocolError
+from .errors import ProtocolError, RelayError, UnsupportedWebSocketVersion
 from .text import excerpt
 from .wsframes import Closed, FrameReader, Message, PingReceived, WsEvent
 
@@ -100,14 +100,27 @@ def parse_head(buffer: bytes) -> RequestHead | None:
 def accept_response(head: RequestHead) -> bytes:
     """The 101 response completing the handshake; raises ProtocolError if invalid."""
     key = head.header(b"sec-websocket-key")
-    if head.header(b"sec-websocket-version") != b"13" or not key:
-        raise ProtocolError("need Sec-WebSocket-Version: 13 and a Sec-WebSocket-Key")
+    if (head.header(b"sec-websocket-version") or b"").strip() != b"13":
+        raise UnsupportedWebSocketVersion("this relay speaks WebSocket version 13 only")
+    if not key:
+        raise ProtocolError("a WebSocket upgrade needs a Sec-WebSocket-Key")
     accept = base64.b64encode(hashlib.sha1(key.strip() + WS_GUID).digest())
     return (
         b"HTTP/1.1 101 Switching Protocols\r\n"
         b"Upgrade: websocket\r\nConnection: Upgrade\r\n"
         b"Sec-WebSocket-Accept: " + accept + b"\r\n\r\n"
     )
+
+
+def refusal_headers(status: int, exc: RelayError) -> str:
+    """Headers a refused upgrade needs beside its JSON body: the auth scheme
+    on 401 (RFC 6750), the version we speak on a version mismatch (RFC 6455
+    §4.2.2: "MUST ... include a Sec-WebSocket-Version header field")."""
+    if status == 401:
+        return 'www-authenticate: Bearer realm="mls-relay"\r\n'
+    if isinstance(exc, UnsupportedWebSocketVersion):
+        return "sec-websocket-version: 13\r\n"
+    return ""
 
 
 def json_response(status: int, body: dict[str, object], extra: str = "") -> bytes:

@@ -13,7 +13,7 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -99,6 +99,8 @@ class Relay:
             self.fanout.observe_lag = self.metrics.observe_fanout_lag
         #: The relay's task nursery once running (SSE streams start tasks in it).
         self.nursery: trio.Nursery | None = None
+        #: Open SSE streams (relay/sse.py), ended one by one by a graceful shutdown.
+        self.event_streams: set[Any] = set()
         #: Retention and used-token purge (relay/retention.py).
         self.retention = Retention(self)
         #: Connection leases and claim limits across nodes (relay/presence.py).

@@ -48,7 +48,7 @@ from jwt.exceptions import (
 )
 
 from protocol import text
-from protocol.errors import ExpiredToken, InvalidRequest, InvalidToken, RelayError
+from protocol.errors import AuthRequired, ExpiredToken, InvalidRequest, InvalidToken, RelayError
 
 __all__ = [
     "MAX_DEVICE_LENGTH",
@@ -263,7 +263,7 @@ class Authenticator:
         Raises :class:`InvalidToken` or :class:`ExpiredToken`.
         """
         if not token:
-            raise InvalidToken("missing token")
+            raise AuthRequired("no token: send Authorization: Bearer <token>")
         if not isinstance(token, str):
             raise InvalidToken("token must be a string")
         if len(token) > MAX_TOKEN_LENGTH:
@@ -381,11 +381,16 @@ class Authenticator:
 # --- extracting the token from a request ---------------------------------------
 
 
-def token_from_request(headers: list[tuple[bytes, bytes]], query_string: bytes) -> str | None:
+def token_from_request(
+    headers: list[tuple[bytes, bytes]], query_string: bytes, *, from_query: bool = False
+) -> str | None:
     """The bearer token of an HTTP / WebSocket handshake request, or ``None``.
 
-    ``Authorization: Bearer <token>`` wins; otherwise the ``access_token``
-    query parameter (browsers cannot set headers on a WebSocket).
+    ``Authorization: Bearer <token>`` wins.  With ``from_query`` (the WebSocket
+    upgrade and the SSE stream only: browsers cannot set headers on a
+    WebSocket or an EventSource) the ``access_token`` query parameter is the
+    fallback.  The other HTTP routes take the header only: a token in a URL
+    ends up in access logs, browser history and Referer headers.
     """
     for name, value in headers:
         if name.lower() != b"authorization":
@@ -399,6 +404,8 @@ def token_from_request(headers: list[tuple[bytes, bytes]], query_string: bytes) 
             credentials = credentials.strip()
             if credentials:
                 return credentials
+    if not from_query:
+        return None
     try:
         query = query_string.decode("ascii")
     except UnicodeDecodeError:

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 from quart import Blueprint, Response, jsonify
 
-from protocol.errors import InvalidRequest, RelayError, StorageError
+from protocol.errors import BlobNotFound, InvalidRequest, RelayError, StorageError
 from protocol.requests import blob_key
 from storage.blobstore import BlobReader, BlobStore, open_blob_store
 
@@ -164,7 +164,10 @@ def blueprint(relay: Relay, blobs: Blobs, limits: HttpLimits) -> Blueprint:
     async def download(conversation: str, key: str) -> Any:
         who = limits.admit()
         conv = _conversation(conversation)
-        key = blob_key(key)
+        try:
+            key = blob_key(key)
+        except InvalidRequest:  # docs/PROTOCOL.md: 404 unless readable; never a shape hint
+            raise BlobNotFound("no such blob") from None
         info = await relay.storage.blob_for_reader(conv, key, who.user)
         limits.transfer(who)
         reader = await blobs.store.open(store_path(conv, key))

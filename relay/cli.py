@@ -15,6 +15,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from collections.abc import AsyncIterator
 
 import trio
 
@@ -50,20 +51,26 @@ def main(argv: list[str] | None = None) -> int:
     token.add_argument("user", help="user DID, e.g. did:example:alice")
     token.add_argument("--device", default="dev1")
     token.add_argument("--lifetime", type=int, default=3600, help="seconds")
-    inspect = sub.add_parser("inspect", help="decode an MLS object and print JSON", add_help=False)
-    inspect.add_argument("rest", nargs=argparse.REMAINDER)
+    from .inspect import DESCRIPTION as INSPECT_DESCRIPTION
+    from .inspect import add_arguments as inspect_arguments
+
+    inspect = sub.add_parser(
+        "inspect", help="decode an MLS object and print JSON", description=INSPECT_DESCRIPTION
+    )
+    inspect_arguments(inspect)  # real options: they work in any order, --help answers
     sub.add_parser("check", help="print the configuration and test database / Redis access")
-    bench = sub.add_parser("bench", help="run bench/run.py (source checkout)", add_help=False)
-    bench.add_argument("rest", nargs=argparse.REMAINDER)
+    # Listed for --help only: main() hands "bench ..." to bench/run.py before
+    # parsing, which answers "mls-relay bench --help" itself.
+    sub.add_parser("bench", help="run bench/run.py (source checkout; --help for its options)")
     tail = sub.add_parser("tail", help="print a device's events as JSON lines (debugging)")
     from .tail import add_arguments as tail_arguments
 
     tail_arguments(tail)
     args = parser.parse_args(argv)
     if args.command == "inspect":
-        from .inspect import main as inspect_main
+        from .inspect import run as inspect_run
 
-        return inspect_main(args.rest)
+        return inspect_run(args)
     try:
         return _COMMANDS[args.command](args)
     except ConfigError as exc:
@@ -102,7 +109,6 @@ def _serve(args: argparse.Namespace) -> int:
 async def _run_server(cfg: object, listen_fd: int | None = None) -> None:
     from .app import Relay
     from .config import Config
-    from .shutdown import graceful_shutdown
     from .workers import inherited_listeners, leave_with_parent
 
     assert isinstance(cfg, Config)
@@ -129,11 +135,37 @@ async def _run_server(cfg: object, listen_fd: int | None = None) -> None:
                 cfg.ws_path,
                 redacted(cfg)["DATABASE_URL"] or cfg.effective_database_url,
             )
+            await _drain_on_signal(relay, cfg, signals)
+            nursery.cancel_scope.cancel()
+
+
+async def _drain_on_signal(relay: object, cfg: object, signals: AsyncIterator[int]) -> None:
+    """The first SIGTERM/SIGINT drains (relay/shutdown.py); a second one ends
+    the drain grace period at once (the deadline still bounds the rest)."""
+    from .app import Relay
+    from .config import Config
+    from .shutdown import graceful_shutdown
+
+    assert isinstance(relay, Relay) and isinstance(cfg, Config)
+    async for _ in signals:
+        break
+    log.info(
+        "shutdown requested; draining (grace %ss, deadline %ss)",
+        cfg.drain_grace_s,
+        cfg.shutdown_deadline_s,
+    )
+    hurry = trio.Event()
+    async with trio.open_nursery() as nursery:
+
+        async def second_signal() -> None:
             async for _ in signals:
-                log.info("shutdown requested; draining (deadline %ss)", cfg.shutdown_deadline_s)
-                await graceful_shutdown(relay)
-                nursery.cancel_scope.cancel()
-                break
+                log.info("second signal: ending the drain grace period now")
+                hurry.set()
+                return
+
+        nursery.start_soon(second_signal)
+        await graceful_shutdown(relay, hurry)
+        nursery.cancel_scope.cancel()
 
 
 def _migrate(args: argparse.Namespace) -> int:

@@ -345,14 +345,16 @@ class RelayClient(Requests):
 
     def _dispatch(self, header: dict[str, Any], body: dict[str, Any]) -> None:
         rid = body.get("id")
-        is_reply = header.get("t") == "#result" or header.get("op") == -1
-        if is_reply and rid in self._pending:
+        t = header.get("t")
+        # Replies: #result, or #error for a request that failed (an op: -1
+        # frame is not a reply: it ends the stream, and the close follows).
+        if t in ("#result", "#error") and rid in self._pending:
             pending = self._pending[rid]
-            if header.get("op") == -1:
+            if t == "#error":
                 error = RequestFailed(body.get("error", "?"), body.get("message", ""), body)
                 pending.error = error
             else:
                 pending.reply = body
             pending.done.set()
-        elif header.get("op") == 1 and header.get("t") not in ("#result", "#hello"):
+        elif header.get("op") == 1 and t not in ("#result", "#error", "#hello"):
             self._send_events.send_nowait(parse_event(str(header["t"]), body))

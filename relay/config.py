@@ -63,6 +63,10 @@ class Config:
     commit_linger_ms: float = 2.0
     handshake_timeout_s: float = 10.0
     shutdown_deadline_s: float = 30.0
+    #: After SIGTERM the port keeps answering this long (readiness 503, upgrades
+    #: and new SSE streams 503 ShuttingDown) so load balancers see the drain
+    #: before connections are refused; within RELAY_SHUTDOWN_DEADLINE_S.
+    drain_grace_s: float = 5.0
     memory_limit_mb: int = 0
     ws_path: str = "/v1/ws"
     #: The relay pings every connection this often; one that sends nothing
@@ -218,6 +222,10 @@ def validate(cfg: Config) -> None:
             raise ConfigError("RELAY_JWT_SECRET must be at least 32 bytes")
     if cfg.rate_limit_strikes < 0:
         raise ConfigError("RELAY_RATE_LIMIT_STRIKES must be >= 0")
+    if cfg.shutdown_deadline_s <= 0:
+        raise ConfigError("RELAY_SHUTDOWN_DEADLINE_S must be > 0")
+    if not 0 <= cfg.drain_grace_s <= cfg.shutdown_deadline_s:
+        raise ConfigError("RELAY_DRAIN_GRACE_S must be 0..RELAY_SHUTDOWN_DEADLINE_S")
     if cfg.retention_days < 0 or cfg.retention_interval_s <= 0:
         raise ConfigError("RELAY_RETENTION_DAYS must be >= 0, RELAY_RETENTION_INTERVAL_S > 0")
     for name, url in (("DATABASE_URL", cfg.database_url), ("REDIS_URL", cfg.redis_url)):

@@ -226,10 +226,8 @@ def inspect_bytes(data: bytes, *, bare_key_package: bool = False) -> Report:
 # --- command line ------------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="mls-relay inspect", description="Describe one MLS object as JSON."
-    )
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options, shared by ``mls-relay inspect`` and ``python -m relay.inspect``."""
     parser.add_argument("file", nargs="?", default="-", help="input file, or - for stdin")
     mode = parser.add_mutually_exclusive_group()
     for flag in ("hex", "binary", "auto"):
@@ -242,6 +240,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="input is a bare KeyPackage, not an MLSMessage",
     )
+
+
+DESCRIPTION = "Describe one MLS object (hex or binary, from FILE or stdin) as JSON."
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mls-relay inspect", description=DESCRIPTION)
+    add_arguments(parser)
     return parser
 
 
@@ -250,7 +256,11 @@ def _emit(report: Report) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    return run(build_parser().parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Inspect with parsed options (``file``, ``mode``, ``bare_key_package``)."""
     try:
         data = decode_input(read_input(args.file), args.mode)
         report = inspect_bytes(data, bare_key_package=args.bare_key_package)

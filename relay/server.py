@@ -21,6 +21,7 @@ from protocol.websocket import (
     accept_response,
     json_response,
     parse_head,
+    refusal_headers,
 )
 
 from .auth import token_from_request
@@ -142,7 +143,9 @@ async def _websocket(relay: Relay, stream: trio.SocketStream, head: RequestHead)
     # nothing registered: the token's claims are checked (relay/auth.py) before
     # the lease is taken, and the lease is given back on every way out.
     try:
-        identity = relay.authenticator.verify(token_from_request(head.headers, head.query))
+        identity = relay.authenticator.verify(
+            token_from_request(head.headers, head.query, from_query=True)
+        )
         response = accept_response(head)
     except AuthError as exc:
         relay.metrics.error(exc.error)
@@ -212,10 +215,9 @@ async def _refuse(
     body: dict[str, object] = {"error": error or exc.error, "message": exc.message}
     # Details that say which claim failed, or the incident id of an InternalError.
     body.update({k: v for k, v in exc.details.items() if isinstance(v, str | int)})
-    extra = 'www-authenticate: Bearer realm="mls-relay"\r\n' if status == 401 else ""
     try:
         with trio.move_on_after(5):
-            await stream.send_all(json_response(status, body, extra))
+            await stream.send_all(json_response(status, body, refusal_headers(status, exc)))
     except (trio.BrokenResourceError, trio.ClosedResourceError):
         pass
     await stream.aclose()

@@ -1,4 +1,5 @@
-"""Graceful shutdown: stop taking work, finish what was accepted, close cleanly."""
+"""Graceful shutdown: stop taking work, finish what was accepted, close cleanly,
+and let load balancers see it happen."""
 
 from __future__ import annotations
 
@@ -11,18 +12,30 @@ from protocol.websocket import CLOSE_RESTART
 if TYPE_CHECKING:
     from .app import Relay
 
+#: After the last SSE stream ended, time for the HTTP server to write the
+#: chunked body's terminator before the port closes (a grace of 0 would
+#: otherwise cut it: curl exit 18, ERR_INCOMPLETE_CHUNKED_ENCODING).
+SSE_FLUSH_S = 0.2
 
-async def graceful_shutdown(relay: Relay) -> None:
+
+async def graceful_shutdown(relay: Relay, hurry: trio.Event | None = None) -> None:
     """Drain the node within ``RELAY_SHUTDOWN_DEADLINE_S``.
 
     1. Readiness turns 503; new WebSocket upgrades and SSE streams are refused
-       with 503 ShuttingDown; the listeners close.
-    2. The committer stops taking sends (later ones get a retryable
+       with 503 ShuttingDown -- on a port that keeps accepting, so that load
+       balancers and clients *see* the drain instead of refused connections.
+    2. Every SSE stream gets what is pending, then a last ``info`` event
+       (``ServiceRestart``), and its chunked body ends properly.
+    3. The committer stops taking sends (later ones get a retryable
        ShuttingDown error and are never stored); those already queued are
        committed and acknowledged.
-    3. Every WebSocket is closed with 1012 (service restart) so clients resume
-       on another node -- also when step 2 ran out of time, so that the caller's
+    4. Every WebSocket is closed with 1012 (service restart) so clients resume
+       on another node -- also when step 3 ran out of time, so that the caller's
        cancellation still closes them with 1012, not 1000.
+    5. The port keeps answering until ``RELAY_DRAIN_GRACE_S`` after the start
+       (Kubernetes removes a terminating pod from its endpoints asynchronously:
+       requests keep arriving for a few seconds), or until ``hurry`` is set (a
+       second SIGTERM); then the listeners close.
 
     Returns by the deadline even if a client never reads (its close frame
     cannot be written); the caller then cancels what is left, and each
@@ -30,8 +43,12 @@ async def graceful_shutdown(relay: Relay) -> None:
     from .session import Session
 
     relay.state.shutting_down = True
-    relay.stop_accepting()
-    deadline = trio.current_time() + relay.config.shutdown_deadline_s
+    start = trio.current_time()
+    deadline = start + relay.config.shutdown_deadline_s
+    grace_end = start + min(relay.config.drain_grace_s, relay.config.shutdown_deadline_s)
+    streams = list(relay.event_streams)
+    for stream in streams:
+        stream.going_away()
     with trio.move_on_at(deadline):
         relay.committer.close()
         await relay.committer.drained.wait()
@@ -40,3 +57,10 @@ async def graceful_shutdown(relay: Relay) -> None:
             session.close(CLOSE_RESTART, "ServiceRestart")
     with trio.move_on_at(deadline):
         await relay.all_sessions_closed()
+        for stream in streams:
+            await stream.finished.wait()
+        if streams:
+            await trio.sleep(SSE_FLUSH_S)
+    with trio.move_on_at(min(grace_end, deadline)):
+        await (hurry if hurry is not None else trio.Event()).wait()
+    relay.stop_accepting()

@@ -73,6 +73,13 @@ log = logging.getLogger("relay.sse")
 RENDER_SLICE = 256 * 1024
 
 
+#: The ``message`` of a stream's last event (``info``, ``name`` = the reason).
+_END_DEFAULT = "stream closed; resume with Last-Event-ID"
+_END_MESSAGES = {
+    "ServiceRestart": "this node is going away; reconnect with Last-Event-ID",
+}
+
+
 def encode_cursor(positions: dict[bytes, int]) -> str:
     return ssecursor.encode(positions)
 
@@ -167,6 +174,8 @@ class SseStream:
         self._announced = False
         self._cancel = trio.CancelScope()
         self._ended: str | None = None
+        #: Set once the body has ended (after its last event) or the stream failed.
+        self.finished = trio.Event()
 
     # --- the session surface used by Handlers.subscribe ---------------------
 
@@ -185,8 +194,13 @@ class SseStream:
     # --- lifecycle -----------------------------------------------------------
 
     async def start(self) -> None:
+        self.relay.event_streams.add(self)
         self.relay.metrics.opened(self.sink, "sse")
-        self.send_frame(events.hello(self.user, self.device, self.relay.server_name, self.id))
+        self.send_frame(
+            events.hello(
+                self.user, self.device, self.relay.server_name, self.id, self.relay.node_id
+            )
+        )
         assert self.relay.nursery is not None, "relay not running"
         # Tasks live in the relay's nursery: a response body cannot own one
         # (it is an async generator that suspends at every yield).
@@ -234,8 +248,15 @@ class SseStream:
             self._ended = reason
         self.sink.ready.set()
 
+    def going_away(self) -> None:
+        """Graceful shutdown: the body sends what is pending, then a last
+        ``info`` event (ServiceRestart), then ends the response properly."""
+        self._end("ServiceRestart")
+
     def close(self) -> None:
         """Synchronous cleanup (runs in the body's finally, possibly cancelled)."""
+        self.relay.event_streams.discard(self)
+        self.finished.set()
         self._cancel.cancel()
         self.relay.hub.remove(self.streams, list(self.streams.by_conversation))
         self.relay.metrics.closed(self.sink)
@@ -262,7 +283,7 @@ class SseStream:
                         self.relay.metrics_slow_consumers += 1
                     if reason != "closed":
                         self.relay.metrics.error(reason)
-                    info = events.info(reason, "stream closed; resume with Last-Event-ID")
+                    info = events.info(reason, _END_MESSAGES.get(reason, _END_DEFAULT))
                     yield chunk + self._render([binary_frame(info)])
                     return
                 chunk = chunk or b": keep-alive\n\n"
@@ -313,7 +334,9 @@ def register(app: QuartTrio, relay: Relay) -> None:
         if relay.state.shutting_down:
             raise ShuttingDown("relay is shutting down")
         headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in request.headers.items()]
-        identity = relay.authenticator.verify(token_from_request(headers, request.query_string))
+        identity = relay.authenticator.verify(
+            token_from_request(headers, request.query_string, from_query=True)
+        )
         try:
             lease = await relay.presence.admit(identity.user, identity.device)
         except TooManyConnections as exc:

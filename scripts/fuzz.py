@@ -5,7 +5,7 @@
 Targets: the frame decoder + request parser (protocol.frames/requests), the
 WebSocket frame reader (protocol.websocket.ServerConnection) and the MLS
 parser (protocol.mls).  Seeds are valid frames and every MLS object in
-../shared/mls-vectors; each input is a seed mutated by byte flips, inserts,
+tests/vectors/ (shipped with the repository); each input is a seed mutated by byte flips, inserts,
 deletions, truncations and splices.  The only acceptable outcome is a parse
 or a typed RelayError: anything else is reported with the input (hex) and
 the run fails.  Prints inputs per target, inputs/s, slowest input and the
@@ -80,7 +80,7 @@ def _ws_seeds(frames: list[bytes]) -> list[bytes]:
 def _mls_seeds() -> tuple[list[bytes], list[bytes]]:
     messages: list[bytes] = []
     packages: list[bytes] = []
-    vectors = ROOT.parent / "shared" / "mls-vectors"
+    vectors = ROOT / "tests" / "vectors"  # shipped with the repository
 
     def walk(node: object, key: str = "") -> None:
         if isinstance(node, dict):

@@ -14,6 +14,7 @@ from typing import Any, Protocol
 from protocol.errors import (
     ConversationNotFound,
     FutureEpoch,
+    MLSValidationError,
     NotMember,
     NotMLSConversation,
     RelayError,
@@ -46,6 +47,10 @@ def status_error(status: str, epoch: int | None) -> RelayError:
     e = {"epoch": epoch} if epoch is not None else {}
     if status == "not_member":
         return NotMember("not a member of this conversation")
+    if status == "needs_mls":
+        return MLSValidationError(
+            "this MLS conversation accepts MLSMessages only", field="ciphertext"
+        )
     if status == "not_mls":
         return NotMLSConversation("not an MLS conversation")
     if status == "wrong_group":
@@ -56,11 +61,26 @@ def status_error(status: str, epoch: int | None) -> RelayError:
         return FutureEpoch("message is for an epoch the group has not reached", **e)
     if status == "stale_epoch":
         return StaleEpoch("message is for an epoch no longer accepted", **e)
+    if status == "unknown_key_package":
+        return UnknownKeyPackage("the Welcome names a KeyPackage you did not claim")
     raise AssertionError(f"unknown append status {status!r}")
 
 
+#: The order of checks of an MLS append, the same on both backends (the
+#: PostgreSQL side: relay_append_mls_v2, migrations/postgresql/0007): the first
+#: that fails answers.  Every refusal after "member" carries the group's epoch.
+CHECK_ORDER = (
+    "member",  # NotMember, no epoch: existence is not revealed
+    "framing",  # InvalidMLS (opaque bytes, MLS conversation) / NotMLSConversation
+    "duplicate",  # same client_message_id: the original seq, time and epoch
+    "group",  # WrongGroup
+    "epoch",  # FutureEpoch, StaleCommit, StaleEpoch
+    "key_packages",  # UnknownKeyPackage: a Welcome ref the sender did not claim
+)
+
+
 def check_epoch(msg: NewMessage, epoch: int) -> str | None:
-    """The epoch rule (mirrors relay_append_mls in the PostgreSQL migration)."""
+    """The epoch rule (mirrors relay_append_mls_v2 in the PostgreSQL migration)."""
     if msg.epoch > epoch:
         return "future_epoch"
     if msg.kind in COMMIT_KINDS and msg.epoch < epoch:
@@ -168,7 +188,8 @@ def finish_append(
 
 
 def append_mls_sqlite(ex: Exec, msg: NewMessage) -> Appended | RelayError:
-    """The whole MLS append in Python (SQLite: the caller holds BEGIN IMMEDIATE)."""
+    """The whole MLS append in Python (SQLite: the caller holds BEGIN IMMEDIATE),
+    checks in CHECK_ORDER."""
     conv = ex(
         "SELECT last_seq, epoch, mls_group_id, external_join FROM conversations WHERE id = ?",
         (msg.conversation,),
@@ -184,15 +205,16 @@ def append_mls_sqlite(ex: Exec, msg: NewMessage) -> Appended | RelayError:
     if conv is None or not member:
         return status_error("not_member", None)
     last_seq, epoch, group_id = conv[0], conv[1], conv[2]
+    if group_id is None:
+        return status_error("not_mls", None)
     dup = ex(
-        "SELECT seq, created_ms FROM messages WHERE conversation_id = ? AND sender_did = ?"
+        "SELECT seq, created_ms, epoch FROM messages WHERE conversation_id = ? AND sender_did = ?"
         " AND sender_device = ? AND client_message_id = ?",
         (msg.conversation, msg.sender, msg.device, msg.client_message_id),
     ).fetchone()
-    if dup is not None:
-        return finish_append(ex, msg, "duplicate", (dup[0], dup[1], epoch), [])
-    if group_id is None:
-        return status_error("not_mls", epoch)
+    if dup is not None:  # the epoch this message produced (NULL: stored before 0006)
+        produced = dup[2] if dup[2] is not None else epoch
+        return finish_append(ex, msg, "duplicate", (dup[0], dup[1], produced), [])
     if bytes(group_id) != msg.group_id:
         return status_error("wrong_group", epoch)
     bad = check_epoch(msg, epoch)
@@ -209,9 +231,9 @@ def append_mls_sqlite(ex: Exec, msg: NewMessage) -> Appended | RelayError:
     )
     ex(
         "INSERT INTO messages (conversation_id, seq, sender_did, sender_device,"
-        " client_message_id, ciphertext, created_ms) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        " client_message_id, ciphertext, created_ms, epoch) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
         (msg.conversation, seq, msg.sender, msg.device, msg.client_message_id,
-         msg.ciphertext, msg.created_ms),
+         msg.ciphertext, msg.created_ms, new_epoch),
     )  # fmt: skip
     return finish_append(ex, msg, "ok", (seq, msg.created_ms, new_epoch), targets)
 

@@ -70,17 +70,20 @@ def append_plain(
 
 
 def append_mls(conn: PgConn, ex: mls_sql.Exec, m: NewMessage) -> Appended | RelayError:
-    if not m.kind:
-        return MLSValidationError(
-            "this MLS conversation accepts MLSMessages only", field="ciphertext"
-        )
+    """One MLS item (or opaque bytes sent to an MLS conversation), checks in
+    mls_sql.CHECK_ORDER.  The Welcome refs are resolved first, in the same
+    transaction, but only reported where the order puts them: the function
+    answers every earlier check (membership, duplicate, epoch) before it."""
     targets = mls_sql.welcome_targets(ex, m)
-    if isinstance(targets, RelayError):
-        return targets
+    refs_ok = not isinstance(targets, RelayError)
     row = conn.execute(
-        "SELECT * FROM relay_append_mls(%s, %s, %s, %s, %b, %s, %s, %s, %s, %s)",
+        "SELECT * FROM relay_append_mls_v2(%s, %s, %s, %s, %b, %s, %s, %s, %s, %s, %s)",
         (m.conversation, m.sender, m.device, m.client_message_id, m.ciphertext,
-         m.created_ms, m.kind, m.epoch, m.group_id, m.epoch_window),
+         m.created_ms, m.kind, m.epoch, m.group_id, m.epoch_window, refs_ok),
     ).fetchone()  # fmt: skip
     assert row is not None  # the function always returns one row
+    if isinstance(targets, RelayError):
+        if row[0] == "unknown_key_package":
+            return targets
+        targets = []  # another check answered first (nothing is applied)
     return mls_sql.finish_append(ex, m, row[0], (row[1], row[2], row[3]), targets)

@@ -13,7 +13,6 @@ import dataclasses
 import json
 import os
 from functools import cache
-from pathlib import Path
 from typing import Any
 
 import trio
@@ -40,17 +39,13 @@ from protocol.mls.group import EncryptedGroupSecrets
 from protocol.mls.leaf import write_key_package_fields, write_leaf_node_fields
 from protocol.mls.structs import HPKECiphertext
 from protocol.mls.tls import encode_with
-from tests.conftest import service_unavailable
+from tests.vectorfiles import vector_path
 
-VECTORS = Path(__file__).resolve().parents[1].parent / "shared" / "mls-vectors"
 KP_HEADER = b"\x00\x01\x00\x05"  # mls10, wire_format mls_key_package
 
 
 def vectors(name: str) -> Any:
-    path = VECTORS / name
-    if not path.exists():
-        service_unavailable(f"MLS test vectors not found at {VECTORS}")
-    return json.loads(path.read_text())
+    return json.loads(vector_path(name).read_text())
 
 
 @cache

@@ -45,6 +45,7 @@ def node_env(
         RELAY_DEV_MODE="1",
         RELAY_HOST="127.0.0.1",
         RELAY_LOG_LEVEL="WARNING",
+        RELAY_DRAIN_GRACE_S="0.5",  # the drain grace period, short for tests (test_drain.py)
         PYTHONPATH=str(ROOT),
     )
     env.update(extra)

@@ -84,9 +84,10 @@ class Client:
                 assert isinstance(data, bytes)
                 header, body = decode(data)
                 rid = body.get("id")
-                if header.get("t") == "#result" or (header["op"] == -1 and rid is not None):
+                t = header.get("t")
+                if t in ("#result", "#error") and rid is not None:
                     event, slot = self._waiting.pop(rid)
-                    slot.append(Reply(header["op"] == 1, body))
+                    slot.append(Reply(t == "#result", body))
                     event.set()
                 else:
                     await self.events_send.send((header, body))

@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 
-from protocol.errors import AuthError, ExpiredToken, InvalidToken
+from protocol.errors import AuthError, AuthRequired, ExpiredToken, InvalidToken
 from relay.auth import (
     MAX_DEVICE_LENGTH,
     MAX_JTI_LENGTH,
@@ -183,7 +183,7 @@ def test_extra_claims_do_not_change_identity() -> None:
 
 @pytest.mark.parametrize("token", [None, ""])
 def test_missing_token(token: str | None) -> None:
-    refused(hs_auth(), token, "missing token")
+    refused(hs_auth(), token, "no token", AuthRequired)
 
 
 @pytest.mark.parametrize("claim", ["sub", "aud", "exp", "iat", "jti", "device"])
@@ -495,13 +495,18 @@ def test_token_from_authorization_header() -> None:
 
 
 def test_token_from_query_string() -> None:
-    assert token_from_request([], b"x=1&access_token=abc.def.ghi") == "abc.def.ghi"
-    assert token_from_request([], b"access_token=a%2Bb") == "a+b"
+    # Only where asked for (the WebSocket upgrade and the SSE stream).
+    q = {"from_query": True}
+    assert token_from_request([], b"x=1&access_token=abc.def.ghi", **q) == "abc.def.ghi"
+    assert token_from_request([], b"access_token=a%2Bb", **q) == "a+b"
     # A non-Bearer Authorization header falls back to the query parameter.
-    assert token_from_request([(b"authorization", b"Basic Zm9v")], b"access_token=q") == "q"
+    assert token_from_request([(b"authorization", b"Basic Zm9v")], b"access_token=q", **q) == "q"
+    # The other HTTP routes take the header only.
+    assert token_from_request([], b"access_token=abc.def.ghi") is None
 
 
 def test_no_token() -> None:
     assert token_from_request([], b"") is None
-    assert token_from_request([(b"authorization", b"Bearer ")], b"access_token=") is None
-    assert token_from_request([(b"authorization", b"Basic Zm9v")], b"\xff") is None
+    empty = [(b"authorization", b"Bearer ")]
+    assert token_from_request(empty, b"access_token=", from_query=True) is None
+    assert token_from_request([(b"authorization", b"Basic Zm9v")], b"\xff", from_query=True) is None

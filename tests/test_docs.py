@@ -33,10 +33,11 @@ def test_every_hex_example_decodes_to_a_frame():
         "#send",
         "#result",
         "#message",
-        None,
+        "#error",
         "#subscribe",
         "#info",
         "#ack",
+        None,
     ]
     assert frames[0].body["ciphertext"] == bytes.fromhex("deadbeef")
 
@@ -49,3 +50,4 @@ def test_examples_match_the_encoder_byte_for_byte():
     )
     assert examples[3] == events.error(NotMember("not a member of this conversation"), 7)
     assert examples[5] == events.info("CaughtUp", "replay complete; live from here")
+    assert examples[7] == events.fatal("ServiceRestart", "node shutting down")

@@ -12,7 +12,6 @@ import json
 import time
 from collections.abc import Callable
 from functools import cache
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -33,9 +32,8 @@ from protocol.mls import (
 from protocol.mls import content as c
 from protocol.mls import group as g
 from protocol.mls.tls import decode_exact, encode_with
-from tests.conftest import service_unavailable
+from tests.vectorfiles import vector_path
 
-VECTORS = Path(__file__).resolve().parents[1].parent / "shared" / "mls-vectors"
 FUZZ = settings(max_examples=300, deadline=2000, suppress_health_check=[HealthCheck.too_slow])
 
 
@@ -73,12 +71,10 @@ Target = tuple[str, Callable[[bytes], None], bytes]
 
 @cache
 def corpus() -> tuple[Target, ...]:
-    if not VECTORS.exists():
-        service_unavailable(f"MLS test vectors not found at {VECTORS}")
     messages: list[dict[str, Any]] = json.loads(
-        (VECTORS / "mlswg-subsets" / "messages.30-entries.json").read_text()
+        vector_path("mlswg-subsets/messages.30-entries.json").read_text()
     )
-    welcome: list[dict[str, Any]] = json.loads((VECTORS / "mlswg" / "welcome.json").read_text())
+    welcome: list[dict[str, Any]] = json.loads(vector_path("mlswg/welcome.json").read_text())
     targets: list[Target] = []
     for entry in messages[:: len(messages) // 3]:  # one entry per suite 1, 2, 3
         for key in (

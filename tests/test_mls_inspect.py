@@ -11,17 +11,13 @@ from typing import Any
 import pytest
 
 from relay.inspect import main
-from tests.conftest import service_unavailable
+from tests.vectorfiles import vector_path
 
-VECTORS = Path(__file__).resolve().parents[1].parent / "shared" / "mls-vectors"
 PROJECT = Path(__file__).resolve().parents[1]
 
 
 def vector(name: str, index: int = 0) -> dict[str, Any]:
-    path = VECTORS / name
-    if not path.exists():
-        service_unavailable(f"MLS test vector {name} not found under {VECTORS}")
-    entry: dict[str, Any] = json.loads(path.read_text())[index]
+    entry: dict[str, Any] = json.loads(vector_path(name).read_text())[index]
     return entry
 
 

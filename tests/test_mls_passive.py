@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import json
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -28,9 +27,8 @@ from protocol.mls import (
 )
 from protocol.mls.group import read_ratchet_tree, write_ratchet_tree
 from protocol.mls.tls import decode_exact, encode_with
-from tests.conftest import service_unavailable
+from tests.vectorfiles import vector_path
 
-VECTORS = Path(__file__).resolve().parents[1].parent / "shared" / "mls-vectors"
 PASSIVE_FILES = [
     "mlswg/interop-passive-external_join.json",
     "mlswg-subsets/passive-client-welcome.cs1-3.json",
@@ -43,10 +41,7 @@ COMMIT_FORMATS = {WireFormat.PUBLIC_MESSAGE, WireFormat.PRIVATE_MESSAGE}
 
 
 def load(name: str) -> list[dict[str, Any]]:
-    path = VECTORS / name
-    if not path.exists():
-        service_unavailable(f"MLS test vector {name} not found under {VECTORS}")
-    entries: list[dict[str, Any]] = json.loads(path.read_text())
+    entries: list[dict[str, Any]] = json.loads(vector_path(name).read_text())
     return entries
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 from hypothesis import given
@@ -12,16 +11,13 @@ from hypothesis import strategies as st
 from protocol.errors import MLSDecodeError, MLSUnsupportedError, MLSValidationError, RelayError
 from protocol.mls.structs import ContentType
 from protocol.mls.tls import VARINT_MAX, Reader, Writer, decode_exact, encode_varint
-from tests.conftest import service_unavailable
+from tests.vectorfiles import vector_path
 
-VECTORS = Path(__file__).resolve().parents[1].parent / "shared" / "mls-vectors"
-DESERIALIZATION = VECTORS / "mlswg" / "deserialization.json"
+DESERIALIZATION = "mlswg/deserialization.json"
 
 
 def _deserialization_cases() -> list[dict[str, object]]:
-    if not DESERIALIZATION.exists():
-        service_unavailable(f"MLS test vectors not found at {VECTORS}")
-    cases: list[dict[str, object]] = json.loads(DESERIALIZATION.read_text())
+    cases: list[dict[str, object]] = json.loads(vector_path(DESERIALIZATION).read_text())
     return cases
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -30,17 +29,14 @@ from protocol.mls import (
 )
 from protocol.mls.leaf import write_key_package_fields, write_leaf_node_fields
 from protocol.mls.tls import encode_with
-from tests.conftest import service_unavailable
+from tests.vectorfiles import vector_path
 
-VECTORS = Path(__file__).resolve().parents[1].parent / "shared" / "mls-vectors"
-PASSIVE = VECTORS / "mlswg-subsets" / "passive-client-welcome.cs1-3.json"
+PASSIVE = "mlswg-subsets/passive-client-welcome.cs1-3.json"
 
 
 def entries_by_suite() -> dict[int, dict[str, Any]]:
-    if not PASSIVE.exists():
-        service_unavailable(f"MLS test vectors not found at {VECTORS}")
     out: dict[int, dict[str, Any]] = {}
-    for entry in json.loads(PASSIVE.read_text()):
+    for entry in json.loads(vector_path(PASSIVE).read_text()):
         out.setdefault(entry["cipher_suite"], entry)
     return out
 

@@ -6,7 +6,6 @@ import json
 import subprocess
 import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -36,16 +35,11 @@ from protocol.mls import content as c
 from protocol.mls import group as g
 from protocol.mls import messages as m
 from protocol.mls.tls import Reader, Writer, decode_exact, encode_with
-from tests.conftest import service_unavailable
-
-VECTORS = Path(__file__).resolve().parents[1].parent / "shared" / "mls-vectors"
+from tests.vectorfiles import vector_path
 
 
 def load(name: str) -> list[dict[str, Any]]:
-    path = VECTORS / name
-    if not path.exists():
-        service_unavailable(f"MLS test vector {name} not found under {VECTORS}")
-    entries: list[dict[str, Any]] = json.loads(path.read_text())
+    entries: list[dict[str, Any]] = json.loads(vector_path(name).read_text())
     return entries
 
 

@@ -92,9 +92,14 @@ def test_encode_frame_orders_keys_length_first():
 
 
 def test_error_frame_shape():
+    # A request's error is an op: 1 #error frame naming its request; op: -1
+    # frames (an error ending the stream) carry exactly error and message.
     frame = decode_frame(events.error(UnknownRequest("nope"), 9))
-    assert frame.op == -1 and frame.t is None
+    assert frame.op == 1 and frame.t == "#error"
     assert frame.body == {"id": 9, "error": "UnknownRequest", "message": "nope"}
+    fatal = decode_frame(events.fatal("ServiceRestart", "bye"))
+    assert fatal.op == -1 and fatal.t is None
+    assert fatal.body == {"error": "ServiceRestart", "message": "bye"}
 
 
 @pytest.mark.parametrize(
