@@ -79,6 +79,13 @@ class UnknownRequest(InvalidRequest):
     error = "UnknownRequest"
 
 
+class AlreadySubscribed(InvalidRequest):
+    """A second ``#subscribe`` on one connection, also one sent while the first
+    is still being set up (pipelined): one subscription per connection."""
+
+    error = "AlreadySubscribed"
+
+
 # --- authentication / authorization -----------------------------------------
 
 

@@ -168,6 +168,7 @@ class Relay:
                 self.config.effective_database_url,
                 pool_min=self.config.pool_min,
                 pool_max=self.config.pool_max,
+                pg_timeouts=self.config.pg_timeouts,
             )
             if self.config.effective_database_url.startswith("sqlite"):
                 await self._storage.migrate()  # the embedded default migrates itself

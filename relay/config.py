@@ -15,8 +15,12 @@ import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from protocol.errors import RelayError
+
+if TYPE_CHECKING:
+    from storage.pgconn import PgTimeouts
 
 #: Secrets published in deployment notes; never accepted outside dev mode.
 WELL_KNOWN_SECRETS = frozenset(
@@ -158,6 +162,24 @@ class Config:
     #: Blob uploads and downloads in progress per user, and on this node; 0 disables.
     transfers_per_user: int = 4
     transfers: int = 64
+    # --- PostgreSQL bounds (storage/pgconn.py; docs/OPERATIONS.md "Database timeouts") ---
+    #: Server-side statement_timeout and idle_in_transaction_session_timeout (0: none).
+    db_statement_timeout_s: float = 10.0
+    #: TCP keepalives and TCP_USER_TIMEOUT on both ends of each connection (0: none).
+    db_tcp_timeout_s: float = 10.0
+    #: A database job not done by then is abandoned: Unavailable (retryable) to
+    #: its callers, its connection killed so the statement never runs later.
+    db_deadline_s: float = 15.0
+
+    @property
+    def pg_timeouts(self) -> PgTimeouts:
+        from storage.pgconn import PgTimeouts
+
+        return PgTimeouts(
+            statement_s=self.db_statement_timeout_s,
+            tcp_s=self.db_tcp_timeout_s,
+            deadline_s=self.db_deadline_s,
+        )
 
     @property
     def effective_database_url(self) -> str:
@@ -264,6 +286,7 @@ def validate(cfg: Config) -> None:
             parse_networks(cfg.trusted_proxies)
         except ValueError as exc:
             raise ConfigError(f"RELAY_TRUSTED_PROXIES: {exc}") from None
+    _validate_db_bounds(cfg)
     if cfg.workers < 1:
         raise ConfigError(f"RELAY_WORKERS must be >= 1, got {cfg.workers}")
     if cfg.workers > 1 and not cfg.redis_url:
@@ -276,6 +299,17 @@ def validate(cfg: Config) -> None:
             "RELAY_WORKERS / --workers > 1 needs a PostgreSQL DATABASE_URL: the embedded "
             "SQLite database is for one process"
         )
+
+
+def _validate_db_bounds(cfg: Config) -> None:
+    if cfg.db_statement_timeout_s < 0 or cfg.db_tcp_timeout_s < 0:
+        raise ConfigError("RELAY_DB_STATEMENT_TIMEOUT_S and RELAY_DB_TCP_TIMEOUT_S must be >= 0")
+    if not cfg.db_deadline_s > 0:
+        raise ConfigError("RELAY_DB_DEADLINE_S must be > 0: every database job needs a deadline")
+    if cfg.db_deadline_s < cfg.db_statement_timeout_s:
+        # The server's timeout should end a slow statement cleanly first; the
+        # deadline is for silence, and it kills the connection.
+        raise ConfigError("RELAY_DB_DEADLINE_S must be >= RELAY_DB_STATEMENT_TIMEOUT_S")
 
 
 def _is_placeholder(secret: str) -> bool:

@@ -8,8 +8,8 @@ from typing import TYPE_CHECKING
 
 from protocol import events, text
 from protocol.errors import (
+    AlreadySubscribed,
     FutureCursor,
-    InvalidRequest,
     NotMember,
     RelayError,
     UnknownPushProvider,
@@ -244,24 +244,26 @@ class Handlers:
         streams are registered after it; see Hub.watch."""
         s = self.s
         if s.subscribed:
-            raise InvalidRequest("already subscribed on this connection")
+            raise AlreadySubscribed("already subscribed on this connection")
+        stash = s.streams.start_stash()  # refuses one already being set up
         hub = s.relay.hub
         seen = hub.watch()
-        s.streams.stash = {}
         hub.add_user(s.streams)
         try:
             convs = await self.storage.list_conversations(s.user)
             stored = await self.storage.get_cursors(s.user, s.device)
             by_id = {c.conversation: c for c in convs}
             _check_cursors(req.cursors, by_id)
-            self._merge_stash(by_id, s.streams.stash)
+            self._merge_stash(by_id, stash)
         except BaseException:
+            # Only this subscribe registered the connection (start_stash
+            # admits one at a time), so undoing it undoes nothing else.
             hub.unwatch(seen)
-            s.streams.stash = None
+            s.streams.stop_stash()
             hub.remove(s.streams, ())
             raise
         hub.unwatch(seen)
-        s.streams.stash = None
+        s.streams.stop_stash()
         outdated: list[bytes] = []
         for conv, info in by_id.items():
             cursor = max(req.cursors.get(conv, stored.get(conv, 0)), info.joined_seq)

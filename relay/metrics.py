@@ -363,6 +363,11 @@ def _pool_families(relay: Relay) -> Iterator[Any]:
     yield size
     yield used
     yield waiting
+    yield _counter(
+        "relay_db_jobs_abandoned",
+        "Database jobs given up at RELAY_DB_DEADLINE_S (their connection killed).",
+        getattr(storage, "abandoned_jobs", 0),
+    )
 
 
 def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:

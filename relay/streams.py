@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import trio
 
 from protocol import events
-from protocol.errors import NotMember, RelayError, Unavailable
+from protocol.errors import AlreadySubscribed, NotMember, RelayError, Unavailable
 from protocol.websocket import binary_frame
 from storage.base import Storage, StoredMessage
 
@@ -144,6 +144,19 @@ class Streams:
             self._start_catch_up(conversation, one)
 
     # --- setup --------------------------------------------------------------
+
+    def start_stash(self) -> dict[bytes, int | None]:
+        """A #subscribe begins: stash membership changes until it registers.
+        Synchronous, so the check and the claim cannot be split by an await:
+        a pipelined second #subscribe is refused instead of sharing (and then
+        clearing) this one's stash."""
+        if self.stash is not None:
+            raise AlreadySubscribed("a #subscribe is already being set up on this connection")
+        self.stash = {}
+        return self.stash
+
+    def stop_stash(self) -> None:
+        self.stash = None
 
     def follow(self, conversation: bytes, next_seq: int, known_last: int) -> Stream:
         """Start following a conversation from ``next_seq``."""

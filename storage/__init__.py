@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from storage.base import (
     AddedMember,
     Appended,
@@ -10,6 +12,9 @@ from storage.base import (
     Storage,
     StoredMessage,
 )
+
+if TYPE_CHECKING:
+    from storage.pgconn import PgTimeouts
 
 __all__ = [
     "AddedMember",
@@ -24,7 +29,9 @@ __all__ = [
 _SQLITE_PREFIX = "sqlite:///"
 
 
-def open_storage(url: str, *, pool_min: int = 2, pool_max: int = 10) -> Storage:
+def open_storage(
+    url: str, *, pool_min: int = 2, pool_max: int = 10, pg_timeouts: PgTimeouts | None = None
+) -> Storage:
     """Build the backend for ``url``; nothing connects until first use.
 
     * ``postgresql://…`` / ``postgres://…``: a libpq URL (``connect_timeout``
@@ -33,12 +40,15 @@ def open_storage(url: str, *, pool_min: int = 2, pool_max: int = 10) -> Storage:
       (SQLAlchemy style: the path is everything after ``sqlite:///``).
       ``pool_max`` bounds the reader connections; there is one writer.
 
+    ``pg_timeouts`` bounds every PostgreSQL job (storage/pgconn.py; default
+    ``PgTimeouts()``); SQLite is a local file and needs none.
+
     Call ``await storage.migrate()`` before use.
     """
     if url.startswith(("postgresql://", "postgres://")):
         from storage.postgres import PostgresStorage
 
-        return PostgresStorage(url, pool_min=pool_min, pool_max=pool_max)
+        return PostgresStorage(url, pool_min=pool_min, pool_max=pool_max, timeouts=pg_timeouts)
     if url.startswith(_SQLITE_PREFIX):
         from storage.sqlite import SqliteStorage
 

@@ -8,6 +8,7 @@ seqs stay gapless across any number of relay nodes.  Each job is one
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
 from collections.abc import Callable, Sequence
@@ -33,11 +34,15 @@ from storage.base import (
     StoredMessage,
 )
 from storage.migrate import migrate_postgres
-from storage.pgpool import PgConn, pg_pool
+from storage.pgconn import NO_STATEMENT_BOUNDS, PgTimeouts, pg_pool
+from storage.pgpool import PgConn
 from storage.postgres_mls import append_mls, append_plain, append_plain_batch, pg_exec
 from storage.postgres_offline import PgOfflineStorage
 
 T = TypeVar("T")
+
+#: The retention prune runs this many times the usual deadline (one job, many statements).
+PRUNE_DEADLINE_FACTOR = 20
 
 _INFO_SQL = """
 SELECT c.id, c.last_seq, m.joined_seq, c.first_seq
@@ -70,21 +75,32 @@ class PostgresStorage(PgOfflineStorage, Storage):
         pool_min: int = 2,
         pool_max: int = 10,
         connect_timeout: float = 3.0,
+        timeouts: PgTimeouts | None = None,
     ) -> None:
         self._conninfo = conninfo
         self._connect_timeout = connect_timeout
+        self._timeouts = PgTimeouts() if timeouts is None else timeouts
         self._pool = pg_pool(
-            conninfo, min_size=pool_min, max_size=pool_max, connect_timeout=connect_timeout
+            conninfo,
+            min_size=pool_min,
+            max_size=pool_max,
+            connect_timeout=connect_timeout,
+            timeouts=self._timeouts,
         )
 
-    async def _tx(self, job: Callable[[PgConn], T]) -> T:
+    async def _tx(self, job: Callable[[PgConn], T], *, deadline_s: float | None = None) -> T:
         """Run ``job`` inside one transaction on a pooled connection."""
 
         def in_transaction(conn: PgConn) -> T:
             with conn.transaction():
                 return job(conn)
 
-        return await self._pool.run(in_transaction)
+        return await self._pool.run(in_transaction, deadline_s=deadline_s)
+
+    @property
+    def abandoned_jobs(self) -> int:
+        """Jobs given up at their deadline (RELAY_DB_DEADLINE_S), for metrics."""
+        return self._pool.abandoned
 
     # --- lifecycle -------------------------------------------------------------
 
@@ -92,8 +108,13 @@ class PostgresStorage(PgOfflineStorage, Storage):
         # A dedicated one-connection pool: the advisory lock is session-level
         # and must not leak into a pooled connection; closing it releases the
         # lock even if migrate_postgres() could not unlock.
+        # No statement bounds: DDL may run long, and no request waits on it.
         dedicated = pg_pool(
-            self._conninfo, min_size=0, max_size=1, connect_timeout=self._connect_timeout
+            self._conninfo,
+            min_size=0,
+            max_size=1,
+            connect_timeout=self._connect_timeout,
+            timeouts=dataclasses.replace(NO_STATEMENT_BOUNDS, tcp_s=self._timeouts.tcp_s),
         )
         try:
             await dedicated.run(migrate_postgres)
@@ -297,7 +318,12 @@ class PostgresStorage(PgOfflineStorage, Storage):
             )
             return sum(retention_sql.prune_conversation(ex, c, older_than_ms) for c in ids)
 
-        return await self._tx(job)
+        # One transaction over every candidate conversation: each statement is
+        # bounded by statement_timeout, the whole job gets a longer deadline.
+        deadline = self._timeouts.deadline_s
+        if deadline is not None:
+            deadline *= PRUNE_DEADLINE_FACTOR
+        return await self._tx(job, deadline_s=deadline)
 
     # --- cursors ------------------------------------------------------------
 

@@ -46,7 +46,9 @@ def test_config(database_url: str, **overrides: Any) -> Config:
 @asynccontextmanager
 async def running_relay(database_url: str, **overrides: Any) -> AsyncIterator[Running]:
     cfg = test_config(database_url, **overrides)
-    storage: Storage = open_storage(database_url, pool_min=1, pool_max=cfg.pool_max)
+    storage: Storage = open_storage(
+        database_url, pool_min=1, pool_max=cfg.pool_max, pg_timeouts=cfg.pg_timeouts
+    )
     await storage.migrate()
     relay = Relay(cfg, storage)
     listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")

@@ -21,7 +21,7 @@ from protocol.errors import (
 from storage import NewMessage, Storage, open_storage
 from storage.base import Appended, NewKeyPackage
 from storage.migrate import load_migrations, migrate_postgres
-from storage.pgpool import pg_pool
+from storage.pgconn import pg_pool
 from storage.postgres import PostgresStorage
 from storage.sqlite import SqliteStorage, sqlite_pool
 from tests.conftest import service_unavailable
