@@ -133,7 +133,13 @@ class Hub:
         return seen
 
     def unwatch(self, seen: dict[bytes, int]) -> None:
-        self._watchers.remove(seen)
+        # By identity: list.remove() compares dicts by value, and two overlapping
+        # subscribes often hold equal records (both empty), so it removed the
+        # other one's (which then missed seqs, and its own unwatch raised).
+        for i, watcher in enumerate(self._watchers):
+            if watcher is seen:
+                del self._watchers[i]
+                return
 
     def sessions_of(self, user: str) -> list[Subscriber]:
         return list(self._by_user.get(user, ()))

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 import trio
+from trio_websocket import ConnectionClosed, HandshakeError
 
 from relay.redisbus import RedisFanOut
 
@@ -23,7 +24,7 @@ from .backends import clone_database
 from .conftest import RedisTarget
 from .harness import Running, running_relay
 from .nodes import RedisProxy
-from .relayclient import connect
+from .relayclient import Client, ConnectionLost, connect
 from .test_relay_edges import http_request
 
 ALICE, BOB, CAROL = "did:example:alice", "did:example:bob", "did:example:carol"
@@ -144,15 +145,43 @@ async def test_concurrent_senders_on_two_nodes_are_delivered_in_order_once(pg_ur
                 for reader in (ra, rb):
                     got = [m["seq"] for m in await reader.messages(total, conv)]
                     assert got == list(range(1, total + 1))
-                # Nothing more arrives: no duplicates after the repair.
-                await alice_quiet(ra, rb)
+                # Markers, b's first and a's last: a late copy of anything either
+                # node published earlier travels ahead of its marker.
+                for node, user in ((b, senders[0]), (a, senders[1])):
+                    async with connect(node.ws_url, user, "marker") as s:
+                        await s.send(conv, b"marker")
+                for reader in (ra, rb):
+                    got = [m["seq"] for m in await reader.messages(2, conv)]
+                    assert got == [total + 1, total + 2], (reader.user, got)
+                # Each node has received every event the other published...
+                await _wait_for(
+                    lambda: (
+                        (_bus(b).stats.received_events, _bus(a).stats.received_events)
+                        == (_bus(a).stats.published_events, _bus(b).stats.published_events)
+                    ),
+                    "each node received all the other published",
+                )
+                # ...and no reader has (or gets) anything more: no duplicates after the repair.
+                await no_more_messages(ra, rb)
 
 
-async def alice_quiet(*clients) -> None:  # type: ignore[no-untyped-def]
-    with trio.move_on_after(0.5):
+async def no_more_messages(*clients: Client, window: float = 0.5) -> None:
+    """Every client (each one, concurrently) has no #message beyond those the test
+    consumed: a request's round trip first, so that every frame the relay wrote
+    before its reply has been read; then a quiet window for stragglers."""
+    extra: dict[str, list[int]] = {}
+
+    async def check(c: Client) -> None:
+        await c.ok("#listConversations")
+        with trio.move_on_after(window):
+            while True:
+                _, body = await c.next_event("#message")
+                extra.setdefault(f"{c.user}/{c.device}", []).append(body["seq"])
+
+    async with trio.open_nursery() as nursery:
         for c in clients:
-            _, body = await c.next_event("#message")
-            raise AssertionError(f"unexpected extra message {body['seq']}")
+            nursery.start_soon(check, c)
+    assert extra == {}, f"unexpected extra messages: {extra}"
 
 
 async def test_same_device_on_another_node_is_displaced(pg_url, redis_url):
@@ -163,7 +192,8 @@ async def test_same_device_on_another_node_is_displaced(pg_url, redis_url):
             _node(pg_url, redis_url.url, prefix, "b") as b,
             connect(a.ws_url, BOB, "phone") as old,
         ):
-            await trio.sleep(0.2)  # let node b hear of the first registration first
+            # Node b hears of the first registration (a's displace event) first.
+            await _wait_for(lambda: _bus(b).stats.received_events >= 1, "b hears a's registration")
             async with connect(b.ws_url, BOB, "phone") as new:
                 with trio.fail_after(10):
                     await old.closed.wait()
@@ -171,7 +201,6 @@ async def test_same_device_on_another_node_is_displaced(pg_url, redis_url):
                 await new.ok("#listConversations")  # the newer one stays
 
 
-@pytest.mark.timeout(90)
 async def _health(port: int) -> dict[str, Any]:
     status, _, body = await http_request(
         port, b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
@@ -180,6 +209,7 @@ async def _health(port: int) -> dict[str, Any]:
     return dict(json.loads(body))
 
 
+@pytest.mark.timeout(90)  # its own fail_after is 70 s, beyond the 60 s default
 async def test_redis_outage_is_repaired_from_storage(pg_url, redis_url):
     """Node b loses Redis (both directions).  A message sent on a during the
     outage reaches b's client through the resubscribe recheck, and one sent
@@ -207,8 +237,8 @@ async def test_redis_outage_is_repaired_from_storage(pg_url, redis_url):
                 await _wait_for(lambda: not _bus(b).healthy, "b notices the outage")
                 from_a = await alice.send(conv, b"during, from a")
                 from_b = await bob.send(conv, b"during, from b")
-                await trio.sleep(0.5)
-                assert not _bus(b).healthy and _bus(b).stats.dropped >= 1
+                await _wait_for(lambda: _bus(b).stats.dropped >= 1, "b's publish fails")
+                assert not _bus(b).healthy
                 health = await _health(b.port)
                 assert health["status"] == "degraded" and health["checks"]["fanout"] == "degraded"
                 assert (await _health(a.port))["checks"]["fanout"] == "healthy"
@@ -220,7 +250,13 @@ async def test_redis_outage_is_repaired_from_storage(pg_url, redis_url):
                 await _wait_for(lambda: _bus(b).healthy, "b healthy again")
                 assert _bus(b).stats.resubscribes >= 1 and _bus(b).stats.repairs_sent >= 1
                 assert (await _health(b.port))["status"] == "healthy"
-                await alice_quiet(alice, bob)
+                # Markers from both nodes after the repair: each is the next message
+                # its receiver gets (a late copy of from_a / from_b would come first).
+                marker_b = await bob.send(conv, b"marker from b")
+                marker_a = await alice.send(conv, b"marker from a")
+                assert [m["seq"] for m in await alice.messages(1, conv)] == [marker_b]
+                assert [m["seq"] for m in await bob.messages(1, conv)] == [marker_a]
+                await no_more_messages(alice, bob)
 
 
 @pytest.mark.timeout(60)
@@ -260,12 +296,29 @@ async def test_a_cleanly_stopped_peer_is_not_taken_for_crashed(pg_url, redis_url
         async with _node(pg_url, redis_url.url, prefix, "a") as a:
             async with _node(pg_url, redis_url.url, prefix, "b"):
                 await _wait_for(lambda: len(_bus(a)._peers) == 1, "a hears b's heartbeat")
-            await _wait_for(lambda: not _bus(a)._peers, "b's goodbye reaches a")
-            await trio.sleep(5)  # longer than the peer timeout
+            # Well within the 4 s peer timeout: the goodbye, not the silence, removed b.
+            await _wait_for(lambda: not _bus(a)._peers, "b's goodbye reaches a", 2)
             assert _bus(a).stats.peers_lost == 0
+            # And nothing re-adds b and then misses it: past the peer timeout (4 s)
+            # plus a watch period (1 s) and a margin, still no peer lost.
+            await trio.sleep(4 + 1 + 1)
+            assert _bus(a).stats.peers_lost == 0 and not _bus(a)._peers
 
 
 # --- three processes, one SIGKILLed in the middle of traffic -----------------------
+
+
+#: What a client sees of a node that was killed or is not there; anything else
+#: (an error reply, a failed assertion) fails the test instead of being retried.
+_CONNECTION_FAILURES = (
+    OSError,
+    HandshakeError,
+    ConnectionClosed,
+    ConnectionLost,
+    trio.EndOfChannel,  # the client's event channel ends with its connection
+    trio.BrokenResourceError,
+    trio.ClosedResourceError,
+)
 
 
 class KillClient:
@@ -300,9 +353,12 @@ class KillClient:
             attempt += 1
             if port in dead:
                 continue
+            lost = False
             try:
                 await self._connection(port, final, all_sent)
-            except Exception:  # killed node, refused connection: try the next one
+            except* _CONNECTION_FAILURES:  # killed node, refused connection: the next one
+                lost = True
+            if lost:
                 await trio.sleep(0.1)
 
     async def _connection(self, port: int, final: dict[bytes, int], all_sent: trio.Event) -> None:
