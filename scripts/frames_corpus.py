@@ -39,6 +39,7 @@ DETAILS: dict[str, dict[str, Any]] = {
     "NotMember": {"conversation": CONV},
     "RateLimited": {"retry_after_ms": 250},
     "TooManyConnections": {"retry_after_ms": 1000},
+    "InternalError": {"incident": "0123456789abcdef"},
     "StaleCommit": {"epoch": 3},
     "FutureEpoch": {"epoch": 3},
     "StaleEpoch": {"epoch": 3},

@@ -105,7 +105,7 @@ async def test_a_second_subscribe_is_refused_and_the_first_stays(tmp_path):
             await a.ok("#createConversation", conversation=conv, members=[BOB])
             await b.caught_up()
             again = await b.request("#subscribe", cursors=[{"conversation": conv, "seq": 0}])
-            assert not again.ok and again.body["error"] == "InvalidRequest"
+            assert not again.ok and again.body["error"] == "AlreadySubscribed"
             seq = await a.send(conv, b"still live")
             [m] = await b.messages(1, conv)
             assert (m["seq"], m["ciphertext"]) == (seq, b"still live")

@@ -205,7 +205,7 @@ async def test_every_http_error_is_json(tmp_path) -> None:
         (request("POST", claim, token, b"{" * 300_000), (413, "PayloadTooLarge")),
         (request("GET", "/nowhere"), (404, "NotFound")),
         (request("DELETE", "/health/live"), (405, "MethodNotAllowed")),
-        (request("POST", "/v1/keypackages", None, b"x"), (401, "InvalidToken")),
+        (request("POST", "/v1/keypackages", None, b"x"), (401, "AuthRequired")),
         # A body that stops half way: 408 after RELAY_HANDSHAKE_TIMEOUT_S.
         (request("POST", claim, token, b'{"users"', length=100), (408, "RequestTimeout")),
     ]

@@ -63,7 +63,14 @@ async def test_bad_text_is_refused_at_the_edge_and_honest_senders_see_no_error(d
     request gets InvalidRequest naming its field, the honest users 0 errors,
     and each honest message is stored exactly once."""
     async with (
-        running_relay(database_url, commit_linger_ms=LINGER_MS) as r,
+        # Request rates unlimited: refused requests count against them
+        # (tests/hostile/test_ws_floods.py), and this test is about their text.
+        running_relay(
+            database_url,
+            commit_linger_ms=LINGER_MS,
+            requests_per_connection=0,
+            requests_per_user=0,
+        ) as r,
         clients(r.ws_url, *HONEST, MALLORY) as everyone,
     ):
         *honest, mallory = everyone
