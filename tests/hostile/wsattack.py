@@ -160,7 +160,7 @@ class Attacker:
         """Read everything up to and including the close frame: the data
         frames before it, and its (code, reason)."""
         frames: list[ServerFrame] = []
-        with trio.fail_after(limit):
+        with trio.move_on_after(limit):
             while True:
                 got = await self.receive(limit)
                 assert got, f"end of stream without a close frame after {len(frames)} frames"
@@ -168,6 +168,7 @@ class Attacker:
                     if f.opcode == OP_CLOSE:
                         return frames, f.close
                     frames.append(f)
+        raise AssertionError(f"no close frame in {limit} s ({len(frames)} frames before)")
 
     async def reply(self, limit: float = 10) -> tuple[dict[str, Any], dict[str, Any]]:
         """The next data frame, decoded (control frames skipped)."""
