@@ -207,3 +207,58 @@ def test_close_reason_is_cut_on_a_character_boundary() -> None:
     error = MalformedFrame("CBOR tag 2 is not allowed")
     assert close_reason(error) == "MalformedFrame: CBOR tag 2 is not allowed"
     assert close_reason(MalformedFrame()) == "MalformedFrame"
+
+
+def _with_bits(wire: bytes, bits: int) -> bytes:
+    return bytes([wire[0] | bits]) + wire[1:]
+
+
+def _long_header(length: int) -> bytes:
+    """A binary frame header announcing ``length`` bytes (and its mask): nothing follows."""
+    return bytes((0x82, 0xFF)) + length.to_bytes(8, "big") + b"\0\0\0\0"
+
+
+#: Broken framing: (name, bytes, close code, what the reason must say).
+VIOLATIONS = [
+    ("unmasked", bytes((0x82, 0x01)) + b"x", 1002, "ProtocolError: client frames must be masked"),
+    ("reserved bit", _with_bits(frame(b"x"), 0x40), 1002, "ProtocolError: reserved bits"),
+    ("opcode 3", frame(b"x", 0x3), 1002, "ProtocolError: unknown opcode 0x3"),
+    ("fragmented ping", frame(b"x", OP_PING, fin=False), 1002, "ProtocolError: control frames"),
+    ("126-byte ping", frame(b"x" * 126, OP_PING), 1002, "ProtocolError: control frames"),
+    ("stray continuation", frame(b"x", OP_CONT), 1002, "ProtocolError: continuation"),
+    (
+        "message in a message",
+        frame(b"a", OP_BINARY, fin=False) + frame(b"b"),
+        1002,
+        "ProtocolError: new message inside",
+    ),
+    ("text frame", frame(b"hi", 0x1), 4400, "MalformedFrame: text frames"),
+    ("2^62 bytes announced", _long_header(1 << 62), 1009, "FrameTooLarge: message larger than"),
+    ("length top bit", _long_header(1 << 63), 1002, "ProtocolError: frame length has its most"),
+    ("close 1005", frame((1005).to_bytes(2, "big"), 0x8), 1002, "ProtocolError: invalid close"),
+    ("close reason", frame(b"\x03\xe8\xff", 0x8), 1007, "InvalidFramePayload: close reason"),
+]
+
+
+@pytest.mark.timeout(60)
+async def test_framing_violations_close_with_a_reason(tmp_path) -> None:
+    """Each broken frame closes its connection at once with the code of
+    docs/PROTOCOL.md and a reason that says what was wrong; a 2^62-byte
+    frame is refused from its header alone (nothing else is sent)."""
+    closes: dict[str, tuple[int, str]] = {}
+    with trio.fail_after(50):
+        async with relay_node(tmp_path) as node, watched(node) as (honest, memory, _):
+            started, rounds = trio.current_time(), 0
+            while trio.current_time() - started < 1.5:
+                for name, wire, _, _ in VIOLATIONS:
+                    async with attacker(node.port, MALLORY, f"v{rounds}") as att:
+                        rounds += 1
+                        await att.reply()  # the #hello
+                        assert await att.send(wire)
+                        _, close = await att.read_close()
+                        assert closes.setdefault(name, close) == close, (closes[name], close)
+    report("framing", connections=rounds, rss_growth_mb=round(memory.growth, 1), closes=closes)
+    for name, _, code, reason in VIOLATIONS:
+        assert closes[name][0] == code and closes[name][1].startswith(reason), (name, closes[name])
+    assert memory.growth < 20, f"RSS grew {memory.growth:.0f} MB"
+    honest.check()
