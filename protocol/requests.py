@@ -174,7 +174,7 @@ def parse_request(frame: Frame, limits: Limits) -> Request:
     """Validate a client frame; raises InvalidRequest / UnknownRequest."""
     rid = request_id(frame)
     if rid is None:
-        raise InvalidRequest("every request needs an integer id in 0..2^53-1")
+        raise InvalidRequest("every request needs an integer id in 0..2^53-1", field="id")
     parser = _PARSERS.get(frame.t or "")
     if parser is None:
         raise UnknownRequest(f"unknown request type {text.excerpt(frame.t)}")

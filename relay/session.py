@@ -47,6 +47,7 @@ from protocol.websocket import (
     ServerConnection,
     binary_frame,
     close_frame,
+    close_reason,
     ping_frame,
     pong_frame,
 )
@@ -261,7 +262,7 @@ class Session:
                     return
         except ProtocolError as exc:  # includes a malformed frame body
             self.relay.metrics.error(exc.error)
-            self.close(exc.close_code, exc.error)
+            self.close(exc.close_code, close_reason(exc))
 
     def _admit_control(self) -> bool:
         """Pings and pongs count against the request rate like requests."""
