@@ -26,6 +26,9 @@ from storage.base import NewKeyPackage, Storage
 ALICE, BOB = "did:example:alice", "did:example:bob"
 NOW_MS = 1_700_000_000_000
 NOW_S = NOW_MS // 1000
+#: Concurrent requests per race, and races per test (each a fresh user).
+RACERS = 16
+RACE_ROUNDS = 4
 
 
 @asynccontextmanager
@@ -103,17 +106,23 @@ async def test_expired_key_packages_make_room(database_url: str) -> None:
 async def test_blob_registrations_race_one_passes(database_url: str) -> None:
     async with opened(database_url) as storage:
         conv = b"blob-quota"
-        await storage.create_conversation(conv, ALICE, [BOB], NOW_MS, storage_model="blob")
-        jobs = [
-            lambda i=i: storage.put_blob(conv, f"k{i}", ALICE, "a1", 600, NOW_MS, quota_bytes=1000)
-            for i in range(6)
-        ]
-        ok, refused = await race(jobs)
-        assert (ok, len(refused)) == (1, 5)
-        assert all(isinstance(e, BlobQuotaExceeded) for e in refused)
-        assert refused[0].details == {"limit": 1000, "used": 600}
+        uploaders = [f"did:example:up{u}" for u in range(RACE_ROUNDS)]
+        await storage.create_conversation(
+            conv, ALICE, [BOB, *uploaders], NOW_MS, storage_model="blob"
+        )
+        for user in uploaders:  # a round per user: more chances for a lost check to show
+            jobs = [
+                lambda i=i, user=user: storage.put_blob(
+                    conv, f"{user}-{i}", user, "d", 600, NOW_MS, quota_bytes=1000
+                )
+                for i in range(RACERS)
+            ]
+            ok, refused = await race(jobs)
+            assert (ok, len(refused)) == (1, RACERS - 1)
+            assert all(isinstance(e, BlobQuotaExceeded) for e in refused)
+            assert refused[0].details == {"limit": 1000, "used": 600}
         # Exactly what is left fits; one byte more does not; Bob's quota is his.
-        await storage.put_blob(conv, "rest", ALICE, "a1", 400, NOW_MS, quota_bytes=1000)
+        await storage.put_blob(conv, "rest", ALICE, "a1", 1000, NOW_MS, quota_bytes=1000)
         with pytest.raises(BlobQuotaExceeded):
             await storage.put_blob(conv, "more", ALICE, "a1", 1, NOW_MS, quota_bytes=1000)
         await storage.put_blob(conv, "bob", BOB, "b1", 1000, NOW_MS, quota_bytes=1000)
