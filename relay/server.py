@@ -54,6 +54,8 @@ async def serve_listeners(
         cfg.max_connections,
         cfg.trusted_proxies,
         nofile=raise_nofile_limit(),
+        connect_rate=cfg.connect_rate_per_address,
+        connect_burst=cfg.connect_burst_per_address,
     )
     gate.register_metrics(relay.metrics.registry)
 
