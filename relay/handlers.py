@@ -90,10 +90,8 @@ class Handlers:
         self.s.relay.fanout.publish_membership(
             MembershipChange(req.conversation, self.s.user, (), tuple(members), 0)
         )
-        try:  # its blobs go now; the collector would find them later anyway
-            await self.s.relay.blobs.collect()
-        except RelayError:
-            log.warning("blobs of a deleted conversation left for the collector", exc_info=True)
+        # Its blobs go in the background (relay/blobs.py): there may be any number.
+        self.s.relay.blobs.wake()
         return events.result(req.id, conversation=req.conversation, deleted=True)
 
     async def delivery_state(self, req: DeliveryStateRequest) -> bytes:
