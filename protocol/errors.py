@@ -220,6 +220,15 @@ class ShuttingDown(Unavailable):
     error = "ShuttingDown"
 
 
+class ConfigError(RelayError):
+    """A setting the operator gave is invalid; the process refuses to start.
+
+    Defined here, not in relay/config.py, because storage validates its own
+    settings (blob store URLs) and storage never imports the server."""
+
+    error = "ConfigError"
+
+
 class StorageError(RelayError):
     """A storage failure that is not an outage (a bug or a constraint we did not expect)."""
 
