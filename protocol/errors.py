@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import secrets
 
+from .closecodes import CloseCode
+
 
 class RelayError(Exception):
     """Base of every error mls-relay reports."""
@@ -41,17 +43,17 @@ class ProtocolError(RelayError):
 
     error = "ProtocolError"
     http_status = 400
-    close_code = 1002
+    close_code = CloseCode.PROTOCOL_ERROR
 
 
 class MalformedFrame(ProtocolError):
     error = "MalformedFrame"
-    close_code = 4400
+    close_code = CloseCode.MALFORMED_FRAME
 
 
 class FrameTooLarge(ProtocolError):
     error = "FrameTooLarge"
-    close_code = 1009
+    close_code = CloseCode.TOO_BIG
 
 
 class UnsupportedWebSocketVersion(ProtocolError):
@@ -65,7 +67,7 @@ class InvalidFramePayload(ProtocolError):
     """Data inconsistent with its frame type (a close reason that is not UTF-8)."""
 
     error = "InvalidFramePayload"
-    close_code = 1007
+    close_code = CloseCode.INVALID_PAYLOAD
 
 
 class InvalidRequest(RelayError):
@@ -213,7 +215,7 @@ class RateLimitIgnored(ProtocolError):
 
     error = "RateLimitIgnored"
     http_status = 429
-    close_code = 1008
+    close_code = CloseCode.POLICY_VIOLATION
 
 
 class TooManyConnectionAttempts(RateLimited):
@@ -226,6 +228,15 @@ class TooManyConnectionAttempts(RateLimited):
 
 class ShuttingDown(Unavailable):
     error = "ShuttingDown"
+
+
+class ConfigError(RelayError):
+    """A setting the operator gave is invalid; the process refuses to start.
+
+    Defined here, not in relay/config.py, because storage validates its own
+    settings (blob store URLs) and storage never imports the server."""
+
+    error = "ConfigError"
 
 
 class StorageError(RelayError):

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from protocol.errors import RelayError
+from protocol.errors import ConfigError
 
 if TYPE_CHECKING:
     from storage.pgconn import PgTimeouts
@@ -35,10 +35,6 @@ WELL_KNOWN_SECRETS = frozenset(
         "redis_secure_password_change_in_production",
     }
 )
-
-
-class ConfigError(RelayError):
-    error = "ConfigError"
 
 
 @dataclass(frozen=True)
