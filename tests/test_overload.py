@@ -7,10 +7,10 @@ from pathlib import Path
 import trio
 
 from protocol.errors import RelayError, Unavailable
-from relay.committer import Committer, PendingSend
-from relay.fanout import LocalFanOut
-from relay.hub import Hub
-from relay.outbox import Flusher
+from relay.delivery.committer import Committer, PendingSend
+from relay.delivery.fanout import LocalFanOut
+from relay.delivery.hub import Hub
+from relay.delivery.outbox import Flusher
 from storage import NewMessage, open_storage
 from storage.base import Appended
 
