@@ -11,7 +11,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -88,8 +88,9 @@ class Relay:
         self.sessions: dict[tuple[str, str], object] = {}
         self.metrics_slow_consumers = 0
         self._sessions_empty = trio.Event()
-        #: Stops the accept loops (set by relay.server once listening).
-        self.stop_accepting: Callable[[], None] = lambda: None
+        #: Closes the port, answering what was already accepted (set by
+        #: relay.server once listening; relay/shutdown.py).
+        self.stop_accepting: Callable[[], Awaitable[None]] = trio.lowlevel.checkpoint
         self._committer: Committer | None = None
         #: Per-relay registry: several relays may share one process (tests).
         self.metrics = RelayMetrics(self)

@@ -43,6 +43,7 @@ from protocol.websocket import (
     ServerConnection,
     binary_frame,
     close_frame,
+    close_reason,
     ping_frame,
     pong_frame,
 )
@@ -51,7 +52,7 @@ from storage.base import Appended, NewMessage
 
 from .committer import PendingSend
 from .handlers import Handlers
-from .limits import request_cost
+from .limits import NESTED_BYTES, request_cost
 from .logs import connection_context
 from .outbox import Outbox
 from .streams import Streams
@@ -261,7 +262,7 @@ class Session:
                     return
         except ProtocolError as exc:  # includes a malformed frame body
             self.relay.metrics.error(exc.error)
-            self.close(exc.close_code, exc.error)
+            self.close(exc.close_code, close_reason(exc))
 
     def _admit_control(self) -> bool:
         """Pings and pongs count against the request rate like requests."""
@@ -272,11 +273,13 @@ class Session:
             return False
         return True
 
-    def _strike(self, exc: RateLimited) -> None:
+    def _strike(self, exc: RateLimited, cost: int = 1) -> None:
         """A refusal for rate: counted, and the connection closed once its
-        strikes are used up (its error replies are bounded that way too)."""
+        strikes are used up (its error replies are bounded that way too).  A
+        refused message takes as many strikes as it costs requests: it was
+        decoded before it was refused, and that decoding is what it costs."""
         self.relay.metrics.error(exc.error)
-        if self._strikes is not None and self._strikes.take():
+        if self._strikes is not None and self._strikes.take(min(cost, self._strikes.burst)):
             refusal = RateLimitIgnored("the client kept sending after RateLimited")
             self.relay.metrics.error(refusal.error)
             log.warning("closing a connection that ignores its rate limit")
@@ -284,12 +287,13 @@ class Session:
 
     def _on_message(self, data: bytes) -> None:
         frame = decode_frame(data)  # MalformedFrame closes the connection
+        cost = request_cost(len(data), len(data) > NESTED_BYTES and _nested(frame.body))
         try:
             # The rate first: unknown and invalid requests count like valid ones.
-            self.relay.node_limits.check_request(self.user, self._requests, request_cost(len(data)))
+            self.relay.node_limits.check_request(self.user, self._requests, cost)
             req = parse_request(frame, self.relay.limits)
         except RateLimited as exc:
-            self._strike(exc)
+            self._strike(exc, cost)
             if self._closing is None:
                 self.outbox.write_control(binary_frame(events.error(exc, request_id(frame))))
             return
@@ -425,3 +429,11 @@ class Session:
 
     def _unfollow(self, conversation: bytes) -> None:
         self.relay.hub.unsubscribe(self.streams, conversation)
+
+
+_FLAT = frozenset({str, bytes, int, bool, float, type(None)})
+
+
+def _nested(body: dict[str, object]) -> bool:
+    """Whether a body holds arrays or maps (decoding those costs per item)."""
+    return not _FLAT.issuperset(map(type, body.values()))
