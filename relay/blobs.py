@@ -122,6 +122,8 @@ class Blobs:
                     log.info("blobs collected", extra={"blobs": gone})
             except RelayError:  # database or store down: try again next round
                 log.warning("blob collection failed", exc_info=True)
+            except Exception as exc:  # a bug: an incident, not the end of the node
+                self.relay.metrics.incidents.report("blobs", exc, "a blob collection")
             await trio.sleep(period)
 
     async def aclose(self) -> None:
