@@ -61,6 +61,18 @@ async def test_key_packages_per_device(database_url: str) -> None:
             await alice.ok("#claimKeyPackages", users=[BOB], cipher_suite=1)
         assert (await upload(r.port, BOB, "b1", [make_key_package(BOB)]))[0] == 200
         assert (await upload(r.port, BOB, "b1", [make_key_package(BOB)]))[0] == 403
+        # Concurrent uploads of one device: at most what fits is stored.
+        batches = [[make_key_package(BOB) for _ in range(3)] for _ in range(4)]
+        statuses: list[int] = []
+
+        async def one(kps: list[bytes]) -> None:
+            statuses.append((await upload(r.port, BOB, "b3", kps))[0])
+
+        async with trio.open_nursery() as nursery:
+            for kps in batches:
+                nursery.start_soon(one, kps)
+        assert sorted(statuses) == [200, 403, 403, 403]
+        assert await available(r.port, BOB, "b3") == 3
 
 
 async def raw_upload(
@@ -69,7 +81,7 @@ async def raw_upload(
     """A blob upload; with ``body=False`` only its head is sent, so an answer
     proves the refusal came before the body was read."""
     head = (
-        f"POST /v1/conversations/{conv.hex()}/blobs HTTP/1.1\r\nHost: x\r\n"
+        f"POST /v1/conversations/{conv.hex()}/blobs HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
         f"Authorization: Bearer {make_token(user, 'd')}\r\nContent-Length: {size}\r\n\r\n"
     ).encode()
     with trio.fail_after(20):
