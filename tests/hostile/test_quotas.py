@@ -73,6 +73,7 @@ async def test_key_packages_per_device(database_url: str) -> None:
                 nursery.start_soon(one, kps)
         assert sorted(statuses) == [200, 403, 403, 403]
         assert await available(r.port, BOB, "b3") == 3
+        assert r.relay.metrics.errors["TooManyKeyPackages"] == 6
 
 
 async def raw_upload(
@@ -120,6 +121,7 @@ async def test_blob_bytes_per_user(database_url: str, tmp_path: Path) -> None:
         assert (await raw_upload(r.port, conv, BOB, 150_000, body=True))[0] == 201
         stored = sum(f.stat().st_size for f in (tmp_path / "b").rglob("*") if f.is_file())
         assert stored == quota + 150_000
+        assert r.relay.metrics.errors["BlobQuotaExceeded"] == 3
 
 
 @pytest.mark.timeout(60)
