@@ -25,6 +25,7 @@ from protocol.errors import (
 )
 
 if TYPE_CHECKING:
+    from storage.base import NewMessage
     from storage.mls_sql import Exec
 
 #: PostgreSQL: serializes every transaction taking the same key until commit.
@@ -113,3 +114,37 @@ def check_members(ex: Exec, conversation: bytes, limit: int) -> None:
         "SELECT count(*) FROM members WHERE conversation_id = ?", (conversation,)
     ).fetchone()
     check_member_count(int(count), limit)
+
+
+def commit_members(
+    ex: Exec, msg: NewMessage, targets: list[tuple[str, str]]
+) -> TooManyMembers | None:
+    """Before an MLS commit is applied: the refusal if the members it leaves
+    (those there, plus its Welcome's users and an external joiner that are
+    not, less the members it removes) would pass ``msg.max_members``.
+    Mirrors what storage.mls_sql.apply_commit will do."""
+    if not msg.max_members:
+        return None
+    joiners = [user for user, _ in targets]
+    if msg.kind == "external_commit":
+        joiners.append(msg.sender)
+    if not joiners:
+        return None  # removing only never passes a bound
+    conv = msg.conversation
+
+    def member(user: str) -> bool:
+        row = ex(
+            "SELECT 1 FROM members WHERE conversation_id = ? AND user_did = ?", (conv, user)
+        ).fetchone()
+        return row is not None
+
+    new = [u for u in dict.fromkeys(joiners) if not member(u)]
+    gone = [u for u in dict.fromkeys(msg.removes) if u not in new and member(u)]
+    (count,) = ex("SELECT count(*) FROM members WHERE conversation_id = ?", (conv,)).fetchone()
+    after = int(count) + len(new) - len(gone)
+    if after > msg.max_members:
+        return TooManyMembers(
+            f"a conversation has at most {msg.max_members} members; this commit would make {after}",
+            limit=msg.max_members,
+        )
+    return None

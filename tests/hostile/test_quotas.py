@@ -15,8 +15,9 @@ import cbor2
 import pytest
 import trio
 
+from protocol.mls import ContentType
 from tests.harness import running_relay
-from tests.mls_helpers import as_json, http, make_key_package
+from tests.mls_helpers import as_json, http, make_key_package, private, welcome
 from tests.relayclient import connect, make_token
 
 from .httpnode import open_from, parse_response
@@ -154,3 +155,35 @@ async def test_conversations_per_creator_and_members(database_url: str) -> None:
         assert added["added"] == [CAROL]
         refused = await bob.request("#addMembers", conversation=b"one", members=["did:example:d"])
         assert refused.body["error"] == "TooManyMembers"
+
+
+@pytest.mark.timeout(60)
+async def test_mls_commits_cannot_pass_the_member_bound(database_url: str) -> None:
+    g = b"mls-members"
+    users = [f"did:example:m{i}" for i in range(3)]
+    async with running_relay(database_url, max_members=3) as r:
+        for user in users:
+            kp = make_key_package(user)
+            status, _, body = await http(
+                r.port, "POST", "/v1/keypackages", make_token(user, "d"), kp, "message/mls"
+            )
+            assert status == 200, body
+        async with connect(r.ws_url, ALICE, "a1") as alice:
+            await alice.ok("#createConversation", conversation=g, members=[], mls=True)
+            claimed = await alice.ok("#claimKeyPackages", users=users, cipher_suite=1)
+            refs = [bytes(k["ref"]) for k in claimed["key_packages"]]
+
+            async def commit(epoch: int, joiners: list[bytes]) -> dict:  # type: ignore[type-arg]
+                reply = await alice.request(
+                    "#send", conversation=g, ciphertext=private(g, epoch, ContentType.COMMIT),
+                    welcome=welcome(joiners), client_message_id=f"c{epoch}-{len(joiners)}",
+                )  # fmt: skip
+                return {"ok": reply.ok, **reply.body}
+
+            # Alice + 3 Welcome joiners = 4 > 3: refused, nothing applied (still epoch 0).
+            refused = await commit(0, refs)
+            assert (refused["error"], refused["limit"]) == ("TooManyMembers", 3)
+            assert await r.relay.storage.members(g) == [ALICE]
+            assert (await commit(0, refs[:2]))["epoch"] == 1
+            assert len(await r.relay.storage.members(g)) == 3
+            assert (await commit(1, refs[2:]))["error"] == "TooManyMembers"

@@ -180,3 +180,27 @@ async def test_member_additions_race(database_url: str) -> None:
         # Adding members already there is never refused.
         await storage.add_members(conv, ALICE, ["did:example:x"], NOW_MS, max_members=4)
         assert await storage.add_members(conv, ALICE, [ALICE], NOW_MS, max_members=4) == []
+
+
+@pytest.mark.timeout(60)
+async def test_external_joins_and_swaps_at_the_member_bound(database_url: str) -> None:
+    from storage.base import NewMessage
+
+    g = b"ext-group"
+    async with opened(database_url) as storage:
+        await storage.create_conversation(g, ALICE, [BOB], NOW_MS, mls_group_id=g,
+                                          external_join=True)  # fmt: skip
+
+        def commit(sender: str, epoch: int, kind: str, **extra: object) -> NewMessage:
+            return NewMessage(g, sender, "d", f"{sender}-{epoch}", b"c", NOW_MS, kind=kind,
+                              epoch=epoch, group_id=g, max_members=2, **extra)  # type: ignore[arg-type]  # fmt: skip
+
+        [out] = await storage.append_messages([commit("did:example:eve", 0, "external_commit")])
+        assert isinstance(out, TooManyMembers)
+        assert await storage.members(g) == sorted([ALICE, BOB])
+        # Removing one while joining keeps it at 2: accepted.
+        [out] = await storage.append_messages(
+            [commit("did:example:eve", 0, "external_commit", removes=(BOB,))]
+        )
+        assert not isinstance(out, Exception), out
+        assert await storage.members(g) == sorted([ALICE, "did:example:eve"])
