@@ -30,6 +30,10 @@ if TYPE_CHECKING:
 
 #: PostgreSQL: serializes every transaction taking the same key until commit.
 PG_LOCK_SQL = "SELECT pg_advisory_xact_lock(hashtext(?))"
+#: Each blob counts at least this many bytes against the quota, as a file
+#: system charges whole blocks: the number of blobs (rows, files, objects) a
+#: user can keep is bounded too (1 GiB / 4 KiB = 262,144), not just their bytes.
+BLOB_MIN_CHARGE = 4096
 
 
 def lock(ex: Exec, lock_sql: str, key: str) -> None:
@@ -69,14 +73,17 @@ def check_key_packages(ex: Exec, user: str, device: str, now_s: int, limit: int)
 
 def check_blob_bytes(ex: Exec, user: str, size: int, quota: int) -> None:
     """Before a blob is registered: the user's registered blob bytes plus
-    ``size`` must fit ``quota``.  Every blob row counts until the collector
-    forgets it, so an upload counts from its registration, before its bytes."""
+    ``size`` must fit ``quota`` (each blob charged at least BLOB_MIN_CHARGE).
+    Every blob row counts until the collector forgets it, so an upload counts
+    from its registration, before its bytes."""
     if not quota:
         return
     (used,) = ex(
-        "SELECT coalesce(sum(size), 0) FROM blobs WHERE uploader_did = ?", (user,)
+        "SELECT coalesce(sum(CASE WHEN size < ? THEN ? ELSE size END), 0) FROM blobs"
+        " WHERE uploader_did = ?",
+        (BLOB_MIN_CHARGE, BLOB_MIN_CHARGE, user),
     ).fetchone()
-    if int(used) + size > quota:
+    if int(used) + max(size, BLOB_MIN_CHARGE) > quota:
         raise BlobQuotaExceeded(
             f"stored blobs are limited to {quota} bytes per user; {used} are in use",
             limit=quota,

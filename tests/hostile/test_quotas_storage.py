@@ -29,6 +29,7 @@ NOW_S = NOW_MS // 1000
 #: Concurrent requests per race, and races per test (each a fresh user).
 RACERS = 16
 RACE_ROUNDS = 4
+KIB = 1024
 
 
 @asynccontextmanager
@@ -104,6 +105,7 @@ async def test_expired_key_packages_make_room(database_url: str) -> None:
 
 @pytest.mark.timeout(60)
 async def test_blob_registrations_race_one_passes(database_url: str) -> None:
+    quota = 10 * KIB
     async with opened(database_url) as storage:
         conv = b"blob-quota"
         uploaders = [f"did:example:up{u}" for u in range(RACE_ROUNDS)]
@@ -113,22 +115,27 @@ async def test_blob_registrations_race_one_passes(database_url: str) -> None:
         for user in uploaders:  # a round per user: more chances for a lost check to show
             jobs = [
                 lambda i=i, user=user: storage.put_blob(
-                    conv, f"{user}-{i}", user, "d", 600, NOW_MS, quota_bytes=1000
+                    conv, f"{user}-{i}", user, "d", 6 * KIB, NOW_MS, quota_bytes=quota
                 )
                 for i in range(RACERS)
             ]
             ok, refused = await race(jobs)
             assert (ok, len(refused)) == (1, RACERS - 1)
             assert all(isinstance(e, BlobQuotaExceeded) for e in refused)
-            assert refused[0].details == {"limit": 1000, "used": 600}
+            assert refused[0].details == {"limit": quota, "used": 6 * KIB}
         # Exactly what is left fits; one byte more does not; Bob's quota is his.
-        await storage.put_blob(conv, "rest", ALICE, "a1", 1000, NOW_MS, quota_bytes=1000)
+        await storage.put_blob(conv, "rest", ALICE, "a1", quota, NOW_MS, quota_bytes=quota)
         with pytest.raises(BlobQuotaExceeded):
-            await storage.put_blob(conv, "more", ALICE, "a1", 1, NOW_MS, quota_bytes=1000)
-        await storage.put_blob(conv, "bob", BOB, "b1", 1000, NOW_MS, quota_bytes=1000)
+            await storage.put_blob(conv, "more", ALICE, "a1", 1, NOW_MS, quota_bytes=quota)
+        await storage.put_blob(conv, "bob", BOB, "b1", quota, NOW_MS, quota_bytes=quota)
         # Collected blobs give their bytes back.
         await storage.forget_blobs([(conv, "rest")])
-        await storage.put_blob(conv, "again", ALICE, "a1", 400, NOW_MS, quota_bytes=1000)
+        await storage.put_blob(conv, "again", ALICE, "a1", 6 * KIB, NOW_MS, quota_bytes=quota)
+        # Each blob counts at least 4 KiB: tiny ones cannot pile up by the million.
+        await storage.put_blob(conv, "t1", ALICE, "a1", 1, NOW_MS, quota_bytes=quota)
+        with pytest.raises(BlobQuotaExceeded) as exc:
+            await storage.put_blob(conv, "t2", ALICE, "a1", 1, NOW_MS, quota_bytes=quota)
+        assert exc.value.details["used"] == 10 * KIB
 
 
 @pytest.mark.timeout(60)
