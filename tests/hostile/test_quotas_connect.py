@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from relay.config import ConfigError, from_env
 from relay.connrate import OVERFLOW, ConnectRate
 from tests.harness import running_relay
 from tests.relayclient import make_token
@@ -127,3 +128,29 @@ def test_bucket_table_is_bounded_and_cannot_be_reset() -> None:
     assert rate.take("victim") == 0
     assert len(rate.buckets) == 1
     assert ConnectRate(0, 1).take("x") == 0  # 0 disables
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "RELAY_CONNECT_RATE_PER_ADDRESS",
+        "RELAY_CONNECT_BURST_PER_ADDRESS",
+        "RELAY_MAX_KEYPACKAGES_PER_DEVICE",
+        "RELAY_BLOB_QUOTA_BYTES",
+        "RELAY_MAX_CONVERSATIONS_PER_USER",
+        "RELAY_MAX_MEMBERS",
+    ],
+)
+def test_quota_settings_are_validated(name: str) -> None:
+    with pytest.raises(ConfigError, match=name):
+        from_env({name: "-1", "RELAY_DEV_MODE": "1"})
+    with pytest.raises(ConfigError, match="RELAY_CONNECT_BURST_PER_ADDRESS"):
+        from_env({"RELAY_CONNECT_BURST_PER_ADDRESS": "0", "RELAY_DEV_MODE": "1"})
+    if name != "RELAY_CONNECT_BURST_PER_ADDRESS":
+        assert from_env({"RELAY_DEV_MODE": "1", name: "0"})  # 0 disables each
+    defaults = from_env({"RELAY_DEV_MODE": "1"})
+    assert (
+        defaults.connect_rate_per_address, defaults.connect_burst_per_address,
+        defaults.max_keypackages_per_device, defaults.blob_quota_bytes,
+        defaults.max_conversations_per_user, defaults.max_members,
+    ) == (20.0, 40, 1000, 1024**3, 10000, 1000)  # fmt: skip
