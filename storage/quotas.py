@@ -34,6 +34,8 @@ PG_LOCK_SQL = "SELECT pg_advisory_xact_lock(hashtext(?))"
 #: system charges whole blocks: the number of blobs (rows, files, objects) a
 #: user can keep is bounded too (1 GiB / 4 KiB = 262,144), not just their bytes.
 BLOB_MIN_CHARGE = 4096
+#: A deleted conversation counts against its creator's quota this long.
+DELETED_COUNT_MS = 24 * 3600 * 1000
 
 
 def lock(ex: Exec, lock_sql: str, key: str) -> None:
@@ -91,19 +93,27 @@ def check_blob_bytes(ex: Exec, user: str, size: int, quota: int) -> None:
         )
 
 
-def check_conversations(ex: Exec, creator: str, limit: int) -> None:
+def check_conversations(ex: Exec, creator: str, limit: int, now_ms: int) -> None:
     """Before a conversation is created: its creator's existing conversations
-    (whether or not it is still a member: leaving gives none back, deleting
-    does) must be fewer than ``limit``.  Memberships are not counted: anyone
-    can add anyone, so counting them would let others use up a victim's quota."""
+    (whether or not it is still a member: leaving gives none back), and those
+    it deleted within DELETED_COUNT_MS, must be fewer than ``limit``.  A deleted
+    id is kept for ever (never reused), so without the second term a
+    create-delete loop would grow that table at the request rate.  Memberships
+    are not counted: anyone can add anyone, so counting them would let others
+    use up a victim's quota."""
     if not limit:
         return
     (held,) = ex("SELECT count(*) FROM conversations WHERE creator = ?", (creator,)).fetchone()
-    if held >= limit:
+    (gone,) = ex(
+        "SELECT count(*) FROM deleted_conversations WHERE creator = ? AND deleted_ms > ?",
+        (creator, now_ms - DELETED_COUNT_MS),
+    ).fetchone()
+    if held + gone >= limit:
         raise TooManyConversations(
-            f"a user may have created at most {limit} conversations that still exist",
+            f"a user may hold at most {limit} conversations it created (those it deleted"
+            " count for a day)",
             limit=limit,
-            used=int(held),
+            used=int(held + gone),
         )
 
 
