@@ -400,7 +400,7 @@ class BlobQuotaExceeded(QuotaExceeded):
 
 class TooManyConversations(QuotaExceeded):
     """The user already created RELAY_MAX_CONVERSATIONS_PER_USER conversations
-    that still exist."""
+    that still exist or that it deleted in the last 24 hours."""
 
     error = "TooManyConversations"
 

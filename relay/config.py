@@ -174,7 +174,8 @@ class Config:
     #: Bytes of blobs one user may keep stored (every blob it uploaded, or the
     #: relay stored for its sends, until collected).
     blob_quota_bytes: int = 1024**3
-    #: Conversations one user may have created that still exist.
+    #: Conversations one user created that still exist, plus those it deleted
+    #: in the last 24 hours (deleted ids are kept for ever).
     max_conversations_per_user: int = 10000
     #: Members of one conversation (the Rust delivery service's bound).
     max_members: int = 1000
