@@ -1,4 +1,6 @@
-"""docs/PROTOCOL.md's route tables are the HTTP app's routes, both ways.
+"""docs/PROTOCOL.md describes the relay's whole surface, and nothing else:
+its route tables are the HTTP app's routes, and the frame types it names are
+the requests the relay parses and the events it sends, both ways.
 
 The WebSocket path (/v1/ws) is served before the app (relay/server.py) and is
 documented under "Connecting"; everything else on the port is the Quart app."""
@@ -8,6 +10,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from protocol import events
+from protocol.requests import _PARSERS
 from relay.app import Relay
 from relay.http import create_app
 from storage import open_storage
@@ -44,3 +48,18 @@ def test_the_route_tables_are_the_apps_routes(tmp_path):
     assert len(documented) >= 10, documented
     assert sorted(served - documented) == [], "routes PROTOCOL.md does not document"
     assert sorted(documented - served) == [], "documented routes the relay does not serve"
+
+
+def frame_types_in_doc() -> set[str]:
+    text = PROTOCOL.read_text()
+    return set(re.findall(r"`(#[a-zA-Z]+)", text)) | set(re.findall(r'"t": "(#[a-zA-Z]+)"', text))
+
+
+def test_every_request_and_event_is_documented_and_nothing_else():
+    requests = set(_PARSERS)
+    sent = set(re.findall(r'"(#[a-zA-Z]+)"', Path(events.__file__).read_text()))
+    assert {"#send", "#subscribe"} <= requests and {"#message", "#hello"} <= sent
+    documented = frame_types_in_doc()
+    assert sorted(requests - documented) == [], "requests PROTOCOL.md does not name"
+    assert sorted(sent - documented) == [], "events PROTOCOL.md does not name"
+    assert sorted(documented - requests - sent) == [], "frame types the relay does not know"
