@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from protocol.closecodes import CloseCode, CloseReason
 from protocol.requests import Limits
 from storage import open_storage
 from storage.base import Storage
@@ -226,13 +227,11 @@ class Relay:
 
     def _displaced_elsewhere(self, user: str, device: str, registered_at: float) -> None:
         """Another node registered this device: close ours unless it is newer."""
-        from protocol.websocket import CLOSE_REPLACED
-
         from .session import Session
 
         session = self.sessions.get((user, device))
         if isinstance(session, Session) and self._registered_at[(user, device)] < registered_at:
-            session.close(CLOSE_REPLACED, "ReplacedByNewConnection")
+            session.close(CloseCode.REPLACED, CloseReason.REPLACED)
 
     async def all_sessions_closed(self) -> None:
         while self.sessions:

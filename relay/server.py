@@ -14,9 +14,9 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from protocol.closecodes import CloseCode, CloseReason
 from protocol.errors import AuthError, ProtocolError, RelayError
 from protocol.websocket import (
-    CLOSE_REPLACED,
     RequestHead,
     accept_response,
     json_response,
@@ -54,6 +54,8 @@ async def serve_listeners(
         cfg.max_connections,
         cfg.trusted_proxies,
         nofile=raise_nofile_limit(),
+        connect_rate=cfg.connect_rate_per_address,
+        connect_burst=cfg.connect_burst_per_address,
     )
     gate.register_metrics(relay.metrics.registry)
 
@@ -208,7 +210,7 @@ async def _start_session(
         await _refuse(stream, refusal.http_status, refusal)
         return None
     if isinstance(previous, Session):
-        previous.close(CLOSE_REPLACED, "ReplacedByNewConnection")
+        previous.close(CloseCode.REPLACED, CloseReason.REPLACED)
     return session
 
 

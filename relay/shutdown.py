@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from protocol.websocket import CLOSE_RESTART
+from protocol.closecodes import CloseCode, CloseReason
 
 if TYPE_CHECKING:
     from .app import Relay
@@ -62,7 +62,7 @@ async def graceful_shutdown(relay: Relay, hurry: trio.Event | None = None) -> No
         await relay.committer.drained.wait()
     for session in list(relay.sessions.values()):
         if isinstance(session, Session):
-            session.close(CLOSE_RESTART, "ServiceRestart")
+            session.close(CloseCode.SERVICE_RESTART, CloseReason.SERVICE_RESTART)
     with trio.move_on_at(deadline):
         await relay.all_sessions_closed()
         for stream in streams:

@@ -9,10 +9,11 @@ from __future__ import annotations
 import ast
 import inspect
 import re
+from enum import IntEnum, StrEnum
 from pathlib import Path
 
 import protocol.errors as errors_module
-import protocol.websocket as websocket_module
+from protocol.closecodes import CloseCode, CloseReason
 from protocol.errors import RelayError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -118,17 +119,31 @@ def test_documented_statuses_are_the_real_ones():
 
 
 def closes_the_relay_sends() -> set[tuple[str, str]]:
-    """(code, reason) of every ``x.close(CLOSE_..., "Reason")`` in relay/."""
+    """(code, reason) of every ``x.close(CloseCode.X, CloseReason.Y | "...")`` in relay/."""
+
+    def enum_value(node: ast.expr, enum: type[IntEnum] | type[StrEnum]) -> str | None:
+        if (
+            isinstance(node, ast.Attribute)
+            and isinstance(node.value, ast.Name)
+            and node.value.id == enum.__name__
+        ):
+            return str(enum[node.attr].value)
+        return None
+
     out = set()
     for path in ROOT.glob("relay/**/*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
             if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
                 continue
-            args = node.args
-            if node.func.attr == "close" and len(args) == 2 and isinstance(args[0], ast.Name):
-                code = getattr(websocket_module, args[0].id, None)
-                if code is not None and isinstance(args[1], ast.Constant):
-                    out.add((str(code), str(args[1].value)))
+            if node.func.attr != "close" or len(node.args) != 2:
+                continue
+            code = enum_value(node.args[0], CloseCode)
+            reason_node = node.args[1]
+            reason = enum_value(reason_node, CloseReason)
+            if reason is None and isinstance(reason_node, ast.Constant):
+                reason = str(reason_node.value)
+            if code is not None and reason is not None:
+                out.add((code, reason))
     return out
 
 
@@ -141,3 +156,8 @@ def test_every_close_the_relay_sends_is_in_the_close_code_table():
     documented = table | {(code, "") for code in codes}  # 1000 sends no reason
     missing = sorted(sent - documented)
     assert missing == [], "(code, reason) the close-code table lacks"
+
+
+def test_every_close_reason_is_in_the_close_code_table():
+    table = {m for row in section_rows("Close codes") for m in re.findall(r"`(\w+)`", row[1])}
+    assert sorted(r.value for r in CloseReason if r.value not in table) == []
