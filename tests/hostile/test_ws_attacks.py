@@ -164,13 +164,14 @@ async def test_ping_flood_is_closed_and_costs_a_bounded_amount(tmp_path) -> None
 
 
 @pytest.mark.timeout(90)
-async def test_unread_list_conversations_is_closed_4008(tmp_path) -> None:
-    """Valid #listConversations (about 7 KB of reply each: 100 conversations)
+async def test_unread_list_conversations_is_closed_4008(tmp_path, database_url: str) -> None:
+    """Valid #listConversations (about 6 KB of reply each: 100 conversations)
     at 150 a second, within the rate, never read: the queue fills to 3/4 of
     RELAY_OUTBOX_LIMIT, reading stops, and the next sweep that sees no byte
-    taken closes it 4008 ConsumerTooSlow; the queue never passes the bound."""
+    taken closes it 4008 ConsumerTooSlow; the queue never passes the bound.
+    Both backends: every request is a storage read."""
     with trio.fail_after(80):
-        async with relay_node(tmp_path) as node:
+        async with relay_node(tmp_path, database_url) as node:
             async with attacker(node.port, MALLORY, "m0") as setup:
                 await setup.reply()  # the #hello
                 for i in range(100):
@@ -194,6 +195,7 @@ async def test_unread_list_conversations_is_closed_4008(tmp_path) -> None:
                 _, close = await att.read_close()
     report(
         "listConversations unread",
+        backend=database_url.split(":")[0],
         reply_bytes=reply_size,
         requests_sent=att.sent // len(request("#listConversations", {"id": 1})),
         seconds=round(ran, 2),
