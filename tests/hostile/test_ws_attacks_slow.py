@@ -17,7 +17,7 @@ import pytest
 import trio
 
 from .httpnode import relay_node
-from .test_ws_attacks import MALLORY, report, watched
+from .test_ws_attacks import MALLORY, check_live, live, report, watched
 from .wsattack import (
     OP_BINARY,
     OP_CLOSE,
@@ -86,7 +86,10 @@ async def test_a_message_trickled_a_byte_at_a_time_is_closed(tmp_path) -> None:
     is not."""
     closes: list[tuple[float, int, str]] = []
     with trio.fail_after(50):
-        async with relay_node(tmp_path, **SETTINGS) as node, watched(node) as (honest, memory, _):
+        async with (
+            relay_node(tmp_path, **SETTINGS) as node,
+            watched(node) as (honest, memory, prober),
+        ):
             async with attacker(node.port, "did:example:fair", "f1") as fair:
                 await fair.reply()  # the #hello
                 slow_but_fair = request("#" + "f" * 100_000, {"id": 1})
@@ -114,9 +117,11 @@ async def test_a_message_trickled_a_byte_at_a_time_is_closed(tmp_path) -> None:
         reason=closes[0][2],
         rss_growth_mb=round(memory.growth, 1),
         honest_sends=len(honest.seqs),
+        live_p99_worst_ms=live(prober),
     )
     assert kinds == {(1008, "MessageTimeout")}, closes
     assert len(closes) == 20
     # The deadline, plus up to two sweeps (1 s each) and a loaded machine.
     assert max(after) < DEADLINE_S + 5, after
     honest.check()
+    check_live(prober)
