@@ -271,3 +271,20 @@ async def test_framing_violations_close_with_a_reason(tmp_path) -> None:
     assert memory.growth < 20, f"RSS grew {memory.growth:.0f} MB"
     honest.check()
     check_live(prober)
+
+
+@pytest.mark.timeout(30)
+async def test_no_compression_is_negotiated(tmp_path) -> None:
+    """A client offering permessage-deflate gets no extension (so no
+    decompression bomb can be sent), and a compressed frame (RSV1) is 1002."""
+    offer = "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n"
+    with trio.fail_after(25):
+        async with (
+            relay_node(tmp_path) as node,
+            attacker(node.port, MALLORY, "z1", headers=offer) as att,
+        ):
+            assert b"sec-websocket-extensions" not in att.head.lower(), att.head
+            await att.reply()  # the #hello
+            assert await att.send(_with_bits(frame(b"\xf2\x48\xcd\xc9\xc9\x07\x00"), 0x40))
+            _, close = await att.read_close()
+    assert close == (1002, "ProtocolError: reserved bits set: no extension was negotiated")
