@@ -86,16 +86,23 @@ class Blobs:
         Membership and the storage model are checked by the registration."""
         key = new_key()
         storage = self.relay.storage
-        await storage.put_blob(conversation, key, user, device, len(data), self._now_ms())
+        quota = self.relay.config.blob_quota_bytes
+        await storage.put_blob(
+            conversation, key, user, device, len(data), self._now_ms(), quota_bytes=quota
+        )
         await self.store.put(store_path(conversation, key), data)
         self.written += 1
         return key
 
     async def register(self, conversation: bytes, user: str, device: str, size: int) -> str:
         """A new blob key, registered (membership and storage model checked)
-        before any of its bytes is read: an HTTP upload streams in after."""
+        before any of its bytes is read: an HTTP upload streams in after.  The
+        registration counts ``size`` against the user's blob quota at once."""
         key = new_key()
-        await self.relay.storage.put_blob(conversation, key, user, device, size, self._now_ms())
+        quota = self.relay.config.blob_quota_bytes
+        await self.relay.storage.put_blob(
+            conversation, key, user, device, size, self._now_ms(), quota_bytes=quota
+        )
         return key
 
     async def load(self, conversation: bytes, key: str) -> bytes:
@@ -181,7 +188,10 @@ def blueprint(relay: Relay, blobs: Blobs, limits: HttpLimits) -> Blueprint:
         limits.transfer(who)
         key = await blobs.register(conv, who.user, who.device, size)
         await blobs.store.put_stream(
-            store_path(conv, key), body_chunks(relay.config.max_blob, timeout), size
+            # At most the registered (quota-counted) size is read.
+            store_path(conv, key),
+            body_chunks(size, timeout),
+            size,
         )
         blobs.written += 1
         return jsonify({"blob": key, "size": size}), 201

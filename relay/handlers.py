@@ -182,6 +182,8 @@ class Handlers:
             mls_group_id=req.mls_group_id,
             external_join=req.external_join,
             storage_model=req.storage or self.s.relay.config.storage_model,
+            max_created=self.s.relay.config.max_conversations_per_user,
+            max_members=self.s.relay.config.max_members,
         )
         members = await self.storage.members(req.conversation)
         self.s.relay.fanout.publish_membership(
@@ -191,7 +193,11 @@ class Handlers:
 
     async def add(self, req: AddMembers) -> bytes:
         added = await self.storage.add_members(
-            req.conversation, self.s.user, req.members, _now_ms()
+            req.conversation,
+            self.s.user,
+            req.members,
+            _now_ms(),
+            max_members=self.s.relay.config.max_members,
         )
         last_seq = added[0].joined_seq if added else 0
         if added:

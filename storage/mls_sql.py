@@ -23,6 +23,7 @@ from protocol.errors import (
     UnknownKeyPackage,
     WrongGroup,
 )
+from storage import quotas
 from storage.base import (
     Appended,
     ClaimedKeyPackage,
@@ -242,8 +243,15 @@ def append_mls_sqlite(ex: Exec, msg: NewMessage) -> Appended | RelayError:
 
 
 def put_key_packages(
-    ex: Exec, user: str, device: str, packages: Sequence[NewKeyPackage], now_ms: int
+    ex: Exec,
+    user: str,
+    device: str,
+    packages: Sequence[NewKeyPackage],
+    now_ms: int,
+    max_stored: int = 0,
 ) -> list[bool]:
+    """The caller serializes one device's uploads (the last-resort swap reads
+    then writes, and the quota counts what the upload wrote)."""
     stored: list[bool] = []
     for kp in packages:
         new = ex(
@@ -260,6 +268,8 @@ def put_key_packages(
                 (now_ms, user, device, kp.cipher_suite, kp.ref),
             )
         stored.append(new)
+    # Raising rolls the upload back whole: nothing of it is stored.
+    quotas.check_key_packages(ex, user, device, now_ms // 1000, max_stored)
     return stored
 
 

@@ -105,16 +105,20 @@ async def test_job_survives_a_failed_run_and_purges_used_tokens(database_url, mo
             async with connect(r.ws_url, ALICE, "a1"):
                 pass
             real = storage.prune_messages
-            failures = []
+            failures: list[int] = []
+            failed_twice = trio.Event()
 
             async def failing(older_than_ms: int) -> int:
                 failures.append(older_than_ms)
+                if len(failures) == 2:
+                    failed_twice.set()
                 raise Unavailable("database unavailable (test)")
 
+            runs = job.runs
             monkeypatch.setattr(storage, "prune_messages", failing)
-            await trio.sleep(0.5)  # at least one failed run
-            assert failures
+            await failed_twice.wait()  # the job went on to its next interval after a failure
             monkeypatch.setattr(storage, "prune_messages", real)
+            assert job.runs == runs  # a failed run is not counted as one
             # Past every token's lifetime: the used jti is forgotten.
             job.clock = lambda: days_later(2)
             run = await job.next_run()
@@ -123,17 +127,22 @@ async def test_job_survives_a_failed_run_and_purges_used_tokens(database_url, mo
             assert run.token_uses == 1 and run.cutoff_ms is not None
 
 
-async def test_job_off_without_retention_or_single_use(database_url):
+async def test_job_off_without_retention_or_single_use(tmp_path, database_url):
+    """Off, the job never runs; the same relay with single-use tokens runs it
+    (purge only).  Side by side, with one short interval: by the time the one
+    that is on has run three times, the one that is off would have run too."""
     with trio.fail_after(30):
-        async with running_relay(database_url, token_single_use=False) as r:
-            assert not r.relay.retention.enabled
-            await trio.sleep(0.2)
-            assert r.relay.retention.runs == 0
-        async with running_relay(database_url) as r:  # single-use tokens: the purge runs
-            job = r.relay.retention
-            assert job.enabled
-            for _ in range(200):  # once at start, then hourly (the default interval)
-                if job.runs:
-                    break
-                await trio.sleep(0.05)
-            assert job.last is not None and job.last.cutoff_ms is None  # no retention
+        async with (
+            running_relay(
+                f"sqlite:///{tmp_path}/off.db", token_single_use=False, retention_interval_s=0.05
+            ) as off,
+            running_relay(database_url, retention_interval_s=0.05) as on,
+        ):
+            assert not off.relay.retention.enabled
+            job = on.relay.retention
+            assert job.enabled  # single-use tokens (the default): the purge runs
+            first = await job.next_run() if job.runs == 0 else job.last
+            assert first is not None and first.cutoff_ms is None  # no retention
+            while job.runs < 3:
+                await job.next_run()
+            assert off.relay.retention.runs == 0 and off.relay.retention.last is None

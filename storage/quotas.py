@@ -1,0 +1,115 @@
+"""What one user may keep stored: the quota checks, shared by both backends.
+
+Each check runs inside the transaction that stores what it counts, after
+the rows of the request are written (or just before, where the count does
+not depend on them), and raises a :class:`~protocol.errors.QuotaExceeded`
+that rolls the whole request back: nothing of a refused request is stored.
+They are race-free because whatever they count is serialized: SQLite has one
+writer (``BEGIN IMMEDIATE``); on PostgreSQL the caller holds the conversation
+row lock (members) or the advisory lock of :func:`lock` (per device, per
+user).  A limit of 0 disables a check.
+
+Counting uses the indexes of migration 0008 (and 0002's for KeyPackages), so
+a check costs one index range count, however close to its limit the user is.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from protocol.errors import (
+    BlobQuotaExceeded,
+    TooManyConversations,
+    TooManyKeyPackages,
+    TooManyMembers,
+)
+
+if TYPE_CHECKING:
+    from storage.mls_sql import Exec
+
+#: PostgreSQL: serializes every transaction taking the same key until commit.
+PG_LOCK_SQL = "SELECT pg_advisory_xact_lock(hashtext(?))"
+
+
+def lock(ex: Exec, lock_sql: str, key: str) -> None:
+    """Take the transaction-scoped lock of ``key`` (``lock_sql`` is "" on SQLite,
+    whose writer is serial already)."""
+    if lock_sql:
+        ex(lock_sql, (key,))
+
+
+def check_key_packages(ex: Exec, user: str, device: str, now_s: int, limit: int) -> None:
+    """After an upload's rows are in: the device's claimable KeyPackages
+    (unclaimed, not expired; last-resort ones included) must not pass
+    ``limit``.  Expired unclaimed ones nobody claimed are deleted first: they
+    can never be handed out, and counting them would lock out a device whose
+    packages merely aged, while not counting them would let short-lived
+    uploads pile up for ever."""
+    if not limit:
+        return
+    ex(
+        "DELETE FROM key_packages WHERE user_did = ? AND device_id = ? AND claimed_ms IS NULL"
+        " AND not_after < ? AND NOT EXISTS (SELECT 1 FROM key_package_claims c"
+        " WHERE c.ref = key_packages.ref)",
+        (user, device, now_s),
+    )
+    (stored,) = ex(
+        "SELECT count(*) FROM key_packages WHERE user_did = ? AND device_id = ?"
+        " AND claimed_ms IS NULL",
+        (user, device),
+    ).fetchone()
+    if stored > limit:
+        raise TooManyKeyPackages(
+            f"a device keeps at most {limit} unclaimed KeyPackages; this upload would make"
+            f" {stored}",
+            limit=limit,
+        )
+
+
+def check_blob_bytes(ex: Exec, user: str, size: int, quota: int) -> None:
+    """Before a blob is registered: the user's registered blob bytes plus
+    ``size`` must fit ``quota``.  Every blob row counts until the collector
+    forgets it, so an upload counts from its registration, before its bytes."""
+    if not quota:
+        return
+    (used,) = ex(
+        "SELECT coalesce(sum(size), 0) FROM blobs WHERE uploader_did = ?", (user,)
+    ).fetchone()
+    if int(used) + size > quota:
+        raise BlobQuotaExceeded(
+            f"stored blobs are limited to {quota} bytes per user; {used} are in use",
+            limit=quota,
+            used=int(used),
+        )
+
+
+def check_conversations(ex: Exec, creator: str, limit: int) -> None:
+    """Before a conversation is created: its creator's existing conversations
+    (whether or not it is still a member: leaving gives none back, deleting
+    does) must be fewer than ``limit``.  Memberships are not counted: anyone
+    can add anyone, so counting them would let others use up a victim's quota."""
+    if not limit:
+        return
+    (held,) = ex("SELECT count(*) FROM conversations WHERE creator = ?", (creator,)).fetchone()
+    if held >= limit:
+        raise TooManyConversations(
+            f"a user may have created at most {limit} conversations that still exist",
+            limit=limit,
+            used=int(held),
+        )
+
+
+def check_member_count(count: int, limit: int) -> None:
+    if limit and count > limit:
+        raise TooManyMembers(f"a conversation has at most {limit} members", limit=limit)
+
+
+def check_members(ex: Exec, conversation: bytes, limit: int) -> None:
+    """After members are added (in the same transaction, under the
+    conversation's lock): the conversation must not have more than ``limit``."""
+    if not limit:
+        return
+    (count,) = ex(
+        "SELECT count(*) FROM members WHERE conversation_id = ?", (conversation,)
+    ).fetchone()
+    check_member_count(int(count), limit)
