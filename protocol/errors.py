@@ -234,7 +234,7 @@ class MessageTimeout(ProtocolError):
 
     error = "MessageTimeout"
     http_status = 408
-    close_code = 1008
+    close_code = CloseCode.POLICY_VIOLATION
 
 
 class ShuttingDown(Unavailable):
