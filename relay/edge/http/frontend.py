@@ -24,7 +24,7 @@ from quart import has_request_context, jsonify, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
-from protocol.errors import RelayError
+from protocol.errors import QuotaExceeded, RelayError
 from relay import __version__
 from relay.edge.http.blobs import blueprint as blobs_blueprint
 from relay.edge.http.body import SCOPE_KEY, RequestBody, wrap_receive
@@ -144,6 +144,8 @@ def create_app(relay: Relay) -> QuartTrio:
 
     @app.errorhandler(RelayError)
     async def relay_error(exc: RelayError) -> Any:
+        if isinstance(exc, QuotaExceeded):  # relay_errors_total{type}, as over the WebSocket
+            relay.metrics.error(exc.error)
         return _error(exc)
 
     @app.errorhandler(HTTPException)
