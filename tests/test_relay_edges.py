@@ -77,7 +77,7 @@ BAD_TOKENS = {
 }
 
 
-#: The documented error of each case (docs/PROTOCOL.md, "Authentication"); the rest are InvalidToken.
+#: Each case's documented error (docs/PROTOCOL.md, "Authentication"); the rest: InvalidToken.
 EXPECTED_ERROR = {"missing": "AuthRequired", "expired": "ExpiredToken"}
 
 
