@@ -161,12 +161,8 @@ def blueprint(relay: Relay, blobs: Blobs, limits: HttpLimits) -> Blueprint:
             raise InvalidRequest("a blob needs a non-empty body")
         limits.transfer(who)
         key = await blobs.register(conv, who.user, who.device, size)
-        await blobs.store.put_stream(
-            # At most the registered (quota-counted) size is read.
-            store_path(conv, key),
-            body_chunks(size, timeout),
-            size,
-        )
+        # At most the registered (quota-counted) size is read.
+        await blobs.store.put_stream(store_path(conv, key), body_chunks(size, timeout), size)
         blobs.written += 1
         return jsonify({"blob": key, "size": size}), 201
 
