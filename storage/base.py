@@ -207,17 +207,25 @@ class Storage(abc.ABC):
         now_ms: int,
         *,
         max_stored: int = 0,
+        max_devices: int = 0,
     ) -> list[bool]:
         """Store packages in one transaction; True for each newly stored one.
         A ref already stored is left as it is (idempotent; a claimed package
         never becomes available again).  A new last-resort package retires the
         device's previous one for that cipher suite.  With ``max_stored``:
         TooManyKeyPackages (nothing stored) when the device would hold more
-        unclaimed ones than that (its expired, never claimed ones are deleted)."""
+        unclaimed ones than that (its expired, never claimed ones are deleted);
+        with ``max_devices``: TooManyDevices when ``device`` never uploaded and
+        the user's devices that did are that many already."""
 
     @abc.abstractmethod
     async def key_package_counts(self, user: str, device: str, now_s: int) -> list[KeyPackageCount]:
         """The device's inventory by cipher suite (suites with nothing are omitted)."""
+
+    @abc.abstractmethod
+    async def key_package_devices(self, user: str, device: str) -> tuple[bool, int]:
+        """(whether ``device`` ever uploaded a KeyPackage, how many of the
+        user's devices did): the devices a claim for the user goes through."""
 
     @abc.abstractmethod
     async def claim_key_packages(

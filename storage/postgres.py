@@ -398,13 +398,15 @@ class PostgresStorage(PgOfflineStorage, Storage):
         now_ms: int,
         *,
         max_stored: int = 0,
+        max_devices: int = 0,
     ) -> list[bool]:
         def job(conn: PgConn) -> list[bool]:
-            # Serialize uploads of one device (the last-resort swap reads then
-            # writes; the quota counts what the upload wrote).
-            conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"kp:{user}:{device}",))
+            # Serialize uploads of one user (the last-resort swap reads then
+            # writes; the quotas count what the upload wrote, the device bound
+            # across the user's devices).
+            conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"kp:{user}",))
             return mls_sql.put_key_packages(
-                pg_exec(conn), user, device, packages, now_ms, max_stored
+                pg_exec(conn), user, device, packages, now_ms, max_stored, max_devices
             )
 
         return await self._tx(job)

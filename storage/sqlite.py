@@ -375,10 +375,11 @@ class SqliteStorage(OfflineStorage, Storage):
         now_ms: int,
         *,
         max_stored: int = 0,
+        max_devices: int = 0,
     ) -> list[bool]:
         return await self._write(
             lambda conn: mls_sql.put_key_packages(
-                ex_for(conn), user, device, packages, now_ms, max_stored
+                ex_for(conn), user, device, packages, now_ms, max_stored, max_devices
             )
         )
 

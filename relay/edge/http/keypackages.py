@@ -25,7 +25,13 @@ import trio
 from quart import Blueprint, Response, jsonify, request
 
 from protocol import text
-from protocol.errors import InvalidRequest, PayloadTooLarge, RelayError, TooManyKeyPackages
+from protocol.errors import (
+    InvalidRequest,
+    PayloadTooLarge,
+    RelayError,
+    TooManyDevices,
+    TooManyKeyPackages,
+)
 from relay.cluster.sharedlimits import MAX_USERS_PER_CLAIM
 from relay.edge.auth import Identity, token_from_request
 from relay.edge.http.body import read_body
@@ -118,6 +124,7 @@ async def _check_room(relay: Relay, who: Identity, items: int) -> None:
     its signatures are checked (the costly part).  Every item counts here,
     even one already stored; the storing transaction counts exactly
     (storage/quotas.py) and is what makes the bound hold under concurrency."""
+    await _check_device(relay, who)
     limit = relay.config.max_keypackages_per_device
     if not limit:
         return
@@ -129,6 +136,21 @@ async def _check_room(relay: Relay, who: Identity, items: int) -> None:
             f"a device keeps at most {limit} unclaimed KeyPackages; it has {stored}",
             limit=limit,
             used=stored,
+        )
+
+
+async def _check_device(relay: Relay, who: Identity) -> None:
+    """A new device beyond the user's device bound, refused before validation
+    too (the storing transaction checks again, race-free)."""
+    limit = relay.config.max_keypackage_devices_per_user
+    if not limit:
+        return
+    known, devices = await relay.storage.key_package_devices(who.user, who.device)
+    if not known and devices >= limit:
+        raise TooManyDevices(
+            f"a user may upload KeyPackages from at most {limit} devices",
+            limit=limit,
+            used=devices,
         )
 
 
@@ -173,6 +195,7 @@ def blueprint(relay: Relay, limits: HttpLimits) -> Blueprint:
             packages,
             now_ms,
             max_stored=relay.config.max_keypackages_per_device,
+            max_devices=relay.config.max_keypackage_devices_per_user,
         )
         return jsonify(
             {
