@@ -174,7 +174,7 @@ def parse_request(frame: Frame, limits: Limits) -> Request:
     """Validate a client frame; raises InvalidRequest / UnknownRequest."""
     rid = request_id(frame)
     if rid is None:
-        raise InvalidRequest("every request needs an integer id in 0..2^53-1")
+        raise InvalidRequest("every request needs an integer id in 0..2^53-1", field="id")
     parser = _PARSERS.get(frame.t or "")
     if parser is None:
         raise UnknownRequest(f"unknown request type {text.excerpt(frame.t)}")
@@ -229,11 +229,14 @@ def _send(rid: int, body: dict[str, Any], limits: Limits) -> Send:
     conversation = _conversation(body)
     blob = blob_key(body["blob"]) if "blob" in body else ""
     ciphertext = body.get("ciphertext", b"" if blob else None)
+    # The type first: with a blob, a falsy non-bytes ([], 0, null) once passed
+    # both checks below and failed an assertion (the connection closed 1011).
+    if not isinstance(ciphertext, bytes):
+        raise InvalidRequest("ciphertext must be a byte string", field="ciphertext")
     if blob and ciphertext:
         raise InvalidRequest("a send carries ciphertext or blob, not both")
-    if not blob and (not isinstance(ciphertext, bytes) or not ciphertext):
-        raise InvalidRequest("ciphertext must be a non-empty byte string")
-    assert isinstance(ciphertext, bytes)
+    if not blob and not ciphertext:
+        raise InvalidRequest("ciphertext must be a non-empty byte string", field="ciphertext")
     if len(ciphertext) > limits.max_ciphertext:
         raise PayloadTooLarge(f"ciphertext is larger than {limits.max_ciphertext} bytes")
     ephemeral = body.get("ephemeral", False)

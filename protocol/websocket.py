@@ -28,19 +28,6 @@ __all__ = ["Closed", "Message", "PingReceived", "ServerConnection", "WsEvent"]
 WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 MAX_HEAD = 16 * 1024
 
-# Close codes (documented in docs/PROTOCOL.md).
-CLOSE_NORMAL = 1000
-CLOSE_GOING_AWAY = 1001
-CLOSE_PROTOCOL_ERROR = 1002
-CLOSE_UNSUPPORTED = 1003
-CLOSE_TOO_BIG = 1009
-CLOSE_INTERNAL = 1011
-CLOSE_RESTART = 1012
-CLOSE_MALFORMED = 4400
-CLOSE_AUTH_EXPIRED = 4401
-CLOSE_CONSUMER_TOO_SLOW = 4008
-CLOSE_REPLACED = 4409
-
 
 @dataclass(frozen=True, slots=True)
 class RequestHead:
@@ -152,9 +139,28 @@ def binary_frame(payload: bytes) -> bytes:
     return head + payload
 
 
+#: Longest close reason: a control frame holds 125 bytes, 2 of them the code.
+MAX_CLOSE_REASON = 123
+
+
 def close_frame(code: int, reason: str = "") -> bytes:
-    payload = struct.pack("!H", code) + reason.encode()[:120]
+    """A close frame; ``reason`` is cut to fit, never inside a UTF-8 character
+    (a cut one would make the client fail the close with 1007)."""
+    raw = reason.encode()
+    if len(raw) > MAX_CLOSE_REASON:
+        raw = raw[:MAX_CLOSE_REASON].decode("utf-8", "ignore").encode()
+    payload = struct.pack("!H", code) + raw
     return bytes((0x88, len(payload))) + payload
+
+
+def close_reason(exc: RelayError) -> str:
+    """The close reason for a protocol error: its name, then what was wrong
+    (``MalformedFrame: CBOR tag 2 is not allowed``), so that the client
+    learns why without a frame the protocol does not have.  Error messages
+    quote at most a short excerpt of client input (protocol/text.py)."""
+    if exc.message == exc.error:
+        return exc.error
+    return f"{exc.error}: {exc.message}"
 
 
 def pong_frame(payload: bytes) -> bytes:
@@ -171,6 +177,16 @@ class ServerConnection:
 
     def __init__(self, max_message: int) -> None:
         self._reader = FrameReader(max_message)
+
+    @property
+    def messages(self) -> int:
+        """Data messages received whole so far."""
+        return self._reader.messages
+
+    @property
+    def message_pending(self) -> bool:
+        """A frame or fragmented message has begun and not ended."""
+        return self._reader.message_pending
 
     def receive(self, data: bytes) -> list[WsEvent]:
         """Feed bytes; returns complete events.

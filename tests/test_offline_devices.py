@@ -178,6 +178,7 @@ async def test_deleted_conversation_leaves_no_blobs(database_url: str, tmp_path:
             _, change = await bob.next_event("#membership")
             while BOB not in change["removed"]:
                 _, change = await bob.next_event("#membership")
+            await r.relay.blobs.settled()  # the delete woke the collector
             assert _blob_files(blob_dir) == []
             again = await alice.request("#createConversation", conversation=CONV, members=[])
             assert again.body["error"] == "ConversationExists"
