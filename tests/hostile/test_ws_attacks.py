@@ -227,6 +227,49 @@ async def test_unread_list_conversations_is_closed_4008(tmp_path, database_url: 
     check_live(prober)
 
 
+async def _history(node: Node, conversation: bytes, count: int, size: int) -> None:
+    """``count`` messages of ``size`` bytes from a member, paced under the rate."""
+    from tests.relayclient import connect
+
+    async with connect(f"ws://127.0.0.1:{node.port}/v1/ws", MALLORY, "writer") as writer:
+        await writer.ok("#createConversation", conversation=conversation, members=[])
+        for i in range(count):
+            await writer.send(conversation, i.to_bytes(4, "big") + b"h" * (size - 4), f"h{i}")
+            await trio.sleep(0.02)  # 4 requests each (1 per 64 KiB): 200/s is the rate
+
+
+@pytest.mark.timeout(90)
+async def test_unread_replay_of_large_messages_holds_a_bounded_page(
+    tmp_path, database_url: str
+) -> None:
+    """A member subscribes to 150 messages of 200 KB (30 MB of history) and
+    never reads: the replay waits for room, holding one page of at most
+    half RELAY_OUTBOX_LIMIT of ciphertext, not 1,000 rows (before: the
+    whole 30 MB, and 100 MB for 400 such messages, for as long as the
+    subscriber stayed connected)."""
+    with trio.fail_after(80):
+        async with relay_node(tmp_path, database_url) as node:
+            await _history(node, b"big-history", 150, 200_000)
+            async with (
+                watched(node) as (honest, memory, prober),
+                attacker(node.port, MALLORY, "reader") as att,
+            ):
+                await att.reply()  # the #hello
+                assert await att.send(request("#subscribe", {"id": 1}))
+                await trio.sleep(4)  # the replay fills what it may, then waits
+    report(
+        "unread replay",
+        backend=database_url.split(":")[0],
+        rss_growth_mb=round(memory.growth, 1),
+        honest_sends=len(honest.seqs),
+        live_p99_worst_ms=live(prober),
+    )
+    # The outbox (4 MiB) and one page (2 MiB), with room for the rest.
+    assert memory.growth < 15, f"RSS grew {memory.growth:.0f} MB"
+    honest.check()
+    check_live(prober)
+
+
 @pytest.mark.timeout(60)
 async def test_errors_quote_a_short_excerpt_of_a_1mb_request(tmp_path) -> None:
     """A 1 MB unknown type, a 1 MB push provider name, 64 line separators as
