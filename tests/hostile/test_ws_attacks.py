@@ -76,13 +76,16 @@ def closed_for(node: Node, *kinds: str, above: int = 0) -> Callable[[], Awaitabl
 
 @contextlib.asynccontextmanager
 async def watched(node: Node) -> AsyncIterator[tuple[Honest, Memory, Prober]]:
-    """Honest users, the node's memory and /health/live, while the block runs."""
+    """Honest users, the node's memory and /health/live, while the block
+    runs; and afterwards, that the node logged no traceback."""
     honest, memory, prober = Honest(node.port), Memory(node.proc.pid), Prober(node.port)
     async with honest.running(), trio.open_nursery() as nursery:
         await nursery.start(prober.run)
         async with memory.sampling():
             yield honest, memory, prober
         nursery.cancel_scope.cancel()
+    log = node.log_text()
+    assert "Traceback" not in log, log[-3000:]
 
 
 def report(name: str, **figures: object) -> None:
@@ -124,6 +127,7 @@ async def test_unread_1mb_unknown_requests_cost_a_bounded_amount(tmp_path) -> No
         live_p99_worst_ms=live(prober),
     )
     assert close in {(1008, "RateLimitIgnored"), (4008, "ConsumerTooSlow")}, close
+    assert "closing a connection that ignores its rate limit" in node.log_text()
     assert att.sent >= 20 * MB, "the relay stopped reading before the attack was on"
     assert memory.growth < 60, f"RSS grew {memory.growth:.0f} MB"
     assert all(len(r.payload) < 400 for r in replies), "a reply quoted the request"
@@ -306,4 +310,5 @@ async def test_errors_quote_a_short_excerpt_of_a_1mb_request(tmp_path) -> None:
             assert await att.send(request("#listConversations", {"id": 9}))
             header, body = await att.reply()
             assert (header["t"], body["id"]) == ("#result", 9)
+            assert "Traceback" not in node.log_text()
     report("excerpts", reply_bytes=sizes)
