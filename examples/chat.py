@@ -1,4 +1,4 @@
-"""A terminal chat on mls-relay with the Python SDK (relay.client).
+"""A terminal chat on mls-relay with the Python SDK (mls_relay_client).
 
     mls-relay serve &                                   # embedded default, port 3000
     python examples/chat.py --user did:example:alice --device laptop \
@@ -31,7 +31,7 @@ from pathlib import Path
 import jwt
 import trio
 
-from relay.client import Membership, Message, RelayClient, RequestFailed
+from mls_relay_client import Membership, Message, RelayClient, RequestFailed
 
 
 def token_minter(secret: str, user: str, device: str, audience: str) -> Callable[[], str]:

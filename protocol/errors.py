@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import secrets
 
+from .closecodes import CloseCode
+
 
 class RelayError(Exception):
     """Base of every error mls-relay reports."""
@@ -41,17 +43,17 @@ class ProtocolError(RelayError):
 
     error = "ProtocolError"
     http_status = 400
-    close_code = 1002
+    close_code = CloseCode.PROTOCOL_ERROR
 
 
 class MalformedFrame(ProtocolError):
     error = "MalformedFrame"
-    close_code = 4400
+    close_code = CloseCode.MALFORMED_FRAME
 
 
 class FrameTooLarge(ProtocolError):
     error = "FrameTooLarge"
-    close_code = 1009
+    close_code = CloseCode.TOO_BIG
 
 
 class UnsupportedWebSocketVersion(ProtocolError):
@@ -65,7 +67,7 @@ class InvalidFramePayload(ProtocolError):
     """Data inconsistent with its frame type (a close reason that is not UTF-8)."""
 
     error = "InvalidFramePayload"
-    close_code = 1007
+    close_code = CloseCode.INVALID_PAYLOAD
 
 
 class InvalidRequest(RelayError):
@@ -213,7 +215,15 @@ class RateLimitIgnored(ProtocolError):
 
     error = "RateLimitIgnored"
     http_status = 429
-    close_code = 1008
+    close_code = CloseCode.POLICY_VIOLATION
+
+
+class TooManyConnectionAttempts(RateLimited):
+    """The source address opened new connections faster than
+    RELAY_CONNECT_RATE_PER_ADDRESS per second (after a burst of
+    RELAY_CONNECT_BURST_PER_ADDRESS); ``retry_after_ms`` says when one more fits."""
+
+    error = "TooManyConnectionAttempts"
 
 
 class MessageTimeout(ProtocolError):
@@ -224,11 +234,20 @@ class MessageTimeout(ProtocolError):
 
     error = "MessageTimeout"
     http_status = 408
-    close_code = 1008
+    close_code = CloseCode.POLICY_VIOLATION
 
 
 class ShuttingDown(Unavailable):
     error = "ShuttingDown"
+
+
+class ConfigError(RelayError):
+    """A setting the operator gave is invalid; the process refuses to start.
+
+    Defined here, not in relay/config.py, because storage validates its own
+    settings (blob store URLs) and storage never imports the server."""
+
+    error = "ConfigError"
 
 
 class StorageError(RelayError):
@@ -359,6 +378,48 @@ class UnknownPushProvider(InvalidRequest):
     """The push provider named at registration is not configured on the relay."""
 
     error = "UnknownPushProvider"
+
+
+# --- storage quotas (storage/quotas.py) ------------------------------------------------
+
+
+class QuotaExceeded(RelayError):
+    """What a user may keep stored is bounded; this request would pass a bound.
+    Nothing of the request is stored.  ``details`` carry ``limit`` (the bound)
+    and, where it is counted, ``used``.
+
+    403, not 429 (waiting does not help: something must be claimed, deleted or
+    collected first) and not 507 (a 5xx is what load balancers count as a
+    failing node, and any user could produce them at will)."""
+
+    error = "QuotaExceeded"
+    http_status = 403
+
+
+class TooManyKeyPackages(QuotaExceeded):
+    """The device would hold more than RELAY_MAX_KEYPACKAGES_PER_DEVICE
+    unclaimed KeyPackages; the whole upload is refused."""
+
+    error = "TooManyKeyPackages"
+
+
+class BlobQuotaExceeded(QuotaExceeded):
+    """The user's stored blobs plus this one would pass RELAY_BLOB_QUOTA_BYTES."""
+
+    error = "BlobQuotaExceeded"
+
+
+class TooManyConversations(QuotaExceeded):
+    """The user already created RELAY_MAX_CONVERSATIONS_PER_USER conversations
+    that still exist or that it deleted in the last 24 hours."""
+
+    error = "TooManyConversations"
+
+
+class TooManyMembers(QuotaExceeded):
+    """The conversation would have more than RELAY_MAX_MEMBERS members."""
+
+    error = "TooManyMembers"
 
 
 # --- incidents (relay/incidents.py) ---------------------------------------------------

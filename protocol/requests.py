@@ -229,11 +229,14 @@ def _send(rid: int, body: dict[str, Any], limits: Limits) -> Send:
     conversation = _conversation(body)
     blob = blob_key(body["blob"]) if "blob" in body else ""
     ciphertext = body.get("ciphertext", b"" if blob else None)
+    # The type first: with a blob, a falsy non-bytes ([], 0, null) once passed
+    # both checks below and failed an assertion (the connection closed 1011).
+    if not isinstance(ciphertext, bytes):
+        raise InvalidRequest("ciphertext must be a byte string", field="ciphertext")
     if blob and ciphertext:
         raise InvalidRequest("a send carries ciphertext or blob, not both")
-    if not blob and (not isinstance(ciphertext, bytes) or not ciphertext):
-        raise InvalidRequest("ciphertext must be a non-empty byte string")
-    assert isinstance(ciphertext, bytes)
+    if not blob and not ciphertext:
+        raise InvalidRequest("ciphertext must be a non-empty byte string", field="ciphertext")
     if len(ciphertext) > limits.max_ciphertext:
         raise PayloadTooLarge(f"ciphertext is larger than {limits.max_ciphertext} bytes")
     ephemeral = body.get("ephemeral", False)

@@ -11,12 +11,13 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import trio
 
+from protocol.closecodes import CloseCode, CloseReason
 from protocol.requests import Limits
 from storage import open_storage
 from storage.base import Storage
@@ -87,8 +88,9 @@ class Relay:
         self.sessions: dict[tuple[str, str], object] = {}
         self.metrics_slow_consumers = 0
         self._sessions_empty = trio.Event()
-        #: Stops the accept loops (set by relay.server once listening).
-        self.stop_accepting: Callable[[], None] = lambda: None
+        #: Closes the port, answering what was already accepted (set by
+        #: relay.server once listening; relay/shutdown.py).
+        self.stop_accepting: Callable[[], Awaitable[None]] = trio.lowlevel.checkpoint
         self._committer: Committer | None = None
         #: Per-relay registry: several relays may share one process (tests).
         self.metrics = RelayMetrics(self)
@@ -177,6 +179,7 @@ class Relay:
             self.fanout,
             self.flusher,
             max_batch=self.config.commit_batch,
+            queue=self.config.commit_queue,
             linger=self.config.commit_linger_ms / 1000,
             incidents=self.metrics.incidents,
         )
@@ -225,13 +228,11 @@ class Relay:
 
     def _displaced_elsewhere(self, user: str, device: str, registered_at: float) -> None:
         """Another node registered this device: close ours unless it is newer."""
-        from protocol.websocket import CLOSE_REPLACED
-
         from .session import Session
 
         session = self.sessions.get((user, device))
         if isinstance(session, Session) and self._registered_at[(user, device)] < registered_at:
-            session.close(CLOSE_REPLACED, "ReplacedByNewConnection")
+            session.close(CloseCode.REPLACED, CloseReason.REPLACED)
 
     async def all_sessions_closed(self) -> None:
         while self.sessions:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import importlib.util
 import json
 import logging
 import os
@@ -32,6 +33,9 @@ def main(argv: list[str] | None = None) -> int:
         from .check import bench as run_bench
 
         return run_bench(argv[1:])
+    if argv[:1] == ["tail"] and importlib.util.find_spec("mls_relay_client") is None:
+        print(_NO_CLIENT, file=sys.stderr)  # before parsing: its options are the client's
+        return 2
     parser = argparse.ArgumentParser(prog="mls-relay", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the relay (WebSocket + HTTP on one port)")
@@ -62,10 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     # Listed for --help only: main() hands "bench ..." to bench/run.py before
     # parsing, which answers "mls-relay bench --help" itself.
     sub.add_parser("bench", help="run bench/run.py (source checkout; --help for its options)")
-    tail = sub.add_parser("tail", help="print a device's events as JSON lines (debugging)")
-    from .tail import add_arguments as tail_arguments
-
-    tail_arguments(tail)
+    _add_tail(sub.add_parser("tail", help="print a device's events as JSON lines (debugging)"))
     args = parser.parse_args(argv)
     if args.command == "inspect":
         from .inspect import run as inspect_run
@@ -231,8 +232,25 @@ def _check(args: argparse.Namespace) -> int:
     return check()
 
 
+#: tail is the Python client's (clients/python), a distribution of its own: the
+#: server runs without it, so only this command needs it (docs/ARCHITECTURE.md).
+_NO_CLIENT = (
+    "mls-relay tail: needs the Python client: pip install ./clients/python "
+    "(from the source checkout), or run mls-relay-tail where it is installed"
+)
+
+
+def _add_tail(parser: argparse.ArgumentParser) -> None:
+    if importlib.util.find_spec("mls_relay_client") is None:
+        parser.description = _NO_CLIENT  # listed in --help all the same
+        return
+    from mls_relay_client.tail import add_arguments
+
+    add_arguments(parser)
+
+
 def _tail(args: argparse.Namespace) -> int:
-    from .tail import main as tail_main
+    from mls_relay_client.tail import main as tail_main
 
     cfg = from_env()
     return tail_main(args, cfg.port, cfg.ws_path)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from protocol.errors import RelayError
+from protocol.errors import ConfigError
 
 if TYPE_CHECKING:
     from storage.pgconn import PgTimeouts
@@ -35,10 +35,6 @@ WELL_KNOWN_SECRETS = frozenset(
         "redis_secure_password_change_in_production",
     }
 )
-
-
-class ConfigError(RelayError):
-    error = "ConfigError"
 
 
 @dataclass(frozen=True)
@@ -62,6 +58,10 @@ class Config:
     outbox_limit: int = 4 * 1024 * 1024
     max_in_flight: int = 64
     commit_batch: int = 512
+    #: Sends the commit queue holds (relay/committer.py): from half of it the
+    #: node stops reading sockets, and a send that finds it full waits in its
+    #: session.
+    commit_queue: int = 4096
     #: A batch waits up to this long after its first send for more sends to
     #: join it (relay/committer.py).  0 commits at once.
     commit_linger_ms: float = 2.0
@@ -162,6 +162,24 @@ class Config:
     #: Blob uploads and downloads in progress per user, and on this node; 0 disables.
     transfers_per_user: int = 4
     transfers: int = 64
+    #: New connections per second from one source address (a token bucket
+    #: with this burst; IPv6 by /64, trusted proxies by X-Forwarded-For);
+    #: beyond it 429 TooManyConnectionAttempts at accept.  0 disables.
+    connect_rate_per_address: float = 20.0
+    connect_burst_per_address: int = 40
+
+    # --- storage quotas (storage/quotas.py; docs/OPERATIONS.md "Quotas"); 0 disables each ---
+    #: Unclaimed KeyPackages one device may keep stored.
+    max_keypackages_per_device: int = 1000
+    #: Bytes of blobs one user may keep stored (every blob it uploaded, or the
+    #: relay stored for its sends, until collected).
+    blob_quota_bytes: int = 1024**3
+    #: Conversations one user created that still exist, plus those it deleted
+    #: in the last 24 hours (deleted ids are kept for ever).
+    max_conversations_per_user: int = 10000
+    #: Members of one conversation (the Rust delivery service's bound).
+    max_members: int = 1000
+
     # --- PostgreSQL bounds (storage/pgconn.py; docs/OPERATIONS.md "Database timeouts") ---
     #: Server-side statement_timeout and idle_in_transaction_session_timeout (0: none).
     db_statement_timeout_s: float = 10.0
@@ -276,9 +294,18 @@ def validate(cfg: Config) -> None:
         "http_requests_per_user",
         "transfers_per_user",
         "transfers",
+        "connect_burst_per_address",
+        "max_keypackages_per_device",
+        "blob_quota_bytes",
+        "max_conversations_per_user",
+        "max_members",
     ):
         if getattr(cfg, name) < 0:
             raise ConfigError(f"{_env_name(name)} must be >= 0 (0 disables)")
+    if cfg.connect_rate_per_address < 0:
+        raise ConfigError("RELAY_CONNECT_RATE_PER_ADDRESS must be >= 0 (0 disables)")
+    if cfg.connect_rate_per_address and cfg.connect_burst_per_address < 1:
+        raise ConfigError("RELAY_CONNECT_BURST_PER_ADDRESS must be >= 1 with a connect rate")
     if cfg.trusted_proxies:
         from .edge import parse_networks
 
@@ -286,6 +313,8 @@ def validate(cfg: Config) -> None:
             parse_networks(cfg.trusted_proxies)
         except ValueError as exc:
             raise ConfigError(f"RELAY_TRUSTED_PROXIES: {exc}") from None
+    if cfg.commit_batch < 1 or cfg.commit_queue < 2:
+        raise ConfigError("RELAY_COMMIT_BATCH must be >= 1 and RELAY_COMMIT_QUEUE >= 2")
     _validate_db_bounds(cfg)
     if cfg.workers < 1:
         raise ConfigError(f"RELAY_WORKERS must be >= 1, got {cfg.workers}")

@@ -9,6 +9,11 @@ WebSockets, SSE streams and HTTP keep-alive connections:
   closed.  IPv4 addresses count one by one; IPv6 addresses by their /64 (one
   subscriber's allocation: counting single IPv6 addresses would let one host
   open 2^64 of them).
+* new connections per source address, ``RELAY_CONNECT_RATE_PER_ADDRESS``
+  per second after a burst of ``RELAY_CONNECT_BURST_PER_ADDRESS`` (20/s,
+  40; relay/connrate.py): beyond it ``429 {"error":
+  "TooManyConnectionAttempts", "retry_after_ms"}``, before anything of the
+  request is read, so a handshake flood costs no token or signature work.
 * per node, ``RELAY_MAX_CONNECTIONS`` (automatic: the file-descriptor limit
   less :data:`RESERVE_FDS`): beyond it ``503 {"error": "NodeBusy"}``.  The cap
   is always below the descriptor limit, so accept(2) itself never runs out
@@ -22,7 +27,7 @@ when accepting works again, instead of a traceback per try.
 
 Behind a reverse proxy every connection comes from the proxy's address.
 Addresses listed in ``RELAY_TRUSTED_PROXIES`` (off by default) are exempt from
-the per-address cap at accept; their connection is counted instead under the
+the per-address cap and rate at accept; their connection is counted instead under the
 client address their ``X-Forwarded-For`` names (the rightmost entry that is
 not itself a trusted proxy), once the request head is read.  Without that
 setting ``X-Forwarded-For`` is ignored: a client could write anything there.
@@ -46,8 +51,15 @@ import trio
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from protocol.errors import NodeBusy, RelayError, TooManyConnectionsFromAddress
+from protocol.errors import (
+    NodeBusy,
+    RelayError,
+    TooManyConnectionAttempts,
+    TooManyConnectionsFromAddress,
+)
 from protocol.websocket import RequestHead, json_response
+
+from .connrate import ConnectRate
 
 log = logging.getLogger("relay.edge")
 
@@ -114,9 +126,17 @@ class ConnectionGate:
     """This node's count of open connections, per address key and in total."""
 
     def __init__(
-        self, per_address: int, max_connections: int, trusted: str = "", *, nofile: int = 0
+        self,
+        per_address: int,
+        max_connections: int,
+        trusted: str = "",
+        *,
+        nofile: int = 0,
+        connect_rate: float = 0.0,
+        connect_burst: int = 1,
     ) -> None:
         self.per_address = per_address
+        self.rate = ConnectRate(connect_rate, connect_burst)
         fd_cap = max(16, (nofile or raise_nofile_limit()) - RESERVE_FDS)
         if max_connections > fd_cap:
             log.warning(
@@ -152,20 +172,32 @@ class ConnectionGate:
                 f"this node holds {self.max_connections} connections; retry or use another node"
             )
         key = "" if self.trusts(address) else address_key(address)
-        if key and not self._room(key):
-            return TooManyConnectionsFromAddress(
-                f"at most {self.per_address} connections from one address", retry_after_ms=1000
-            )
+        if key:
+            refusal = self._too_fast(key) or self._too_many(key)
+            if refusal is not None:
+                return refusal
         self.open += 1
         if key:
             self.by_address[key] += 1
         return None
 
-    def _room(self, key: str) -> bool:
+    def _too_many(self, key: str) -> RelayError | None:
         if self.per_address and self.by_address[key] >= self.per_address:
             self.refused["per_address"] += 1
-            return False
-        return True
+            return TooManyConnectionsFromAddress(
+                f"at most {self.per_address} connections from one address", retry_after_ms=1000
+            )
+        return None
+
+    def _too_fast(self, key: str) -> RelayError | None:
+        wait = self.rate.take(key)
+        if not wait:
+            return None
+        self.refused["rate_per_address"] += 1
+        return TooManyConnectionAttempts(
+            f"at most {self.rate.rate:g} new connections per second from one address",
+            retry_after_ms=max(1, int(wait * 1000 + 0.999)),
+        )
 
     def forwarded(self, head: RequestHead) -> str | None:
         """The client a trusted proxy names in X-Forwarded-For, if any."""
@@ -180,10 +212,9 @@ class ConnectionGate:
         """Count a proxied connection under its client's address (the node
         count already holds it, from accept)."""
         key = address_key(address)
-        if not self._room(key):
-            return TooManyConnectionsFromAddress(
-                f"at most {self.per_address} connections from one address", retry_after_ms=1000
-            )
+        refusal = self._too_fast(key) or self._too_many(key)
+        if refusal is not None:
+            return refusal
         self.by_address[key] += 1
         return None
 
@@ -263,10 +294,11 @@ class _Collector(Collector):
     def collect(self) -> Iterator[Any]:
         refused = CounterMetricFamily(
             "relay_connections_refused",
-            "Connections refused at accept by a cap (per source address, or the node's).",
+            "Connections refused at accept by a cap (open per source address, new per"
+            " second per source address, or the node's).",
             labels=["cap"],
         )
-        for cap in ("per_address", "node"):
+        for cap in ("per_address", "rate_per_address", "node"):
             refused.add_metric([cap], self.gate.refused.get(cap, 0))
         yield refused
         yield GaugeMetricFamily(

@@ -90,10 +90,8 @@ class Handlers:
         self.s.relay.fanout.publish_membership(
             MembershipChange(req.conversation, self.s.user, (), tuple(members), 0)
         )
-        try:  # its blobs go now; the collector would find them later anyway
-            await self.s.relay.blobs.collect()
-        except RelayError:
-            log.warning("blobs of a deleted conversation left for the collector", exc_info=True)
+        # Its blobs go in the background (relay/blobs.py): there may be any number.
+        self.s.relay.blobs.wake()
         return events.result(req.id, conversation=req.conversation, deleted=True)
 
     async def delivery_state(self, req: DeliveryStateRequest) -> bytes:
@@ -184,6 +182,8 @@ class Handlers:
             mls_group_id=req.mls_group_id,
             external_join=req.external_join,
             storage_model=req.storage or self.s.relay.config.storage_model,
+            max_created=self.s.relay.config.max_conversations_per_user,
+            max_members=self.s.relay.config.max_members,
         )
         members = await self.storage.members(req.conversation)
         self.s.relay.fanout.publish_membership(
@@ -193,7 +193,11 @@ class Handlers:
 
     async def add(self, req: AddMembers) -> bytes:
         added = await self.storage.add_members(
-            req.conversation, self.s.user, req.members, _now_ms()
+            req.conversation,
+            self.s.user,
+            req.members,
+            _now_ms(),
+            max_members=self.s.relay.config.max_members,
         )
         last_seq = added[0].joined_seq if added else 0
         if added:

@@ -25,7 +25,7 @@ import trio
 from quart import Blueprint, Response, jsonify, request
 
 from protocol import text
-from protocol.errors import InvalidRequest, PayloadTooLarge, RelayError
+from protocol.errors import InvalidRequest, PayloadTooLarge, RelayError, TooManyKeyPackages
 
 from .auth import Identity, token_from_request
 from .httpbody import read_body
@@ -115,6 +115,25 @@ def _validation_turn(relay: Relay) -> trio.Lock:
     return lock
 
 
+async def _check_room(relay: Relay, who: Identity, items: int) -> None:
+    """Refuse an upload that cannot fit the device's KeyPackage quota before
+    its signatures are checked (the costly part).  Every item counts here,
+    even one already stored; the storing transaction counts exactly
+    (storage/quotas.py) and is what makes the bound hold under concurrency."""
+    limit = relay.config.max_keypackages_per_device
+    if not limit:
+        return
+    now = int(for_relay(relay).clock())
+    counts = await relay.storage.key_package_counts(who.user, who.device, now)
+    stored = sum(c.available + int(c.last_resort) for c in counts)
+    if stored + items > limit:
+        raise TooManyKeyPackages(
+            f"a device keeps at most {limit} unclaimed KeyPackages; it has {stored}",
+            limit=limit,
+            used=stored,
+        )
+
+
 def _claim_body(raw: bytes) -> tuple[list[str], int]:
     """``{users: [did], cipher_suite}`` from JSON text, every failure a 400."""
     try:
@@ -147,9 +166,16 @@ def blueprint(relay: Relay, limits: HttpLimits) -> Blueprint:
         del body
         if len(items) > relay.config.keypackage_max_upload:
             raise PayloadTooLarge(f"at most {relay.config.keypackage_max_upload} per upload")
+        await _check_room(relay, who, len(items))
         packages = await _validate(relay, items, who.user)
         now_ms = int(for_relay(relay).clock() * 1000)
-        stored = await relay.storage.put_key_packages(who.user, who.device, packages, now_ms)
+        stored = await relay.storage.put_key_packages(
+            who.user,
+            who.device,
+            packages,
+            now_ms,
+            max_stored=relay.config.max_keypackages_per_device,
+        )
         return jsonify(
             {
                 "stored": sum(stored),

@@ -14,9 +14,9 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from protocol.closecodes import CloseCode, CloseReason
 from protocol.errors import AuthError, ProtocolError, RelayError
 from protocol.websocket import (
-    CLOSE_REPLACED,
     RequestHead,
     accept_response,
     json_response,
@@ -28,6 +28,7 @@ from .auth import token_from_request
 from .edge import ConnectionGate, accept_loop, peer_address, raise_nofile_limit
 from .retention import consume_jti
 from .session import Session
+from .shutdown import close_listeners
 
 if TYPE_CHECKING:
     from .app import Relay
@@ -53,6 +54,8 @@ async def serve_listeners(
         cfg.max_connections,
         cfg.trusted_proxies,
         nofile=raise_nofile_limit(),
+        connect_rate=cfg.connect_rate_per_address,
+        connect_burst=cfg.connect_burst_per_address,
     )
     gate.register_metrics(relay.metrics.registry)
 
@@ -76,15 +79,25 @@ async def serve_listeners(
     # Connections live in their own nursery so that shutdown can stop
     # accepting (cancel the accept loops) while open sessions keep running
     # until they are drained and closed.
-    async with trio.open_nursery() as connections:
-        with trio.CancelScope() as accepting:
-            relay.stop_accepting = accepting.cancel
-            async with trio.open_nursery() as acceptors:
-                for listener in listeners:
-                    acceptors.start_soon(accept_loop, listener, gate, handler, connections)
-                task_status.started()
-        for listener in listeners:
-            await listener.aclose()
+    # Shutdown closes the port, then waits (bounded) until every connection
+    # is done: the last ones accepted get their 503 before the node goes.
+    all_done = trio.Event()
+
+    async def stop_accepting() -> None:
+        accepting.cancel()
+        await all_done.wait()
+
+    try:
+        async with trio.open_nursery() as connections:
+            with trio.CancelScope() as accepting:
+                relay.stop_accepting = stop_accepting
+                async with trio.open_nursery() as acceptors:
+                    for listener in listeners:
+                        acceptors.start_soon(accept_loop, listener, gate, handler, connections)
+                    task_status.started()
+            await close_listeners(listeners, handler, connections)
+    finally:
+        all_done.set()
 
 
 async def handle_connection(
@@ -197,7 +210,7 @@ async def _start_session(
         await _refuse(stream, refusal.http_status, refusal)
         return None
     if isinstance(previous, Session):
-        previous.close(CLOSE_REPLACED, "ReplacedByNewConnection")
+        previous.close(CloseCode.REPLACED, CloseReason.REPLACED)
     return session
 
 

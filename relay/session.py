@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from protocol import events
+from protocol.closecodes import CloseCode, CloseReason
 from protocol.errors import (
     InvalidRequest,
     MessageTimeout,
@@ -38,11 +39,6 @@ from protocol.errors import (
 from protocol.frames import decode_frame
 from protocol.requests import Request, Send, parse_request, request_id
 from protocol.websocket import (
-    CLOSE_AUTH_EXPIRED,
-    CLOSE_CONSUMER_TOO_SLOW,
-    CLOSE_GOING_AWAY,
-    CLOSE_INTERNAL,
-    CLOSE_NORMAL,
     Message,
     PingReceived,
     ServerConnection,
@@ -58,7 +54,7 @@ from storage.base import Appended, NewMessage
 from .committer import PendingSend
 from .handlers import Handlers
 from .httpbody import MIN_BODY_RATE
-from .limits import request_cost
+from .limits import NESTED_BYTES, request_cost
 from .logs import connection_context
 from .outbox import Outbox
 from .streams import Streams
@@ -77,7 +73,7 @@ _IN_FLIGHT, _BACKLOG = 1, 2
 #: Closes after which what is still queued is dropped, not drained: the
 #: client did not read it (4008), or flooded us (1008).  Nothing is lost: a
 #: dropped #message is replayed on resume, a dropped #result's send is durable.
-_DISCARD_ON = frozenset({CLOSE_CONSUMER_TOO_SLOW, RateLimitIgnored.close_code})
+_DISCARD_ON = frozenset({CloseCode.CONSUMER_TOO_SLOW, RateLimitIgnored.close_code})
 
 
 class Session:
@@ -130,7 +126,7 @@ class Session:
                 await self._run(early)
             finally:
                 metrics.closed(self.outbox)
-                code, reason = self._closing or (CLOSE_NORMAL, "")
+                code, reason = self._closing or (CloseCode.NORMAL, "")
                 log.info(
                     "connection closed",
                     extra={"code": code, "reason": reason, "frames_out": self.outbox.frames_out},
@@ -171,7 +167,7 @@ class Session:
         self._cancel.cancel()
 
     async def _finish(self) -> None:
-        code, reason = self._closing or (CLOSE_NORMAL, "")
+        code, reason = self._closing or (CloseCode.NORMAL, "")
         with trio.CancelScope(shield=True), trio.move_on_after(2):
             if code in _DISCARD_ON:
                 self.outbox.discard()  # it was not reading: the close frame goes next
@@ -191,13 +187,13 @@ class Session:
         if self.outbox.overflowed:
             self._too_slow()
         else:
-            self.close(CLOSE_NORMAL, "")
+            self.close(CloseCode.NORMAL, "")
 
     def _too_slow(self) -> None:
         if self._closing is None:
             self.relay.metrics_slow_consumers += 1
-            self.relay.metrics.error("ConsumerTooSlow")
-        self.close(CLOSE_CONSUMER_TOO_SLOW, "ConsumerTooSlow")
+            self.relay.metrics.error(CloseReason.CONSUMER_TOO_SLOW)
+        self.close(CloseCode.CONSUMER_TOO_SLOW, CloseReason.CONSUMER_TOO_SLOW)
 
     def _on_backlog(self, backlogged: bool) -> None:
         """The outbox passed three quarters of its bound (or drained to half):
@@ -215,7 +211,7 @@ class Session:
         tasks of each connection: three sleeping tasks per socket were a
         third of the memory of an idle connection."""
         if wall >= self.identity.expires_at:
-            self.close(CLOSE_AUTH_EXPIRED, "TokenExpired")
+            self.close(CloseCode.TOKEN_EXPIRED, CloseReason.TOKEN_EXPIRED)
             return
         if self._paused_for & _BACKLOG and self.outbox.bytes_out == self._bytes_out_at_tick:
             self._too_slow()  # paused since the last sweep, and not a byte taken
@@ -226,7 +222,7 @@ class Session:
         interval = self.relay.config.ping_interval_s
         silent = now - self._last_heard
         if silent >= 2 * interval:
-            self.close(CLOSE_GOING_AWAY, "PingTimeout")
+            self.close(CloseCode.GOING_AWAY, CloseReason.PING_TIMEOUT)
         elif silent >= interval:
             self.send_frame_raw(ping_frame())
 
@@ -273,7 +269,7 @@ class Session:
         if self._closing is not None:
             return  # closing: what the client still sends is ignored
         if not data:
-            self.close(CLOSE_NORMAL, "")
+            self.close(CloseCode.NORMAL, "")
             return
         self.relay.metrics.bytes_in += len(data)
         self._last_heard = trio.current_time()
@@ -292,7 +288,11 @@ class Session:
                 elif isinstance(event, PongReceived):
                     self._admit_control()
                 else:
-                    code = event.code if event.code in (1000, 1001) else CLOSE_NORMAL
+                    code = (
+                        event.code
+                        if event.code in (CloseCode.NORMAL, CloseCode.GOING_AWAY)
+                        else CloseCode.NORMAL
+                    )
                     self.close(code, "")
                     return
         except ProtocolError as exc:  # includes a malformed frame body
@@ -308,11 +308,13 @@ class Session:
             return False
         return True
 
-    def _strike(self, exc: RateLimited) -> None:
+    def _strike(self, exc: RateLimited, cost: int = 1) -> None:
         """A refusal for rate: counted, and the connection closed once its
-        strikes are used up (its error replies are bounded that way too)."""
+        strikes are used up (its error replies are bounded that way too).  A
+        refused message takes as many strikes as it costs requests: it was
+        decoded before it was refused, and that decoding is what it costs."""
         self.relay.metrics.error(exc.error)
-        if self._strikes is not None and self._strikes.take():
+        if self._strikes is not None and self._strikes.take(min(cost, self._strikes.burst)):
             refusal = RateLimitIgnored("the client kept sending after RateLimited")
             self.relay.metrics.error(refusal.error)
             log.warning("closing a connection that ignores its rate limit")
@@ -320,12 +322,13 @@ class Session:
 
     def _on_message(self, data: bytes) -> None:
         frame = decode_frame(data)  # MalformedFrame closes the connection
+        cost = request_cost(len(data), len(data) > NESTED_BYTES and _nested(frame.body))
         try:
             # The rate first: unknown and invalid requests count like valid ones.
-            self.relay.node_limits.check_request(self.user, self._requests, request_cost(len(data)))
+            self.relay.node_limits.check_request(self.user, self._requests, cost)
             req = parse_request(frame, self.relay.limits)
         except RateLimited as exc:
-            self._strike(exc)
+            self._strike(exc, cost)
             if self._closing is None:
                 self.outbox.write_control(binary_frame(events.error(exc, request_id(frame))))
             return
@@ -340,7 +343,7 @@ class Session:
             self.nursery.start_soon(self._handle, req)
 
     def fail(self) -> None:
-        self.close(CLOSE_INTERNAL, "InternalError")
+        self.close(CloseCode.INTERNAL_ERROR, CloseReason.INTERNAL_ERROR)
 
     def _take_slot(self) -> None:
         """Backpressure: a client with max_in_flight requests pending is not
@@ -461,6 +464,14 @@ class Session:
 
     def _unfollow(self, conversation: bytes) -> None:
         self.relay.hub.unsubscribe(self.streams, conversation)
+
+
+_FLAT = frozenset({str, bytes, int, bool, float, type(None)})
+
+
+def _nested(body: dict[str, object]) -> bool:
+    """Whether a body holds arrays or maps (decoding those costs per item)."""
+    return not _FLAT.issuperset(map(type, body.values()))
 
 
 def _message_time(cfg: Config) -> float:

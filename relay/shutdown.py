@@ -3,11 +3,13 @@ and let load balancers see it happen."""
 
 from __future__ import annotations
 
+import select
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 import trio
 
-from protocol.websocket import CLOSE_RESTART
+from protocol.closecodes import CloseCode, CloseReason
 
 if TYPE_CHECKING:
     from .app import Relay
@@ -16,6 +18,10 @@ if TYPE_CHECKING:
 #: chunked body's terminator before the port closes (a grace of 0 would
 #: otherwise cut it: curl exit 18, ERR_INCOMPLETE_CHUNKED_ENCODING).
 SSE_FLUSH_S = 0.2
+#: When the grace ends, connections already accepted get this long to be
+#: answered (their 503s) before the node goes away; the caller cancels the
+#: rest.  Without it a probe accepted just before the end saw a reset.
+LAST_ANSWERS_S = 1.0
 
 
 async def graceful_shutdown(relay: Relay, hurry: trio.Event | None = None) -> None:
@@ -35,7 +41,9 @@ async def graceful_shutdown(relay: Relay, hurry: trio.Event | None = None) -> No
     5. The port keeps answering until ``RELAY_DRAIN_GRACE_S`` after the start
        (Kubernetes removes a terminating pod from its endpoints asynchronously:
        requests keep arriving for a few seconds), or until ``hurry`` is set (a
-       second SIGTERM); then the listeners close.
+       second SIGTERM); then the listeners close, once the connections
+       already accepted or queued in their backlog are answered (a probe
+       sees a 503 or a refused connect, never a reset).
 
     Returns by the deadline even if a client never reads (its close frame
     cannot be written); the caller then cancels what is left, and each
@@ -54,7 +62,7 @@ async def graceful_shutdown(relay: Relay, hurry: trio.Event | None = None) -> No
         await relay.committer.drained.wait()
     for session in list(relay.sessions.values()):
         if isinstance(session, Session):
-            session.close(CLOSE_RESTART, "ServiceRestart")
+            session.close(CloseCode.SERVICE_RESTART, CloseReason.SERVICE_RESTART)
     with trio.move_on_at(deadline):
         await relay.all_sessions_closed()
         for stream in streams:
@@ -63,4 +71,42 @@ async def graceful_shutdown(relay: Relay, hurry: trio.Event | None = None) -> No
             await trio.sleep(SSE_FLUSH_S)
     with trio.move_on_at(min(grace_end, deadline)):
         await (hurry if hurry is not None else trio.Event()).wait()
-    relay.stop_accepting()
+    with trio.move_on_at(min(deadline, trio.current_time() + LAST_ANSWERS_S)):
+        await relay.stop_accepting()
+
+
+async def close_listeners(
+    listeners: list[trio.SocketListener],
+    start: Callable[[trio.SocketStream], Awaitable[None]],
+    nursery: trio.Nursery,
+) -> None:
+    """Close each listener once the connections the kernel already queued on
+    it are accepted and handed to ``start``.
+
+    Closing a listening socket resets every connection waiting in its
+    backlog: a client (a load balancer's probe) whose connect succeeded a
+    moment before would see a reset instead of the 503 or the refused
+    connect it expects.  Between the last look at the backlog and the close
+    there is no checkpoint, so only a connect landing in those microseconds
+    is reset."""
+    try:
+        for listener in listeners:
+            while _backlog_waiting(listener):
+                # Another process sharing the socket (serve --workers) may take it first.
+                with trio.move_on_after(0.1) as waited:
+                    stream = await listener.accept()
+                if waited.cancelled_caught:
+                    break
+                nursery.start_soon(start, stream)
+            listener.socket.close()
+    except OSError:
+        pass  # out of descriptors: what is left is reset, as before
+    finally:
+        for listener in listeners:
+            listener.socket.close()
+
+
+def _backlog_waiting(listener: trio.SocketListener) -> bool:
+    poll = select.poll()
+    poll.register(listener.socket.fileno(), select.POLLIN)
+    return bool(poll.poll(0))

@@ -41,6 +41,7 @@ import trio
 from quart import Response, request
 
 from protocol import events, ssecursor
+from protocol.closecodes import CloseReason
 from protocol.errors import (
     NotMember,
     ShuttingDown,
@@ -75,8 +76,8 @@ RENDER_SLICE = 256 * 1024
 
 #: The ``message`` of a stream's last event (``info``, ``name`` = the reason).
 _END_DEFAULT = "stream closed; resume with Last-Event-ID"
-_END_MESSAGES = {
-    "ServiceRestart": "this node is going away; reconnect with Last-Event-ID",
+_END_MESSAGES: dict[str, str] = {
+    CloseReason.SERVICE_RESTART: "this node is going away; reconnect with Last-Event-ID",
 }
 
 
@@ -238,10 +239,10 @@ class SseStream:
                     await trio.sleep_until(
                         trio.current_time() + max(0.0, self.identity.expires_at - time.time())
                     )
-                    self._end("TokenExpired")
+                    self._end(CloseReason.TOKEN_EXPIRED)
             except Exception:
                 log.exception("sse stream failed", extra={"session": self.id})
-                self._end("InternalError")
+                self._end(CloseReason.INTERNAL_ERROR)
 
     def _end(self, reason: str) -> None:
         if self._ended is None:
@@ -251,7 +252,7 @@ class SseStream:
     def going_away(self) -> None:
         """Graceful shutdown: the body sends what is pending, then a last
         ``info`` event (ServiceRestart), then ends the response properly."""
-        self._end("ServiceRestart")
+        self._end(CloseReason.SERVICE_RESTART)
 
     def close(self) -> None:
         """Synchronous cleanup (runs in the body's finally, possibly cancelled)."""
@@ -273,13 +274,13 @@ class SseStream:
                 with trio.move_on_after(keepalive):
                     await self.sink.ready.wait()
                 if self.sink.has_failed:
-                    self._end("ConsumerTooSlow" if self.sink.overflowed else "closed")
+                    self._end(CloseReason.CONSUMER_TOO_SLOW if self.sink.overflowed else "closed")
                 if self.relay.state.shutting_down:
-                    self._end("ServiceRestart")
+                    self._end(CloseReason.SERVICE_RESTART)
                 chunk = self._render_slice() if self.sink.ready.is_set() else b""
                 if self._ended is not None:
                     reason = self._ended
-                    if reason == "ConsumerTooSlow":
+                    if reason == CloseReason.CONSUMER_TOO_SLOW:
                         self.relay.metrics_slow_consumers += 1
                     if reason != "closed":
                         self.relay.metrics.error(reason)

@@ -87,20 +87,32 @@ class Storage(abc.ABC):
         mls_group_id: bytes | None = None,
         external_join: bool = False,
         storage_model: str = "inline",
+        max_created: int = 0,
+        max_members: int = 0,
     ) -> ConversationInfo:
         """Create a conversation; the creator is always a member.  All initial
         members get joined_seq 0.  Raises ConversationExists (also for the id
         of a deleted conversation).  With ``mls_group_id`` it is an MLS
-        conversation at epoch 0 (immutable); ``storage_model`` is immutable too."""
+        conversation at epoch 0 (immutable); ``storage_model`` is immutable too.
+        Quotas (0: none; storage/quotas.py): TooManyConversations when the
+        creator has ``max_created`` existing ones, TooManyMembers when the
+        members (creator included) are more than ``max_members``."""
 
     @abc.abstractmethod
     async def add_members(
-        self, conversation: bytes, actor: str, users: Sequence[str], now_ms: int
+        self,
+        conversation: bytes,
+        actor: str,
+        users: Sequence[str],
+        now_ms: int,
+        *,
+        max_members: int = 0,
     ) -> list[AddedMember]:
         """The actor (a member) adds users; returns only those newly added,
         each with joined_seq = the conversation's last_seq at that moment.
         Raises NotMember if the actor is not a member (or the conversation
-        does not exist: existence is not revealed to non-members)."""
+        does not exist: existence is not revealed to non-members), and
+        TooManyMembers (nobody added) when it would pass ``max_members``."""
 
     @abc.abstractmethod
     async def remove_members(
@@ -190,12 +202,20 @@ class Storage(abc.ABC):
 
     @abc.abstractmethod
     async def put_key_packages(
-        self, user: str, device: str, packages: Sequence[NewKeyPackage], now_ms: int
+        self,
+        user: str,
+        device: str,
+        packages: Sequence[NewKeyPackage],
+        now_ms: int,
+        *,
+        max_stored: int = 0,
     ) -> list[bool]:
         """Store packages in one transaction; True for each newly stored one.
         A ref already stored is left as it is (idempotent; a claimed package
         never becomes available again).  A new last-resort package retires the
-        device's previous one for that cipher suite."""
+        device's previous one for that cipher suite.  With ``max_stored``:
+        TooManyKeyPackages (nothing stored) when the device would hold more
+        unclaimed ones than that (its expired, never claimed ones are deleted)."""
 
     @abc.abstractmethod
     async def key_package_counts(self, user: str, device: str, now_s: int) -> list[KeyPackageCount]:
@@ -280,10 +300,20 @@ class Storage(abc.ABC):
 
     @abc.abstractmethod
     async def put_blob(
-        self, conversation: bytes, key: str, user: str, device: str, size: int, now_ms: int
+        self,
+        conversation: bytes,
+        key: str,
+        user: str,
+        device: str,
+        size: int,
+        now_ms: int,
+        *,
+        quota_bytes: int = 0,
     ) -> None:
-        """Register a blob before its bytes are written.  Raises NotMember, and
-        BlobsDisabled when the conversation's storage model is inline."""
+        """Register a blob before its bytes are written.  Raises NotMember,
+        BlobsDisabled when the conversation's storage model is inline, and
+        BlobQuotaExceeded when the user's registered blobs and ``size`` pass
+        ``quota_bytes``."""
 
     @abc.abstractmethod
     async def blob_for_reader(self, conversation: bytes, key: str, user: str) -> BlobInfo:

@@ -27,8 +27,7 @@ from urllib.parse import unquote, urlsplit
 
 import trio
 
-from protocol.errors import BlobNotFound, BlobStoreError, InvalidRequest
-from relay.config import ConfigError
+from protocol.errors import BlobNotFound, BlobStoreError, ConfigError, InvalidRequest
 
 __all__ = ["BlobReader", "BlobStore", "FileBlobStore", "open_blob_store", "validate_key"]
 

@@ -23,6 +23,7 @@ from protocol.errors import (
     UnknownKeyPackage,
     WrongGroup,
 )
+from storage import quotas
 from storage.base import (
     Appended,
     ClaimedKeyPackage,
@@ -76,6 +77,7 @@ CHECK_ORDER = (
     "group",  # WrongGroup
     "epoch",  # FutureEpoch, StaleCommit, StaleEpoch
     "key_packages",  # UnknownKeyPackage: a Welcome ref the sender did not claim
+    "members",  # TooManyMembers: the commit would pass RELAY_MAX_MEMBERS (storage/quotas.py)
 )
 
 
@@ -223,6 +225,8 @@ def append_mls_sqlite(ex: Exec, msg: NewMessage) -> Appended | RelayError:
     targets = welcome_targets(ex, msg)  # before any write: an unknown ref refuses the commit
     if isinstance(targets, RelayError):
         return targets
+    if msg.kind in COMMIT_KINDS and (crowded := quotas.commit_members(ex, msg, targets)):
+        return crowded
     new_epoch = epoch + (1 if msg.kind in COMMIT_KINDS else 0)
     seq = last_seq + 1
     ex(
@@ -242,8 +246,15 @@ def append_mls_sqlite(ex: Exec, msg: NewMessage) -> Appended | RelayError:
 
 
 def put_key_packages(
-    ex: Exec, user: str, device: str, packages: Sequence[NewKeyPackage], now_ms: int
+    ex: Exec,
+    user: str,
+    device: str,
+    packages: Sequence[NewKeyPackage],
+    now_ms: int,
+    max_stored: int = 0,
 ) -> list[bool]:
+    """The caller serializes one device's uploads (the last-resort swap reads
+    then writes, and the quota counts what the upload wrote)."""
     stored: list[bool] = []
     for kp in packages:
         new = ex(
@@ -260,6 +271,8 @@ def put_key_packages(
                 (now_ms, user, device, kp.cipher_suite, kp.ref),
             )
         stored.append(new)
+    # Raising rolls the upload back whole: nothing of it is stored.
+    quotas.check_key_packages(ex, user, device, now_ms // 1000, max_stored)
     return stored
 
 

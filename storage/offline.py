@@ -14,7 +14,7 @@ import abc
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
-from storage import mls_sql, retention_sql
+from storage import mls_sql, quotas, retention_sql
 from storage import offline_sql as q
 from storage.base import (
     BlobInfo,
@@ -31,6 +31,10 @@ Job = Callable[[Exec, q.Many], T]
 
 
 class OfflineStorage(abc.ABC):
+    #: The statement that serializes one user's quota checks (storage/quotas.py):
+    #: none on SQLite, whose writer is serial; PostgreSQL's advisory lock.
+    _quota_lock_sql = ""
+
     @abc.abstractmethod
     async def _offline_read(self, job: Job[T]) -> T: ...
 
@@ -86,11 +90,22 @@ class OfflineStorage(abc.ABC):
         return await self._offline_read(lambda ex, _: q.read_positions(ex, conversation, user))
 
     async def put_blob(
-        self, conversation: bytes, key: str, user: str, device: str, size: int, now_ms: int
+        self,
+        conversation: bytes,
+        key: str,
+        user: str,
+        device: str,
+        size: int,
+        now_ms: int,
+        *,
+        quota_bytes: int = 0,
     ) -> None:
-        await self._offline_write(
-            lambda ex, _: q.put_blob(ex, conversation, key, user, device, size, now_ms)
-        )
+        def job(ex: Exec, _: q.Many) -> None:
+            if quota_bytes:  # one user's registrations one at a time (storage/quotas.py)
+                quotas.lock(ex, self._quota_lock_sql, f"blobs:{user}")
+            q.put_blob(ex, conversation, key, user, device, size, now_ms, quota_bytes)
+
+        await self._offline_write(job)
 
     async def blob_for_reader(self, conversation: bytes, key: str, user: str) -> BlobInfo:
         return await self._offline_read(

@@ -22,6 +22,7 @@ from protocol.errors import (
 )
 from storage.base import BlobInfo, ConversationKind, DeliveryState, NewMessage, PushRegistration
 from storage.mls_sql import Exec
+from storage.quotas import check_blob_bytes
 
 #: Largest IN (...) list in one statement.
 _CHUNK = 500
@@ -83,7 +84,10 @@ def delete_conversation(ex: Exec, conversation: bytes, actor: str, now_ms: int) 
     for table in ("welcomes", "group_infos", "deliveries", "read_positions"):
         ex(f"DELETE FROM {table} WHERE conversation_id = ?", (conversation,))
     ex("DELETE FROM conversations WHERE id = ?", (conversation,))
-    ex("INSERT INTO deleted_conversations (id, deleted_ms) VALUES (?, ?)", (conversation, now_ms))
+    ex(
+        "INSERT INTO deleted_conversations (id, deleted_ms, creator) VALUES (?, ?, ?)",
+        (conversation, now_ms, actor),
+    )
     return sorted(members)
 
 
@@ -223,11 +227,20 @@ def read_positions(ex: Exec, conversation: bytes, user: str) -> dict[str, int]:
 
 
 def put_blob(
-    ex: Exec, conversation: bytes, key: str, user: str, device: str, size: int, now_ms: int
+    ex: Exec,
+    conversation: bytes,
+    key: str,
+    user: str,
+    device: str,
+    size: int,
+    now_ms: int,
+    quota_bytes: int = 0,
 ) -> None:
+    """The caller holds the user's quota lock when ``quota_bytes`` is set."""
     _member(ex, conversation, user)
     if conversation_kind(ex, conversation).storage_model != "blob":
         raise BlobsDisabled("this conversation keeps ciphertext inline; it takes no blobs")
+    check_blob_bytes(ex, user, size, quota_bytes)
     ex(
         "INSERT INTO blobs (conversation_id, blob_key, uploader_did, uploader_device, size,"
         " created_ms) VALUES (?, ?, ?, ?, ?, ?)",

@@ -22,7 +22,7 @@ from protocol.errors import (
     RelayError,
     StorageError,
 )
-from storage import mls_sql, offline_sql, retention_sql
+from storage import mls_sql, offline_sql, quotas, retention_sql
 from storage.base import (
     AddedMember,
     Appended,
@@ -140,11 +140,18 @@ class PostgresStorage(PgOfflineStorage, Storage):
         mls_group_id: bytes | None = None,
         external_join: bool = False,
         storage_model: str = "inline",
+        max_created: int = 0,
+        max_members: int = 0,
     ) -> ConversationInfo:
         users = list(dict.fromkeys([creator, *members]))
+        quotas.check_member_count(len(users), max_members)
 
         def job(conn: PgConn) -> ConversationInfo:
-            offline_sql.check_not_deleted(pg_exec(conn), conversation)
+            ex = pg_exec(conn)
+            offline_sql.check_not_deleted(ex, conversation)
+            if max_created:  # one creator's creations one at a time: the count holds
+                quotas.lock(ex, quotas.PG_LOCK_SQL, f"conversations:{creator}")
+                quotas.check_conversations(ex, creator, max_created, now_ms)
             created = conn.execute(
                 "INSERT INTO conversations (id, creator, created_ms, mls_group_id, external_join,"
                 " storage_model) VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (id) DO NOTHING"
@@ -163,7 +170,13 @@ class PostgresStorage(PgOfflineStorage, Storage):
         return await self._tx(job)
 
     async def add_members(
-        self, conversation: bytes, actor: str, users: Sequence[str], now_ms: int
+        self,
+        conversation: bytes,
+        actor: str,
+        users: Sequence[str],
+        now_ms: int,
+        *,
+        max_members: int = 0,
     ) -> list[AddedMember]:
         wanted = list(dict.fromkeys(users))
 
@@ -176,6 +189,8 @@ class PostgresStorage(PgOfflineStorage, Storage):
                 (conversation, last_seq, now_ms, wanted),
             ).fetchall()
             added = {r[0] for r in rows}
+            if added:  # under the conversation's row lock; raising rolls the additions back
+                quotas.check_members(pg_exec(conn), conversation, max_members)
             return [AddedMember(u, last_seq) for u in wanted if u in added]
 
         return await self._tx(job)
@@ -385,12 +400,21 @@ class PostgresStorage(PgOfflineStorage, Storage):
         return await self._pool.run(job)
 
     async def put_key_packages(
-        self, user: str, device: str, packages: Sequence[NewKeyPackage], now_ms: int
+        self,
+        user: str,
+        device: str,
+        packages: Sequence[NewKeyPackage],
+        now_ms: int,
+        *,
+        max_stored: int = 0,
     ) -> list[bool]:
         def job(conn: PgConn) -> list[bool]:
-            # Serialize uploads of one device (the last-resort swap reads then writes).
+            # Serialize uploads of one device (the last-resort swap reads then
+            # writes; the quota counts what the upload wrote).
             conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"kp:{user}:{device}",))
-            return mls_sql.put_key_packages(pg_exec(conn), user, device, packages, now_ms)
+            return mls_sql.put_key_packages(
+                pg_exec(conn), user, device, packages, now_ms, max_stored
+            )
 
         return await self._tx(job)
 

@@ -17,6 +17,7 @@ from storage import offline_sql
 from storage.offline import Job, OfflineStorage
 from storage.pgpool import ConnectionPool, PgConn
 from storage.postgres_mls import pg_exec
+from storage.quotas import PG_LOCK_SQL
 
 T = TypeVar("T")
 
@@ -50,6 +51,7 @@ def _pg_many(conn: PgConn) -> offline_sql.Many:
 
 class PgOfflineStorage(OfflineStorage):
     _pool: ConnectionPool[PgConn]
+    _quota_lock_sql = PG_LOCK_SQL
 
     @abc.abstractmethod
     async def _tx(self, job: Callable[[PgConn], T]) -> T:

@@ -27,8 +27,7 @@ from urllib.parse import parse_qsl, quote, urlsplit
 import httpx
 import trio
 
-from protocol.errors import BlobNotFound, BlobStoreError, InvalidRequest
-from relay.config import ConfigError
+from protocol.errors import BlobNotFound, BlobStoreError, ConfigError, InvalidRequest
 from storage.blobstore import STREAM_CHUNK, BlobReader, BlobStore, validate_key
 
 __all__ = ["EMPTY_SHA256", "Credentials", "S3BlobStore", "sign_headers"]

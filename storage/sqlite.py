@@ -27,7 +27,7 @@ from protocol.errors import (
     StorageError,
     Unavailable,
 )
-from storage import mls_sql, offline_sql, retention_sql
+from storage import mls_sql, offline_sql, quotas, retention_sql
 from storage.base import (
     AddedMember,
     Appended,
@@ -191,11 +191,15 @@ class SqliteStorage(OfflineStorage, Storage):
         mls_group_id: bytes | None = None,
         external_join: bool = False,
         storage_model: str = "inline",
+        max_created: int = 0,
+        max_members: int = 0,
     ) -> ConversationInfo:
         users = list(dict.fromkeys([creator, *members]))
+        quotas.check_member_count(len(users), max_members)
 
         def job(conn: Conn) -> ConversationInfo:
             offline_sql.check_not_deleted(ex_for(conn), conversation)
+            quotas.check_conversations(ex_for(conn), creator, max_created, now_ms)
             if (
                 conn.execute(
                     "INSERT INTO conversations (id, creator, created_ms, mls_group_id,"
@@ -216,7 +220,13 @@ class SqliteStorage(OfflineStorage, Storage):
         return await self._write(job)
 
     async def add_members(
-        self, conversation: bytes, actor: str, users: Sequence[str], now_ms: int
+        self,
+        conversation: bytes,
+        actor: str,
+        users: Sequence[str],
+        now_ms: int,
+        *,
+        max_members: int = 0,
     ) -> list[AddedMember]:
         def job(conn: Conn) -> list[AddedMember]:
             last_seq = _member_info(conn, conversation, actor).last_seq
@@ -228,6 +238,8 @@ class SqliteStorage(OfflineStorage, Storage):
                     (conversation, user, last_seq, now_ms),
                 ).fetchone():
                     added.append(AddedMember(user, last_seq))
+            if added:  # raising rolls the additions back
+                quotas.check_members(ex_for(conn), conversation, max_members)
             return added
 
         return await self._write(job)
@@ -365,10 +377,18 @@ class SqliteStorage(OfflineStorage, Storage):
         return await self._read(job)
 
     async def put_key_packages(
-        self, user: str, device: str, packages: Sequence[NewKeyPackage], now_ms: int
+        self,
+        user: str,
+        device: str,
+        packages: Sequence[NewKeyPackage],
+        now_ms: int,
+        *,
+        max_stored: int = 0,
     ) -> list[bool]:
         return await self._write(
-            lambda conn: mls_sql.put_key_packages(ex_for(conn), user, device, packages, now_ms)
+            lambda conn: mls_sql.put_key_packages(
+                ex_for(conn), user, device, packages, now_ms, max_stored
+            )
         )
 
     async def claim_key_packages(

@@ -39,6 +39,9 @@ def test_config(database_url: str, **overrides: Any) -> Config:
         service_id=AUDIENCE,
         jwt_secret=SECRET,
         dev_mode=True,
+        # Tests connect from one address in quick succession; the connect rate
+        # has its own tests (tests/hostile/test_quotas_connect.py).
+        connect_rate_per_address=0.0,
     )
     return replace(cfg, **overrides)
 

@@ -46,6 +46,9 @@ def node_env(
         RELAY_HOST="127.0.0.1",
         RELAY_LOG_LEVEL="WARNING",
         RELAY_DRAIN_GRACE_S="0.5",  # the drain grace period, short for tests (test_drain.py)
+        # Every test connects from 127.0.0.1, often in bursts; the connect rate
+        # has its own tests (tests/hostile/test_quotas_connect.py).
+        RELAY_CONNECT_RATE_PER_ADDRESS="0",
         PYTHONPATH=str(ROOT),
     )
     env.update(extra)

@@ -51,6 +51,7 @@ async def test_blob_conversation_on_s3(database_url: str, s3_server: S3Server) -
                 status, _, body = await http(r.port, "GET", f"{base}/{key}", make_token(BOB, "b"))
                 assert (status, body) == (200, data)
             await alice.ok("#deleteConversation", conversation=CONV)
+            await r.relay.blobs.settled()  # the delete woke the collector
             for key in (sent["blob"], key2):
                 with pytest.raises(BlobNotFound):
                     await store.get(store_path(CONV, key))

@@ -9,7 +9,7 @@ import jwt
 import pytest
 import trio
 
-from protocol.websocket import CLOSE_AUTH_EXPIRED
+from protocol.closecodes import CloseCode
 
 from .harness import running_relay
 from .relayclient import SECRET, connect, make_token
@@ -40,7 +40,7 @@ async def test_live_socket_is_closed_with_4401_when_its_token_expires(database_u
                 closed_at = time.time()
                 reason = bob.ws.closed
                 assert reason is not None
-                assert (reason.code, reason.reason) == (CLOSE_AUTH_EXPIRED, "TokenExpired")
+                assert (reason.code, reason.reason) == (CloseCode.TOKEN_EXPIRED, "TokenExpired")
                 assert reason.code == 4401
                 assert closed_at >= expires_at, "closed before the token expired"
                 assert closed_at < expires_at + 2.5, "expiry noticed too late"

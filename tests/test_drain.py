@@ -15,10 +15,13 @@ import json
 import os
 import shutil
 import signal
+import socket
 from pathlib import Path
 
 import pytest
 import trio
+
+from relay.shutdown import close_listeners
 
 from .nodes import CLI, ROOT, free_port, wait_ready
 from .relayclient import AUDIENCE, SECRET, connect, make_token
@@ -43,6 +46,8 @@ def env(port: int, data: Path) -> dict[str, str]:
         RELAY_DEV_MODE="1",
         RELAY_LOG_LEVEL="WARNING",
         RELAY_DRAIN_GRACE_S=str(GRACE),
+        # The probes below open ~130 connections a second from one address.
+        RELAY_CONNECT_RATE_PER_ADDRESS="0",
         RELAY_SHUTDOWN_DEADLINE_S="15",
         RELAY_SSE_KEEPALIVE_S="30",
         PYTHONPATH=str(ROOT),
@@ -161,7 +166,11 @@ async def test_sigterm_drain_is_visible_on_the_port(tmp_path):
     # chunked body ends with its terminator (0-size chunk), not a cut.
     assert names[-2:] == ["info:ServiceRestart", "<end of stream>"], names
     assert rest == b"0\r\n\r\n", rest  # the last chunk: size 0, then the empty trailer
-    # The port answered for the grace period, with the documented refusals.
+    # The port answered for the grace period, with the documented refusals;
+    # a probe that connected always got an answer: at the end of the grace the
+    # last ones accepted (or queued in the backlog) were reset before.
+    resets = [(n, round(t, 3)) for n, o, t in results if o == "reset"]
+    assert resets == [], (resets, min(t for _, o, t in results if o == "refused"))
     answered = [(n, o, t) for n, o, t in results if o != "refused"]
     first_refused = min(t for _, o, t in results if o == "refused")
     assert first_refused >= GRACE - 0.3, (first_refused, results[:5])
@@ -176,6 +185,33 @@ async def test_sigterm_drain_is_visible_on_the_port(tmp_path):
           f"{len(ready)} readiness 503, {len(upgrades)} upgrade 503 ShuttingDown")  # fmt: skip
     assert len(ready) >= 20 and set(ready) == {"503"}, set(ready)
     assert len(upgrades) >= 20 and set(upgrades) == {"503 ShuttingDown"}, set(upgrades)
+
+
+@pytest.mark.timeout(30)
+async def test_closing_the_port_answers_the_backlog_first():
+    """Connections the kernel queued but the relay never accepted get their
+    answer when the listener closes; a connect after the close is refused.
+    (A plain close resets each of them.)"""
+    [listener] = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listener.socket.getsockname()[1]
+    # Blocking connects, no checkpoint: all five wait in the backlog.
+    clients = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(5)]
+    for client in clients:
+        client.sendall(b"ready?")
+
+    async def answer(stream: trio.SocketStream) -> None:
+        async with stream:
+            await stream.receive_some(6)
+            await stream.send_all(b"503")
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await close_listeners([listener], answer, nursery)
+            with pytest.raises(ConnectionRefusedError):
+                socket.create_connection(("127.0.0.1", port), timeout=5)
+    for client in clients:
+        with client:
+            assert client.recv(16) == b"503"
 
 
 @pytest.mark.parametrize(

@@ -18,7 +18,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from protocol.errors import MLSDecodeError, MLSUnsupportedCipherSuite, RelayError
+from protocol.errors import (
+    MLSDecodeError,
+    MLSUnsupportedCipherSuite,
+    MLSValidationError,
+    RelayError,
+)
 from protocol.mls import (
     KeyPackage,
     encode_key_package,
@@ -31,6 +36,7 @@ from protocol.mls import (
 )
 from protocol.mls import content as c
 from protocol.mls import group as g
+from protocol.mls.crypto import suite_info
 from protocol.mls.tls import decode_exact, encode_with
 from tests.vectorfiles import vector_path
 
@@ -56,14 +62,49 @@ def roundtrip_tree(data: bytes) -> None:
     assert encode_with(g.write_ratchet_tree, tree) == data
 
 
+#: The fields validate_key_package checks up to and including the signatures.
+CHECKED_BEFORE_LIFETIME = frozenset(
+    {
+        "key_package.version",
+        "key_package.leaf_node.leaf_node_source",
+        "key_package.init_key",
+        "key_package.signature",
+    }
+)
+
+
 def exercise_crypto(kp: KeyPackage) -> None:
-    """Whatever parses must also go through the checks without untyped errors."""
+    """Whatever parses must also go through the checks, and they must agree.
+
+    A suite without an implementation is refused by each check with
+    MLSUnsupportedCipherSuite; otherwise the ref is one hash of the suite's
+    size, verification answers a plain bool, and validation refuses exactly
+    when the signatures do not verify (or for another, named field)."""
+    checks: tuple[Callable[[KeyPackage], object], ...] = (
+        key_package_ref,
+        verify_key_package,
+        lambda kp: validate_key_package(kp, now=0),
+    )
     try:
-        assert len(key_package_ref(kp)) in (32, 48, 64)
-        assert verify_key_package(kp) in (True, False)
+        info = suite_info(kp.cipher_suite)
+    except MLSUnsupportedCipherSuite:
+        for check_one in checks:
+            with pytest.raises(MLSUnsupportedCipherSuite):
+                check_one(kp)
+        return
+    assert len(key_package_ref(kp)) == info.hash.digest_size
+    verified = verify_key_package(kp)
+    assert type(verified) is bool
+    if not verified:
+        with pytest.raises(MLSValidationError) as refused:
+            validate_key_package(kp, now=0)
+        # Refused by the signature check, or by a structural check made before it.
+        assert refused.value.details.get("field") in CHECKED_BEFORE_LIFETIME, refused.value
+        return
+    try:
         validate_key_package(kp, now=0)
-    except RelayError:
-        pass
+    except MLSValidationError as exc:  # verified, so refused for something else
+        assert exc.details.get("field") != "key_package.signature", exc
 
 
 Target = tuple[str, Callable[[bytes], None], bytes]
@@ -110,8 +151,13 @@ def pick(index: int) -> Target:
 
 
 def test_corpus_is_valid() -> None:
+    signed = 0
     for _name, target, data in corpus():
         target(data)
+        if target is roundtrip_key_package:
+            assert verify_key_package(parse_key_package(data, bare=True)) is True
+            signed += 1
+    assert signed == 7  # one correctly signed KeyPackage per suite 1..7
 
 
 @FUZZ
@@ -184,13 +230,15 @@ def test_flipped_key_package_signatures_never_verify() -> None:
     for _name, target, data in corpus():
         if target is not roundtrip_key_package:
             continue
-        verified = 0
+        verified = parsed = 0
         for pos in range(len(data)):
             mutated = bytearray(data)
             mutated[pos] ^= 0x01
             try:
                 kp = parse_key_package(bytes(mutated))
+                parsed += 1
                 verified += verify_key_package(kp)
             except (MLSDecodeError, MLSUnsupportedCipherSuite):
                 continue
         assert verified == 0
+        assert parsed > len(data) // 2  # most flips land in keys and signatures, and parse

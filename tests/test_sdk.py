@@ -1,11 +1,11 @@
-"""relay.client.RelayClient against a real relay, on both storage backends."""
+"""mls_relay_client.RelayClient against a real relay, on both storage backends."""
 
 from __future__ import annotations
 
 import pytest
 import trio
 
-from relay.client import Ephemeral, Info, Membership, Message, RelayClient, RequestFailed
+from mls_relay_client import Ephemeral, Info, Membership, Message, RelayClient, RequestFailed
 
 from .harness import running_relay
 from .relayclient import make_token

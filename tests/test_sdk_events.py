@@ -1,4 +1,4 @@
-"""The SDK's typed ``#read`` and ``#welcome`` events (relay.client_events) against
+"""The SDK's typed ``#read`` and ``#welcome`` events (mls_relay_client.events) against
 a real relay, on both storage backends.  Each test waits for the typed event
 only, so it times out if the SDK still delivers these frames as ``Other``."""
 
@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import trio
 
+from mls_relay_client import Read, RelayClient, Welcome
 from protocol.mls import ContentType
-from relay.client import Read, RelayClient, Welcome
 
 from .harness import running_relay
 from .mls_helpers import http, make_key_package, private, ref_of, welcome

@@ -1,4 +1,4 @@
-"""The SDK's MLS delivery-service requests (relay.client_requests) against a real
+"""The SDK's MLS delivery-service requests (mls_relay_client.requests) against a real
 relay, on both storage backends: MLS conversation options, KeyPackage claims
 and commits that carry a Welcome, a GroupInfo and removals."""
 
@@ -7,10 +7,10 @@ from __future__ import annotations
 import pytest
 import trio
 
+from mls_relay_client import ClaimedKeyPackage, RelayClient, RequestFailed
 from protocol.mls import (
     ContentType,
 )
-from relay.client import ClaimedKeyPackage, RelayClient, RequestFailed
 
 from .harness import running_relay
 from .mls_helpers import group_info, http, make_key_package, private, ref_of, welcome

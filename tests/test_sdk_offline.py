@@ -1,4 +1,4 @@
-"""The SDK's requests for offline devices and blobs (relay.client_requests) against
+"""The SDK's requests for offline devices and blobs (mls_relay_client.requests) against
 a real relay, on both storage backends: read positions, delivery state, push
 registration, sends by blob key and conversation deletion."""
 
@@ -12,7 +12,7 @@ from typing import TypeVar
 import pytest
 import trio
 
-from relay.client import DeliveryState, Membership, Message, Read, RelayClient, RequestFailed
+from mls_relay_client import DeliveryState, Membership, Message, Read, RelayClient, RequestFailed
 
 from .harness import running_relay
 from .mls_helpers import as_json, http

@@ -71,11 +71,43 @@ async def test_slow_consumer_is_cut_off_and_resumes_without_loss(database_url):
                 assert len({m["ciphertext"][:4] for m in replay}) == n
 
 
+def server_frames(data: bytes) -> list[tuple[int, bytes]]:
+    """(opcode, payload) of each unmasked server frame in ``data``, in order."""
+    frames: list[tuple[int, bytes]] = []
+    while data:
+        opcode, n, at = data[0] & 0x0F, data[1] & 0x7F, 2
+        if n == 126:
+            n, at = int.from_bytes(data[2:4], "big"), 4
+        elif n == 127:
+            n, at = int.from_bytes(data[2:10], "big"), 10
+        assert len(data) >= at + n, "the stream ended inside a frame"
+        frames.append((opcode, data[at : at + n]))
+        data = data[at + n :]
+    return frames
+
+
 async def test_silent_connection_is_closed_by_heartbeat(tmp_path):
+    """A client that never answers pings is closed 1001 PingTimeout after two
+    intervals of silence; one that answers them (trio-websocket pongs by
+    itself), connected longer and otherwise just as silent, stays."""
     with trio.fail_after(20):
-        async with running_relay(f"sqlite:///{tmp_path}/r.db", ping_interval_s=0.3) as r:
+        async with (
+            running_relay(f"sqlite:///{tmp_path}/r.db", ping_interval_s=0.3) as r,
+            connect(r.ws_url, CAROL, "c1", subscribe=True) as answering,
+        ):
+            await answering.caught_up()
             stalled = await _stalled_subscriber(r.port, BOB, "b1")
             async with stalled:
-                with trio.fail_after(5):
-                    while (BOB, "b1") in r.relay.sessions:  # noqa: ASYNC110 (polling the relay)
-                        await trio.sleep(0.05)
+                received = b""
+                while chunk := await stalled.receive_some(65536):  # to the relay's EOF
+                    received += chunk
+                assert (BOB, "b1") not in r.relay.sessions
+            frames = server_frames(received)
+            opcodes = [opcode for opcode, _ in frames]
+            assert opcodes.count(0x9) >= 1  # pinged before being given up
+            assert opcodes[-1] == 0x8 and opcodes.count(0x8) == 1  # ends with one close
+            close = frames[-1][1]
+            assert (int.from_bytes(close[:2], "big"), close[2:]) == (1001, b"PingTimeout")
+            # Silent as long (longer: it connected first), but it answered the pings.
+            assert (CAROL, "c1") in r.relay.sessions and not answering.closed.is_set()
+            assert (await answering.ok("#listConversations"))["conversations"] == []

@@ -67,20 +67,33 @@ class SseReader:
         self._text += rest[:size].decode()
         self._raw = rest[size + 2 :]
 
+    async def _block(self) -> Event | None:
+        """The next block: an event, or None for one of comments only."""
+        while "\n\n" not in self._text:
+            await self._chunk()
+        block, _, self._text = self._text.partition("\n\n")
+        fields: dict[str, str] = {}
+        for line in block.split("\n"):
+            if line.startswith(":"):
+                self.comments.append(line[1:].strip())
+                continue
+            key, _, val = line.partition(": ")
+            fields[key] = val
+        if "event" in fields:
+            return Event(fields["event"], json.loads(fields["data"]), fields.get("id"))
+        return None
+
     async def event(self) -> Event:
         while True:
-            while "\n\n" not in self._text:
-                await self._chunk()
-            block, _, self._text = self._text.partition("\n\n")
-            fields: dict[str, str] = {}
-            for line in block.split("\n"):
-                if line.startswith(":"):
-                    self.comments.append(line[1:].strip())
-                    continue
-                key, _, val = line.partition(": ")
-                fields[key] = val
-            if "event" in fields:
-                return Event(fields["event"], json.loads(fields["data"]), fields.get("id"))
+            ev = await self._block()
+            if ev is not None:
+                return ev
+
+    async def idle_until_comment(self, text: str) -> None:
+        """Read until the comment ``text`` arrives; no event may come first."""
+        while text not in self.comments:
+            ev = await self._block()
+            assert ev is None, f"an event while idle: {ev}"
 
     async def until(self, name: str, info: str | None = None) -> list[Event]:
         """Events up to and including the first `name` (with data.name == info)."""
@@ -146,11 +159,12 @@ async def test_sse_live_then_resume_exactly_the_missed_ones(database_url):
             got = messages(live)
             assert got == [(C1, i, b"one-%d" % i) for i in range(1, 6)] + [(C2, 1, b"two-1")]
             assert all(e.id for e in live if e.name == "message")
-            # Idle: keep-alive comments flow.
-            await trio.sleep(0.8)
+            # Idle: keep-alive comments flow (every 0.3 s; seen before anything is sent).
+            bob.comments.clear()
+            with trio.fail_after(10):
+                await bob.idle_until_comment("keep-alive")
             await alice.send(C1, b"one-6")
             [six] = [e for e in await bob.until("message") if e.name == "message"]
-            assert "keep-alive" in bob.comments
             assert messages([six]) == [(C1, 6, b"one-6")] and six.id
             await bob.stream.aclose()
             await wait_for(lambda: r.relay.metrics.connections()["sse"] == 0)
@@ -180,7 +194,14 @@ async def test_sse_refuses_bad_requests(tmp_path):
         async with running_relay(f"sqlite:///{tmp_path}/r.db") as r:
             req = b"GET /v1/events HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
             status, _, body = await http_request(r.port, req)
-            assert status == 401 and json.loads(body)["error"] in ("AuthRequired", "InvalidToken")
+            assert (status, json.loads(body)["error"]) == (401, "AuthRequired")  # no token
+            forged = make_token(BOB, "sse", secret="another-secret-0123456789-abcdefghijklmnop")
+            req = (
+                f"GET /v1/events HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                f"Authorization: Bearer {forged}\r\n\r\n"
+            ).encode()
+            status, _, body = await http_request(r.port, req)
+            assert (status, json.loads(body)["error"]) == (401, "InvalidToken")  # a bad one
             token = make_token(BOB, "sse")
             req = (
                 f"GET /v1/events HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"

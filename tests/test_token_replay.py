@@ -13,7 +13,7 @@ from types import ModuleType
 import pytest
 import trio
 
-from relay.client import Message, RelayClient, RequestFailed
+from mls_relay_client import Message, RelayClient, RequestFailed
 from relay.config import from_env
 
 from .harness import running_relay

@@ -98,6 +98,7 @@ async def test_one_address_is_capped_and_others_still_get_in(tmp_path) -> None:
                 silent = [a for a in answers if not a]
                 refused = [_refusal(a) for a in answers if a]
                 # Pending handshakes count: the first 50 sit idle, the rest are refused.
+                print(f"one address, 200 sockets: {len(silent)} held, {len(refused)} refused")
                 assert len(silent) == 50
                 assert refused == [(429, "TooManyConnectionsFromAddress")] * 150
                 assert await _honest(node, "127.0.0.2", 14) == 0
@@ -141,6 +142,10 @@ async def test_node_cap_below_a_low_fd_limit_and_emfile_backoff(tmp_path) -> Non
                 }, kinds
                 # Every socket was admitted or refused: the admitted ones (no
                 # answer) never outnumber the cap, honest sockets included.
+                print(
+                    f"fd limit 256, cap {cap:.0f}: {sum(not a for a in answers)} of "
+                    f"{len(answers)} admitted, refusals {sorted(kinds)}"
+                )
                 assert sum(not a for a in answers) <= cap
                 status, error = error_of(
                     await exchange(node.port, request("GET", "/health/live"), host="127.0.0.9")

@@ -134,6 +134,10 @@ async def test_sse_cursor_attack_allocates_nothing(tmp_path) -> None:
             answers = await during(prober, attack)
             assert answers == [(status, error) for _, status, error in attacks * 3]
             growth = node.rss_mb() - before
+            print(
+                f"SSE cursor attack: {len(answers)} refused, RSS +{growth:.1f} MB, "
+                f"/health/live worst {prober.worst_ms:.1f} ms of {len(prober.latencies)}"
+            )
             assert growth < 20, f"RSS grew {growth:.0f} MB"
             assert prober.failures == 0 and prober.worst_ms < 100, prober.worst_ms
             assert "Traceback" not in node.log_text()

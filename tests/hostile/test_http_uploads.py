@@ -144,8 +144,10 @@ async def test_oversized_uploads_cost_no_memory(tmp_path) -> None:
                         prober, lambda: _flood(node, heads, BIG, chunked=n == 2)
                     ),
                 )
+                print(f"uploads case {n} {expected}: RSS peak +{growth:.1f} MB")
                 assert answers == [expected] * 20, answers
                 assert growth < 50, f"RSS grew {growth:.0f} MB"
+            print(f"uploads: /health/live worst {prober.worst_ms:.1f} ms, {prober.failures} failed")
             assert prober.failures == 0 and prober.worst_ms < 250, prober.worst_ms
             assert "Traceback" not in node.log_text()
 
@@ -167,6 +169,7 @@ async def test_large_blob_streams_both_ways_within_the_configured_limit(tmp_path
                 return await exchange(node.port, request("POST", path, token, data), limit=60)
 
             growth, (status, _, body) = await _peak_rss(node, up)
+            print(f"20 MB blob upload: RSS peak +{growth:.1f} MB")
             assert status == 201, body
             assert growth < 50, f"upload grew RSS {growth:.0f} MB"
             key = json.loads(body)["blob"]
@@ -176,6 +179,7 @@ async def test_large_blob_streams_both_ways_within_the_configured_limit(tmp_path
                 return await exchange(node.port, get, limit=60)
 
             growth, (status, headers, got) = await _peak_rss(node, down)
+            print(f"20 MB blob download: RSS peak +{growth:.1f} MB")
             assert (status, headers.get("content-length")) == (200, str(len(data)))
             assert got == data
             assert growth < 50, f"download grew RSS {growth:.0f} MB"

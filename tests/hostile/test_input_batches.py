@@ -109,6 +109,10 @@ async def test_bad_text_is_refused_at_the_edge_and_honest_senders_see_no_error(d
                         assert reply.body["field"] == field, reply.body
                         refused[field] = refused.get(field, 0) + 1
                 stop.set()
+        print(
+            f"bad text: {sum(refused.values())} refused, honest sends "
+            f"{[len(m) for m in sent]}, honest errors {len(errors)}"
+        )
         assert errors == []
         assert all(len(mine) > 10 for mine in sent), [len(m) for m in sent]
         everything = [c for mine in sent for c in mine]
@@ -161,6 +165,7 @@ async def test_an_mls_epoch_storage_cannot_hold_fails_alone(database_url):
                     )
                     assert reply.body["error"] == "FutureEpoch", reply.body
                 stop.set()
+        print(f"MLS epochs: honest sends {[len(m) for m in sent]}, honest errors {len(errors)}")
         assert errors == []
         assert all(len(mine) > 5 for mine in sent), [len(m) for m in sent]
         everything = [c for mine in sent for c in mine]
@@ -214,6 +219,8 @@ async def test_an_item_storage_refuses_fails_alone_in_its_batch(database_url, ca
             for out in honest_replies:
                 assert [x.ok for x in out] == [True] * rounds, [x.body for x in out if not x.ok]
             committer = r.relay.committer
+            honest_errors = sum(not x.ok for out in honest_replies for x in out)
+            print(f"poisoned batches: {committer.splits} splits, honest errors {honest_errors}")
             assert committer.splits >= rounds  # every round's batch held the poison
             assert len(poison) == rounds
             incidents = set()

@@ -29,8 +29,8 @@ first reconnect fails with ``RequestFailed("AuthRejected", ...)``.
 
 This module holds the connection: reconnects, request/reply matching and the
 event stream.  The typed request methods (``send``, ``mark_read``, ...) are
-in :mod:`relay.client_requests`, events, results and errors in
-:mod:`relay.client_events`; both are re-exported here.
+in :mod:`mls_relay_client.requests`, events, results and errors in
+:mod:`mls_relay_client.events`; both are re-exported here.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ from trio_websocket import (
     connect_websocket_url,
 )
 
-from .client_events import (
+from .events import (
     ClaimedKeyPackage,
     ConnectionLost,
     DeliveryState,
@@ -70,7 +70,7 @@ from .client_events import (
     Welcome,
     parse_event,
 )
-from .client_requests import Requests
+from .requests import Requests
 
 __all__ = [
     "ClaimedKeyPackage",

@@ -1,14 +1,14 @@
 """Typed request methods of the Python SDK: one thin wrapper over
-:meth:`relay.client.RelayClient.request` per request of docs/PROTOCOL.md
+:meth:`mls_relay_client.client.RelayClient.request` per request of docs/PROTOCOL.md
 (but ``#subscribe``, which the client sends itself on every connection).
 
-They live apart from the connection machinery in :mod:`relay.client` (which
+They live apart from the connection machinery in :mod:`mls_relay_client.client` (which
 inherits them) so that each stays small: here only request bodies and the
 shape of their results.  Each raises
-:class:`~relay.client_events.RequestFailed` when the relay answers with an
-error, and :class:`~relay.client_events.ConnectionLost` when the connection
+:class:`~mls_relay_client.events.RequestFailed` when the relay answers with an
+error, and :class:`~mls_relay_client.events.ConnectionLost` when the connection
 drops under a request that is not safe to send twice (see ``_IDEMPOTENT`` in
-:mod:`relay.client`); the others are sent again on the next connection.
+:mod:`mls_relay_client.client`); the others are sent again on the next connection.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from .client_events import ClaimedKeyPackage, DeliveryState, KeyPackageClaim
+from .events import ClaimedKeyPackage, DeliveryState, KeyPackageClaim
 
 
 class Requests:

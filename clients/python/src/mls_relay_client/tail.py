@@ -1,4 +1,4 @@
-"""``mls-relay tail``: print a device's events as JSON lines, for debugging.
+"""``mls-relay tail`` / ``mls-relay-tail``: print a device's events as JSON lines.
 
 Connects with a token (``--token`` or ``RELAY_TOKEN``), subscribes from the
 device's stored cursor and prints every event as it arrives: one JSON object
@@ -6,6 +6,10 @@ per line, ``type`` plus the event's fields, byte strings hex-encoded.  It
 never acknowledges unless ``--ack`` is given, so tailing a device does not
 move the cursor its real client resumes from.  Uses the SDK, so it survives
 relay restarts the same way an application does.
+
+The server's CLI (``mls-relay tail``) calls :func:`add_arguments` and
+:func:`main` with its configured port and path; ``mls-relay-tail`` (this
+distribution's script, :func:`run`) reads ``PORT`` and defaults to ``/v1/ws``.
 """
 
 from __future__ import annotations
@@ -20,6 +24,9 @@ from typing import Any
 import trio
 
 from .client import Message, RelayClient, RequestFailed
+
+#: The relay's default WebSocket path (docs/PROTOCOL.md), for mls-relay-tail.
+DEFAULT_WS_PATH = "/v1/ws"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -74,3 +81,17 @@ def main(args: argparse.Namespace, port: int, ws_path: str) -> int:
     except KeyboardInterrupt:
         pass
     return 0
+
+
+def run(argv: list[str] | None = None) -> int:
+    """``mls-relay-tail``: the same command without the server installed."""
+    parser = argparse.ArgumentParser(
+        prog="mls-relay-tail", description="print a device's events as JSON lines (debugging)"
+    )
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        port = int(os.environ.get("PORT", "3000"))
+    except ValueError:
+        port = 3000
+    return main(args, port, DEFAULT_WS_PATH)

@@ -1,8 +1,8 @@
-"""Events, request results and errors of the Python SDK (:mod:`relay.client`).
+"""Events, request results and errors of the Python SDK.
 
-Plain data, no I/O: what :meth:`relay.client.RelayClient.events` yields, what
-the typed request methods return, and what they raise.  Import them from
-:mod:`relay.client`, which re-exports every public name here.
+Plain data, no I/O: what :meth:`mls_relay_client.RelayClient.events` yields,
+what the typed request methods return, and what they raise.  Import them from
+:mod:`mls_relay_client`, which re-exports every public name here.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ class Ephemeral:
 class Read:
     """``#read``: ``user`` (another member, or this user on another device) has
     read ``conversation`` up to ``seq``.  Live only: not replayed after a
-    reconnect; :meth:`~relay.client.RelayClient.read_positions` has them all."""
+    reconnect; :meth:`~mls_relay_client.client.RelayClient.read_positions` has them all."""
 
     conversation: bytes
     user: str
