@@ -21,6 +21,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import pytest
 import trio
 
+from tests.relayclient import connect, make_token
+
 from .httpnode import Node, Prober, metric, relay_node
 from .wsattack import (
     OP_PING,
@@ -241,8 +243,6 @@ async def test_unread_list_conversations_is_closed_4008(tmp_path, database_url: 
 
 async def _history(node: Node, conversation: bytes, count: int, size: int) -> None:
     """``count`` messages of ``size`` bytes from a member, paced under the rate."""
-    from tests.relayclient import connect
-
     async with connect(f"ws://127.0.0.1:{node.port}/v1/ws", MALLORY, "writer") as writer:
         await writer.ok("#createConversation", conversation=conversation, members=[])
         for i in range(count):
@@ -277,6 +277,45 @@ async def test_unread_replay_of_large_messages_holds_a_bounded_page(
         live_p99_worst_ms=live(prober),
     )
     # The outbox (4 MiB) and one page (2 MiB), with room for the rest.
+    assert memory.growth < 15, f"RSS grew {memory.growth:.0f} MB"
+    honest.check()
+    check_live(prober)
+
+
+async def _unread_sse(node: Node, user: str, device: str) -> trio.SocketStream:
+    """``GET /v1/events`` from a socket with a 4 KiB receive buffer that
+    never reads (what it does not read stays queued on the relay)."""
+    sock = trio.socket.socket()
+    sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_RCVBUF, 4096)
+    await sock.connect(("127.0.0.1", node.port))
+    stream = trio.SocketStream(sock)
+    head = (
+        "GET /v1/events HTTP/1.1\r\nHost: localhost\r\nAccept: text/event-stream\r\n"
+        f"Authorization: Bearer {make_token(user, device)}\r\n\r\n"
+    )
+    await stream.send_all(head.encode())
+    return stream
+
+
+@pytest.mark.timeout(60)
+async def test_unread_sse_replay_holds_a_bounded_page(tmp_path) -> None:
+    """The same over Server-Sent Events: the stream's replay shares the
+    WebSocket's (relay/streams.py), and so its bounded page."""
+    with trio.fail_after(50):
+        async with relay_node(tmp_path) as node:
+            await _history(node, b"big-history", 150, 200_000)
+            async with watched(node) as (honest, memory, prober):
+                stream = await _unread_sse(node, MALLORY, "sse")
+                try:
+                    await trio.sleep(4)  # the replay fills what it may, then waits
+                finally:
+                    await trio.aclose_forcefully(stream)
+    report(
+        "unread SSE replay",
+        rss_growth_mb=round(memory.growth, 1),
+        honest_sends=len(honest.seqs),
+        live_p99_worst_ms=live(prober),
+    )
     assert memory.growth < 15, f"RSS grew {memory.growth:.0f} MB"
     honest.check()
     check_live(prober)
