@@ -244,7 +244,7 @@ class ShuttingDown(Unavailable):
 class ConfigError(RelayError):
     """A setting the operator gave is invalid; the process refuses to start.
 
-    Defined here, not in relay/config.py, because storage validates its own
+    Defined here, not in relay/base/config.py, because storage validates its own
     settings (blob store URLs) and storage never imports the server."""
 
     error = "ConfigError"
@@ -342,7 +342,7 @@ class CredentialMismatch(Forbidden):
     error = "CredentialMismatch"
 
 
-# --- single-use tokens (relay/retention.py) ------------------------------------------
+# --- single-use tokens (relay/offline/retention.py) ------------------------------------------
 
 
 class TokenReplayed(InvalidToken):
@@ -351,7 +351,7 @@ class TokenReplayed(InvalidToken):
     error = "TokenReplayed"
 
 
-# --- blobs, delivery state, push (relay/blobs.py, relay/delivery.py, relay/push.py) --
+# --- blobs, delivery state, push (relay/offline/) ---
 
 
 class BlobNotFound(RelayError):
@@ -422,7 +422,7 @@ class TooManyMembers(QuotaExceeded):
     error = "TooManyMembers"
 
 
-# --- incidents (relay/incidents.py) ---------------------------------------------------
+# --- incidents (relay/base/incidents.py) ---------------------------------------------------
 
 
 def new_incident_id() -> str:

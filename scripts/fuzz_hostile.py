@@ -34,8 +34,8 @@ from protocol import ssecursor
 from protocol.errors import RelayError
 from protocol.frames import decode_frame
 from protocol.requests import Limits, parse_request
-from relay.auth import AuthConfig, Authenticator
-from relay.keypackages import _claim_body
+from relay.edge.auth import AuthConfig, Authenticator
+from relay.edge.http.keypackages import _claim_body
 
 #: Longest error message any refusal may carry (excerpts are 32 characters).
 MAX_MESSAGE = 400

@@ -33,7 +33,7 @@ class NewMessage:
     removes: tuple[str, ...] = ()
     #: Application messages: how many past epochs are still accepted.
     epoch_window: int = 0
-    #: Out-of-line ciphertext (relay/blobs.py): ``ciphertext`` is then empty and
+    #: Out-of-line ciphertext (relay/offline/blobs.py): ``ciphertext`` is then empty and
     #: the blob, registered with put_blob() beforehand, holds it.
     blob_key: str = ""
     blob_size: int = 0

@@ -29,7 +29,7 @@ def error_classes() -> dict[str, type[RelayError]]:
 
     A base may share its name with a subclass (AuthError and AuthRequired):
     the subclass stands for it.  Every InternalError (RelayError's own name,
-    StorageError's) reaches a client as an Incident (relay/incidents.py)."""
+    StorageError's) reaches a client as an Incident (relay/base/incidents.py)."""
     out: dict[str, type[RelayError]] = {"InternalError": errors_module.Incident}
     for cls in vars(errors_module).values():
         if not (inspect.isclass(cls) and issubclass(cls, RelayError)):

@@ -2,7 +2,7 @@
 its route tables are the HTTP app's routes, and the frame types it names are
 the requests the relay parses and the events it sends, both ways.
 
-The WebSocket path (/v1/ws) is served before the app (relay/server.py) and is
+The WebSocket path (/v1/ws) is served before the app (relay/edge/server.py) and is
 documented under "Connecting"; everything else on the port is the Quart app."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from pathlib import Path
 
 from protocol import events
 from protocol.requests import _PARSERS
-from relay.app import Relay
-from relay.http import create_app
+from relay.edge.http.frontend import create_app
+from relay.node import Relay
 from storage import open_storage
 
 from . import harness

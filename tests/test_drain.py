@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from relay.shutdown import close_listeners
+from relay.ops.shutdown import close_listeners
 
 from .nodes import CLI, ROOT, free_port, wait_ready
 from .relayclient import AUDIENCE, SECRET, connect, make_token
@@ -218,7 +218,7 @@ async def test_closing_the_port_answers_the_backlog_first():
     ("grace", "deadline"), [("-1", "30"), ("31", "30"), ("abc", "30"), ("1", "0")]
 )
 def test_drain_grace_is_validated(grace: str, deadline: str):
-    from relay.config import ConfigError, from_env
+    from relay.base.config import ConfigError, from_env
 
     with pytest.raises(ConfigError, match="RELAY_"):
         from_env({"RELAY_DRAIN_GRACE_S": grace, "RELAY_SHUTDOWN_DEADLINE_S": deadline})

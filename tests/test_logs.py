@@ -8,7 +8,7 @@ import logging
 
 import trio
 
-from relay import logs
+from relay.base import logs as logs
 
 from .harness import running_relay
 from .relayclient import connect, make_token

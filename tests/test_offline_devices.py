@@ -12,7 +12,7 @@ from pathlib import Path
 
 import trio
 
-from relay.blobs import store_path
+from relay.offline.blobs import store_path
 
 from .harness import running_relay
 from .mls_helpers import as_json, http

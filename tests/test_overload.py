@@ -16,11 +16,11 @@ import trio
 from trio.testing import wait_all_tasks_blocked
 
 from protocol.errors import RelayError, Unavailable
-from relay.committer import Committer, PendingSend
-from relay.config import ConfigError, from_env
-from relay.fanout import LocalFanOut
-from relay.hub import Hub
-from relay.outbox import Flusher
+from relay.base.config import ConfigError, from_env
+from relay.delivery.committer import Committer, PendingSend
+from relay.delivery.fanout import LocalFanOut
+from relay.delivery.hub import Hub
+from relay.delivery.outbox import Flusher
 from storage import NewMessage, open_storage
 from storage.base import Appended
 

@@ -1,4 +1,4 @@
-"""relay/push.py against a real HTTP webhook (tests/pushreceiver.py).
+"""relay/offline/push.py against a real HTTP webhook (tests/pushreceiver.py).
 
 resolve() and online() are plain async functions over in-test data: they
 stand for the storage query and the cluster-wide presence lookup.
@@ -18,7 +18,7 @@ import trio
 import trio.lowlevel
 
 from protocol.errors import Unavailable
-from relay.push import PushConfig, Pusher, PushTarget, parse_providers
+from relay.offline.push import PushConfig, Pusher, PushTarget, parse_providers
 from tests.pushreceiver import PushReceiver, Reply, push_receiver
 
 ROOM = b"\x01room-id\xff"
@@ -394,7 +394,7 @@ def test_parse_providers() -> None:
 
 
 def test_bad_push_providers_are_a_configuration_error() -> None:
-    from relay.config import ConfigError, from_env
+    from relay.base.config import ConfigError, from_env
 
     assert from_env({"RELAY_PUSH_PROVIDERS": "hook=https://push.example/x"}).push_providers
     for bad in ("hook", "hook=ftp://x", "a=https://x,a=https://y"):

@@ -1,4 +1,4 @@
-"""The retention job (relay/retention.py) through a running relay, on both backends.
+"""The retention job (relay/offline/retention.py) through a running relay, on both backends.
 
 LESSONS: the service we replace deleted commits after 30 days, so a client that
 came back later could not rebuild its group state.  Here a client returning after
@@ -15,7 +15,7 @@ import trio
 
 from protocol.errors import Unavailable
 from protocol.mls import ContentType
-from relay.retention import DAY_MS
+from relay.offline.retention import DAY_MS
 
 from .harness import running_relay
 from .mls_helpers import http, private, welcome

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import trio
 
-from relay.config import ConfigError, from_env
-from relay.connrate import OVERFLOW, ConnectRate
+from relay.base.config import ConfigError, from_env
+from relay.edge.connrate import OVERFLOW, ConnectRate
 from tests.harness import running_relay
 from tests.relayclient import make_token
 

@@ -8,7 +8,7 @@ relay queues for it stays queued on the relay.
 
 The relay answers a hostile connection by closing it, and its close frame
 waits behind everything the attacker never read.  The relay drains it for at
-most 2 s (relay/session.py) before it drops the socket, so the attack stops
+most 2 s (relay/edge/session.py) before it drops the socket, so the attack stops
 as soon as the test sees the relay close it (its metrics say so), and then
 :meth:`Attacker.read_close` reads everything that was queued up to the close
 frame.
