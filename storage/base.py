@@ -147,10 +147,12 @@ class Storage(abc.ABC):
 
     @abc.abstractmethod
     async def read_messages(
-        self, conversation: bytes, user: str, after_seq: int, limit: int
+        self, conversation: bytes, user: str, after_seq: int, limit: int, max_bytes: int = 0
     ) -> list[StoredMessage]:
         """Messages with seq > max(after_seq, joined_seq), ascending, at most
-        ``limit``.  Raises NotMember."""
+        ``limit``; with ``max_bytes``, only those whose ciphertexts before
+        them come to less than that (so always at least one, and at most
+        ``max_bytes`` plus one ciphertext).  Raises NotMember."""
 
     @abc.abstractmethod
     async def prune_messages(self, older_than_ms: int) -> int:
@@ -336,3 +338,16 @@ class Storage(abc.ABC):
     @abc.abstractmethod
     async def forget_blobs(self, blobs: Sequence[tuple[bytes, str]]) -> None:
         """Drop the rows of blobs whose bytes were deleted."""
+
+
+def within_bytes(sizes: Sequence[int], max_bytes: int) -> int:
+    """How many of the leading ``sizes`` a page holds: each while the sizes
+    before it come to less than ``max_bytes`` (0: no byte bound)."""
+    if not max_bytes:
+        return len(sizes)
+    total = 0
+    for n, size in enumerate(sizes):
+        if total >= max_bytes:
+            return n
+        total += size
+    return len(sizes)
