@@ -219,27 +219,35 @@ async def test_health_answers_while_200_key_packages_validate(database_url: str)
 
 SESSIONS = 1000
 CONVERSATIONS = 200
+#: Conversations that get a message before the rounds.
+MOVED = 5
 
 
 class Sessions:
-    """SESSIONS subscribed devices of one user, held open until cancelled."""
+    """SESSIONS subscribed devices of one user, held open until cancelled;
+    each waits for MOVED messages once they are sent."""
 
     def __init__(self, r: Running) -> None:
         self.r = r
         self.gate = trio.Semaphore(64)  # connecting is bounded; holding is not
-        self.open = 0
-        self.all_open = trio.Event()
+        self.open = self.received = 0
+        self.all_open, self.sent, self.all_received = trio.Event(), trio.Event(), trio.Event()
 
     async def hold(self, device: str) -> None:
         await self.gate.acquire()
         connecting = True
         try:
-            async with connect(self.r.ws_url, ALICE, device, subscribe=True):
+            async with connect(self.r.ws_url, ALICE, device, subscribe=True) as client:
                 self.gate.release()
                 connecting = False
                 self.open += 1
                 if self.open == SESSIONS:
                     self.all_open.set()
+                await self.sent.wait()
+                await client.messages(MOVED)
+                self.received += 1
+                if self.received == SESSIONS:
+                    self.all_received.set()
                 await trio.sleep_forever()
         finally:
             if connecting:
@@ -254,25 +262,35 @@ async def test_health_answers_while_the_delivery_state_walk_runs(database_url: s
         "requests_per_user": 1e9,
         "delivery_flush_s": 3600.0,  # the rounds below are the test's own
     }
+    convs = [b"walk-%d" % i for i in range(CONVERSATIONS)]
     with trio.fail_after(280):
-        async with running_relay(database_url, **unbounded) as r:
-            async with connect(r.ws_url, ALICE, "creator") as creator:
-                for i in range(CONVERSATIONS):
-                    await creator.ok("#createConversation", conversation=b"walk-%d" % i, members=[])
-            async with trio.open_nursery() as nursery:
-                sessions = Sessions(r)
-                for i in range(SESSIONS):
-                    nursery.start_soon(sessions.hold, f"d{i}")
-                setup = time.monotonic()
-                await sessions.all_open.wait()
-                print(f"{SESSIONS} sessions open in {time.monotonic() - setup:.1f} s")
-                tracker = r.relay.delivery
-                async with probing(r.port) as probe:
-                    baseline = await idle(probe, 0.1)
-                    during = await rounds(probe, tracker.flush)
-                nursery.cancel_scope.cancel()
-            assert tracker.walked == SESSIONS * CONVERSATIONS  # every round visited them all
-            check(f"walk of {tracker.walked} streams", during, baseline)
+        async with (
+            running_relay(database_url, **unbounded) as r,
+            connect(r.ws_url, ALICE, "creator") as creator,
+            trio.open_nursery() as nursery,
+        ):
+            for conv in convs:
+                await creator.ok("#createConversation", conversation=conv, members=[])
+            sessions = Sessions(r)
+            for i in range(SESSIONS):
+                nursery.start_soon(sessions.hold, f"d{i}")
+            setup = time.monotonic()
+            await sessions.all_open.wait()
+            print(f"{SESSIONS} sessions open in {time.monotonic() - setup:.1f} s")
+            for conv in convs[:MOVED]:  # positions that move: rows the first round writes
+                await creator.send(conv, b"moved")
+            sessions.sent.set()
+            await sessions.all_received.wait()
+            tracker = r.relay.delivery
+            written = tracker.rows_written
+            async with probing(r.port) as probe:
+                baseline = await idle(probe, 0.1)
+                during = await rounds(probe, tracker.flush)
+            nursery.cancel_scope.cancel()
+        assert tracker.walked == SESSIONS * CONVERSATIONS  # every round visited them all
+        # Each moved position written once, in the first round; none again.
+        assert tracker.rows_written - written == SESSIONS * MOVED
+        check(f"walk of {tracker.walked} streams", during, baseline)
 
 
 # --- 3. #deleteConversation with many blobs (relay/blobs.py) -----------------------
