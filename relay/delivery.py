@@ -3,8 +3,8 @@
 Delivering a message touches no table.  A session's streams already know,
 per conversation, the next seq they will hand to the connection; once per
 ``RELAY_DELIVERY_FLUSH_S`` this tracker walks the node's sessions, collects
-the positions that moved since the last round, and writes them in one
-batch (``record_deliveries``), together with the devices that connected
+the positions that moved since the last round, and writes them in batches
+of WRITE_CHUNK (``record_deliveries``), together with the devices that connected
 (``touch_devices``: the recipients a sender's delivery state counts).
 
 "Delivered" means handed to the device's connection; "acknowledged" comes
@@ -18,7 +18,8 @@ slices of at most WALK_SLICE_S, pausing WALK_PAUSE_S between them, on a
 snapshot of the sessions and of each session's conversations (either may
 change while it pauses), and allocates only for the positions that moved:
 a round that built a new 200,000-entry map each time spent tens of ms at
-once in the garbage collector and in freeing the old map.
+once in the garbage collector and in freeing the old map.  What was
+written is kept per device with a session here, per conversation.
 """
 
 from __future__ import annotations
