@@ -226,6 +226,17 @@ class TooManyConnectionAttempts(RateLimited):
     error = "TooManyConnectionAttempts"
 
 
+class MessageTimeout(ProtocolError):
+    """A WebSocket message begun and not finished in time: more than
+    RELAY_HANDSHAKE_TIMEOUT_S plus RELAY_MAX_FRAME at 64 KiB/s while the
+    relay waited on the client (a byte now and then would otherwise hold a
+    connection and its message buffer forever).  Closed with 1008."""
+
+    error = "MessageTimeout"
+    http_status = 408
+    close_code = CloseCode.POLICY_VIOLATION
+
+
 class ShuttingDown(Unavailable):
     error = "ShuttingDown"
 
@@ -400,7 +411,7 @@ class BlobQuotaExceeded(QuotaExceeded):
 
 class TooManyConversations(QuotaExceeded):
     """The user already created RELAY_MAX_CONVERSATIONS_PER_USER conversations
-    that still exist."""
+    that still exist or that it deleted in the last 24 hours."""
 
     error = "TooManyConversations"
 

@@ -179,6 +179,7 @@ class Relay:
             self.fanout,
             self.flusher,
             max_batch=self.config.commit_batch,
+            queue=self.config.commit_queue,
             linger=self.config.commit_linger_ms / 1000,
             incidents=self.metrics.incidents,
         )

@@ -58,6 +58,10 @@ class Config:
     outbox_limit: int = 4 * 1024 * 1024
     max_in_flight: int = 64
     commit_batch: int = 512
+    #: Sends the commit queue holds (relay/committer.py): from half of it the
+    #: node stops reading sockets, and a send that finds it full waits in its
+    #: session.
+    commit_queue: int = 4096
     #: A batch waits up to this long after its first send for more sends to
     #: join it (relay/committer.py).  0 commits at once.
     commit_linger_ms: float = 2.0
@@ -170,7 +174,8 @@ class Config:
     #: Bytes of blobs one user may keep stored (every blob it uploaded, or the
     #: relay stored for its sends, until collected).
     blob_quota_bytes: int = 1024**3
-    #: Conversations one user may have created that still exist.
+    #: Conversations one user created that still exist, plus those it deleted
+    #: in the last 24 hours (deleted ids are kept for ever).
     max_conversations_per_user: int = 10000
     #: Members of one conversation (the Rust delivery service's bound).
     max_members: int = 1000
@@ -308,6 +313,8 @@ def validate(cfg: Config) -> None:
             parse_networks(cfg.trusted_proxies)
         except ValueError as exc:
             raise ConfigError(f"RELAY_TRUSTED_PROXIES: {exc}") from None
+    if cfg.commit_batch < 1 or cfg.commit_queue < 2:
+        raise ConfigError("RELAY_COMMIT_BATCH must be >= 1 and RELAY_COMMIT_QUEUE >= 2")
     _validate_db_bounds(cfg)
     if cfg.workers < 1:
         raise ConfigError(f"RELAY_WORKERS must be >= 1, got {cfg.workers}")

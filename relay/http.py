@@ -24,7 +24,7 @@ from quart import has_request_context, jsonify, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
-from protocol.errors import RelayError
+from protocol.errors import QuotaExceeded, RelayError
 
 from . import __version__
 from .blobs import blueprint as blobs_blueprint
@@ -143,6 +143,8 @@ def create_app(relay: Relay) -> QuartTrio:
 
     @app.errorhandler(RelayError)
     async def relay_error(exc: RelayError) -> Any:
+        if isinstance(exc, QuotaExceeded):  # relay_errors_total{type}, as over the WebSocket
+            relay.metrics.error(exc.error)
         return _error(exc)
 
     @app.errorhandler(HTTPException)

@@ -165,7 +165,8 @@ class DeliveryService:
             if req.welcome or req.group_info or req.removes:
                 raise NotMLSConversation("welcome, group_info and removes need an MLS conversation")
             return base
-        return mls_message(base, req, self.relay.config.epoch_window)
+        cfg = self.relay.config
+        return mls_message(base, req, cfg.epoch_window, cfg.max_members)
 
     # --- key packages -----------------------------------------------------------
 
@@ -212,7 +213,7 @@ class DeliveryService:
         )
 
 
-def mls_message(base: NewMessage, req: Send, window: int) -> NewMessage:
+def mls_message(base: NewMessage, req: Send, window: int, max_members: int = 0) -> NewMessage:
     """Read the MLSMessage header of a send into an MLS NewMessage (sans I/O)."""
     msg = parse_mls_message(
         req.ciphertext, expect=(WireFormat.PUBLIC_MESSAGE, WireFormat.PRIVATE_MESSAGE)
@@ -262,6 +263,7 @@ def mls_message(base: NewMessage, req: Send, window: int) -> NewMessage:
         group_info=req.group_info,
         removes=req.removes,
         epoch_window=window,
+        max_members=max_members if is_commit else 0,
     )
 
 

@@ -75,7 +75,9 @@ class Retention:
 
     async def run(self) -> None:
         """Run now, then every interval, until cancelled.  A failed run (database
-        unreachable) is logged and retried at the next interval."""
+        unreachable) is logged and retried at the next interval; one that fails
+        with anything else (a bug) is an incident, and retried the same way: it
+        runs in the node's nursery, which must not end for it."""
         interval = self.relay.config.retention_interval_s
         while True:
             try:
@@ -84,6 +86,8 @@ class Retention:
                 log.warning(
                     "retention run failed", extra={"error": exc.error, "retryable": exc.retryable}
                 )
+            except Exception as exc:
+                self.relay.metrics.incidents.report("retention", exc, "a retention run")
             await trio.sleep(interval)
 
     async def run_once(self) -> RetentionRun:

@@ -30,6 +30,7 @@ from protocol import events
 from protocol.closecodes import CloseCode, CloseReason
 from protocol.errors import (
     InvalidRequest,
+    MessageTimeout,
     ProtocolError,
     RateLimited,
     RateLimitIgnored,
@@ -52,6 +53,7 @@ from storage.base import Appended, NewMessage
 
 from .committer import PendingSend
 from .handlers import Handlers
+from .httpbody import MIN_BODY_RATE
 from .limits import NESTED_BYTES, request_cost
 from .logs import connection_context
 from .outbox import Outbox
@@ -60,6 +62,7 @@ from .streams import Streams
 if TYPE_CHECKING:
     from .app import Relay
     from .auth import Identity
+    from .config import Config
 
 log = logging.getLogger("relay.session")
 
@@ -97,6 +100,10 @@ class Session:
         self.outbox.on_backlog = self._on_backlog
         #: outbox.bytes_out at the last sweep (a paused queue must move).
         self._bytes_out_at_tick = 0
+        #: Messages received whole at the last sweep, and since when the one
+        #: in progress has been waited for (None: none in progress).
+        self._messages_at_tick = 0
+        self._message_since: float | None = None
         self._requests = relay.node_limits.connection_bucket()
         self._strikes = relay.node_limits.strike_bucket()
         self._closing: tuple[int, str] | None = None
@@ -210,12 +217,40 @@ class Session:
             self._too_slow()  # paused since the last sweep, and not a byte taken
             return
         self._bytes_out_at_tick = self.outbox.bytes_out
+        if self._message_too_slow(now):
+            return
         interval = self.relay.config.ping_interval_s
         silent = now - self._last_heard
         if silent >= 2 * interval:
             self.close(CloseCode.GOING_AWAY, CloseReason.PING_TIMEOUT)
         elif silent >= interval:
             self.send_frame_raw(ping_frame())
+
+    def _message_too_slow(self, now: float) -> bool:
+        """Slowloris: a message begun and not finished in time.  A byte now
+        and then keeps a connection alive (it is not silent) and holds up to
+        RELAY_MAX_FRAME of buffer; like an HTTP body (relay/httpbody.py), a
+        message gets RELAY_HANDSHAKE_TIMEOUT_S plus RELAY_MAX_FRAME at
+        MIN_BODY_RATE.  The clock stops while the relay does not read this
+        connection (paused, or the commit queue congested): then the wait
+        is ours, not the client's."""
+        conn, cfg = self._conn, self.relay.config
+        pending, done = conn.message_pending, conn.messages
+        same = done == self._messages_at_tick
+        self._messages_at_tick = done
+        if not pending:
+            self._message_since = None
+        elif not same or self._message_since is None or self._behind():
+            self._message_since = now
+        elif now - self._message_since > (limit := _message_time(cfg)):
+            exc = MessageTimeout(f"a message took longer than {limit:g} s")
+            self.relay.metrics.error(exc.error)
+            self.close(exc.close_code, close_reason(exc))
+            return True
+        return False
+
+    def _behind(self) -> bool:
+        return bool(self._paused_for) or self.relay.committer.congested
 
     def _caught_up(self) -> None:
         # Announced once, after the replay that #subscribe started; later gap
@@ -437,3 +472,8 @@ _FLAT = frozenset({str, bytes, int, bool, float, type(None)})
 def _nested(body: dict[str, object]) -> bool:
     """Whether a body holds arrays or maps (decoding those costs per item)."""
     return not _FLAT.issuperset(map(type, body.values()))
+
+
+def _message_time(cfg: Config) -> float:
+    """Seconds a WebSocket message may take to arrive, whatever its size."""
+    return cfg.handshake_timeout_s + cfg.max_frame / MIN_BODY_RATE

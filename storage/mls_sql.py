@@ -77,6 +77,7 @@ CHECK_ORDER = (
     "group",  # WrongGroup
     "epoch",  # FutureEpoch, StaleCommit, StaleEpoch
     "key_packages",  # UnknownKeyPackage: a Welcome ref the sender did not claim
+    "members",  # TooManyMembers: the commit would pass RELAY_MAX_MEMBERS (storage/quotas.py)
 )
 
 
@@ -224,6 +225,8 @@ def append_mls_sqlite(ex: Exec, msg: NewMessage) -> Appended | RelayError:
     targets = welcome_targets(ex, msg)  # before any write: an unknown ref refuses the commit
     if isinstance(targets, RelayError):
         return targets
+    if msg.kind in COMMIT_KINDS and (crowded := quotas.commit_members(ex, msg, targets)):
+        return crowded
     new_epoch = epoch + (1 if msg.kind in COMMIT_KINDS else 0)
     seq = last_seq + 1
     ex(

@@ -151,7 +151,7 @@ class PostgresStorage(PgOfflineStorage, Storage):
             offline_sql.check_not_deleted(ex, conversation)
             if max_created:  # one creator's creations one at a time: the count holds
                 quotas.lock(ex, quotas.PG_LOCK_SQL, f"conversations:{creator}")
-                quotas.check_conversations(ex, creator, max_created)
+                quotas.check_conversations(ex, creator, max_created, now_ms)
             created = conn.execute(
                 "INSERT INTO conversations (id, creator, created_ms, mls_group_id, external_join,"
                 " storage_model) VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (id) DO NOTHING"

@@ -37,6 +37,9 @@ class NewMessage:
     #: the blob, registered with put_blob() beforehand, holds it.
     blob_key: str = ""
     blob_size: int = 0
+    #: Commits: the most members the conversation may have once it is applied
+    #: (RELAY_MAX_MEMBERS; 0: no bound).  TooManyMembers refuses it otherwise.
+    max_members: int = 0
 
 
 @dataclass(slots=True)  # not frozen: a frozen __init__ cost ~2 µs per message

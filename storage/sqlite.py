@@ -198,7 +198,7 @@ class SqliteStorage(OfflineStorage, Storage):
 
         def job(conn: Conn) -> ConversationInfo:
             offline_sql.check_not_deleted(ex_for(conn), conversation)
-            quotas.check_conversations(ex_for(conn), creator, max_created)
+            quotas.check_conversations(ex_for(conn), creator, max_created, now_ms)
             if (
                 conn.execute(
                     "INSERT INTO conversations (id, creator, created_ms, mls_group_id,"

@@ -1,38 +1,36 @@
 """CPU work never holds the event loop (issue 14, bug 4): ``/health/live``
 answers within 20 ms while each of the three heavy jobs runs.
 
-The probe is a thread of this process with its own blocking HTTP/1.1
-connection: it sends the next GET as soon as the last answer came (plus
-1 ms), and times each one on its own clock, so a stall of the Trio loop
-shows as the latency of the probe in flight, whenever in the stall it was
-sent.  Each job runs ROUNDS times; a round's figure is the slowest probe
-overlapping it, and the test asserts the MEDIAN round: one round may catch
+The probe is a process of its own with a blocking HTTP/1.1 connection: it
+sends the next GET as soon as the last answer came (plus 1 ms) and times
+each one, so a stall of the Trio loop shows as the latency of the probe in
+flight, whenever in the stall it was sent.  Each job runs ROUNDS times; a
+round's figure is the slowest probe overlapping it, and the test asserts
+the MEDIAN round against the bound.  Why the median: one round may catch
 the machine busy elsewhere (2 cores shared by several test runs), while a
-job that holds the loop slows every round by its whole length.  Each
-assertion also checks the probe really ran during every round.
+job that holds the loop slows every round by its whole length.  Every
+round must have overlapped at least one probe, and the same figure with no
+job running is printed next to it.
 
-Measured on this machine (loaded), the slowest probe per round, median:
-- 200 KeyPackages validated inline: 84-110 ms; in 2 ms slices: 4-9 ms.
-- the delivery-state walk over 2,000 sessions x 20 conversations in one go:
-  see the commit message; in 2 ms slices: a few ms.
-- #deleteConversation of a conversation with many blobs: the request itself
-  waited for the whole collector; now it returns at once and the collector
-  runs as the node's task.
+Figures (median round's slowest probe, this machine, loaded; sqlite / pg)
+are in the commit messages that changed each job.
 """
 
 from __future__ import annotations
 
 import statistics
-import threading
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from http.client import HTTPConnection
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import cbor2
 import pytest
 import trio
+import trio.abc
 
 from .harness import Running, running_relay
 from .mls_helpers import http, make_key_package
@@ -41,79 +39,144 @@ from .relayclient import connect, make_token
 ALICE = "did:example:alice"
 #: Rounds of each job; the median round's slowest probe is asserted.
 ROUNDS = 5
-#: The bound of issue 14: the slowest probe of the median round.
+#: The bound of issue 14: the slowest probe of the median round (on top of
+#: what the same probe gets with no job running, see check()).
 BOUND_S = 0.020
+#: The longest task step of the median round, in CPU time of the loop.
+STEP_BOUND_S = 0.010
+
+
+#: The probe process: GET /health/live on one keep-alive connection, 1 ms
+#: apart, printing each answer's start and end on CLOCK_MONOTONIC (the same
+#: clock as time.monotonic() here, in any process).
+PROBE = """
+import sys, time
+from http.client import HTTPConnection
+conn = HTTPConnection("127.0.0.1", int(sys.argv[1]), timeout=10)
+while True:
+    started = time.monotonic()
+    conn.request("GET", "/health/live")
+    response = conn.getresponse()
+    response.read()
+    if response.status != 200:
+        sys.exit(f"/health/live answered {response.status}")
+    print(started, time.monotonic(), flush=True)
+    time.sleep(0.001)
+"""
 
 
 class Probe:
-    """GET /health/live in a loop from a thread; every answer's (start, end)."""
+    """The probe's answers as (start, end), read as they come.
 
-    def __init__(self, port: int) -> None:
-        self.port = port
+    A process of its own, not a thread of this one: a thread would wait for
+    this process's GIL (up to the 5 ms switch interval at each hand-over),
+    which is not what a client of the node sees."""
+
+    def __init__(self, process: trio.Process) -> None:
+        self.process = process
         self.samples: list[tuple[float, float]] = []
-        self.failure: BaseException | None = None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="health-probe", daemon=True)
+        self.answered = trio.Event()
 
-    def _run(self) -> None:
-        conn = HTTPConnection("127.0.0.1", self.port, timeout=10)
-        try:
-            while not self._stop.is_set():
-                started = time.perf_counter()
-                conn.request("GET", "/health/live")
-                response = conn.getresponse()
-                response.read()
-                if response.status != 200:
-                    raise AssertionError(f"/health/live answered {response.status}")
-                self.samples.append((started, time.perf_counter()))
-                time.sleep(0.001)
-        except BaseException as exc:  # reported by stop(), in the test's task
-            self.failure = exc
-        finally:
-            conn.close()
+    async def read(self) -> None:
+        assert self.process.stdout is not None
+        buffer = b""
+        async for chunk in self.process.stdout:
+            buffer += chunk
+            *lines, buffer = buffer.split(b"\n")
+            for line in lines:
+                start, end = line.split()
+                self.samples.append((float(start), float(end)))
+            self.answered.set()
+            self.answered = trio.Event()
+        code = await self.process.wait()
+        raise AssertionError(f"the probe process ended (exit status {code})")
 
     def worst(self, start: float, end: float) -> tuple[float, int]:
         """The slowest probe overlapping [start, end], and how many did."""
-        overlapping = [b - a for a, b in list(self.samples) if a < end and b > start]
+        overlapping = [b - a for a, b in self.samples if a < end and b > start]
         return max(overlapping, default=0.0), len(overlapping)
 
-    async def stop(self) -> None:
-        self._stop.set()
-        await trio.to_thread.run_sync(self._thread.join, 15)
-        if self.failure is not None:
-            raise self.failure
+    async def beyond(self, moment: float) -> None:
+        """Until a probe sent after ``moment`` was answered: every probe that
+        overlapped what came before is in ``samples`` by then."""
+        with trio.fail_after(10):
+            while not self.samples or self.samples[-1][0] <= moment:
+                await self.answered.wait()
 
 
 @asynccontextmanager
 async def probing(port: int) -> AsyncIterator[Probe]:
-    probe = Probe(port)
-    probe._thread.start()
+    async with trio.open_nursery() as nursery:
+        process = await trio.lowlevel.open_process(
+            [sys.executable, "-c", PROBE, str(port)], stdout=subprocess.PIPE
+        )
+        probe = Probe(process)
+        nursery.start_soon(probe.read)
+        try:
+            with trio.fail_after(10):
+                while len(probe.samples) < 20:  # warm: connection open, routes hot
+                    await probe.answered.wait()
+            yield probe
+        finally:
+            nursery.cancel_scope.cancel()  # the reader first: the probe's end is ours
+            process.kill()
+            with trio.CancelScope(shield=True):
+                await process.wait()
+
+
+class Steps(trio.abc.Instrument):
+    """The CPU time (of the loop's thread) of the longest task step since
+    the last reset: how long one task held the loop, whatever the machine's
+    load, as preemption by other processes costs no CPU time."""
+
+    def __init__(self) -> None:
+        self.longest = 0.0
+        self._began = 0.0
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        self._began = time.thread_time()
+
+    def after_task_step(self, task: trio.lowlevel.Task) -> None:
+        self.longest = max(self.longest, time.thread_time() - self._began)
+
+
+@dataclass
+class Rounds:
+    """Per round, in milliseconds: the slowest probe, the longest task step
+    (CPU time), and the round's length."""
+
+    probes: list[float] = field(default_factory=list)
+    steps: list[float] = field(default_factory=list)
+    lengths: list[float] = field(default_factory=list)
+
+
+async def rounds(probe: Probe, job: Callable[[], Awaitable[object]]) -> Rounds:
+    """Run ``job`` ROUNDS times."""
+    steps = Steps()
+    trio.lowlevel.add_instrument(steps)
+    result = Rounds()
     try:
-        with trio.fail_after(10):
-            while len(probe.samples) < 20:  # warm: connection open, routes hot
-                assert probe.failure is None, probe.failure
-                await trio.sleep(0.01)
-        yield probe
+        for _ in range(ROUNDS):
+            await trio.sleep(0.05)  # a gap, so that rounds do not share a probe
+            start = time.monotonic()
+            steps.longest = 0.0
+            await job()
+            end = time.monotonic()
+            # A job that never yields ran inside this very step: end it first.
+            await trio.lowlevel.checkpoint()
+            result.steps.append(round(steps.longest * 1000, 1))
+            result.lengths.append(round((end - start) * 1000, 1))
+            await probe.beyond(end)
+            slowest, count = probe.worst(start, end)
+            assert count >= 1, "no probe ran during the round: it measured nothing"
+            result.probes.append(round(slowest * 1000, 1))
     finally:
-        await probe.stop()
+        trio.lowlevel.remove_instrument(steps)
+    return result
 
 
-async def rounds(probe: Probe, job: Callable[[], Awaitable[object]]) -> list[float]:
-    """Run ``job`` ROUNDS times; the slowest probe of each (milliseconds)."""
-    worst: list[float] = []
-    for _ in range(ROUNDS):
-        await trio.sleep(0.05)  # a gap, so that rounds do not share a probe
-        start = time.perf_counter()
-        await job()
-        end = time.perf_counter()
-        slowest, count = probe.worst(start, end)
-        assert count >= 1, "no probe ran during the round: it measured nothing"
-        worst.append(round(slowest * 1000, 1))
-    return worst
-
-
-async def idle(probe: Probe, seconds: float) -> list[float]:
-    """The same figure with no job running: what the machine gives now."""
+async def idle(probe: Probe, seconds: float) -> Rounds:
+    """The same figures with no job running: what the machine gives now."""
 
     async def nothing() -> None:
         await trio.sleep(seconds)
@@ -121,9 +184,14 @@ async def idle(probe: Probe, seconds: float) -> list[float]:
     return await rounds(probe, nothing)
 
 
-def check(name: str, during: list[float], baseline: list[float]) -> None:
-    print(f"{name}: slowest probe per round (ms) {during}; idle {baseline}")
-    assert statistics.median(during) <= BOUND_S * 1000, (name, during, baseline)
+def check(name: str, during: Rounds, baseline: Rounds) -> None:
+    print(f"{name}: {during}")
+    print(f"  with no job running: {baseline}")
+    # The machine's own delay (the idle probes) is allowed on top of the
+    # bound: on a loaded machine the probe waits for a core, job or not.
+    allowed = BOUND_S * 1000 + statistics.median(baseline.probes)
+    assert statistics.median(during.probes) <= allowed, (name, during, baseline)
+    assert statistics.median(during.steps) <= STEP_BOUND_S * 1000, (name, during, baseline)
 
 
 # --- 1. KeyPackage uploads (relay/keypackages.py) ------------------------------
@@ -149,8 +217,8 @@ async def test_health_answers_while_200_key_packages_validate(database_url: str)
 
 # --- 2. The delivery-state walk (relay/delivery.py) ------------------------------
 
-SESSIONS = 2000
-CONVERSATIONS = 20
+SESSIONS = 1000
+CONVERSATIONS = 200
 
 
 class Sessions:
@@ -195,7 +263,9 @@ async def test_health_answers_while_the_delivery_state_walk_runs(database_url: s
                 sessions = Sessions(r)
                 for i in range(SESSIONS):
                     nursery.start_soon(sessions.hold, f"d{i}")
+                setup = time.monotonic()
                 await sessions.all_open.wait()
+                print(f"{SESSIONS} sessions open in {time.monotonic() - setup:.1f} s")
                 tracker = r.relay.delivery
                 async with probing(r.port) as probe:
                     baseline = await idle(probe, 0.1)
@@ -233,16 +303,22 @@ async def test_health_answers_while_a_conversation_with_many_blobs_goes(
             collected = blobs.collected
             deletions = iter(conversations)
             replies: list[float] = []
+            early = 0  # replies that came before the collector was done
 
             async def delete() -> None:
-                started = time.perf_counter()
+                nonlocal early
+                started, before = time.monotonic(), blobs.collected
                 await alice.ok("#deleteConversation", conversation=next(deletions))
-                replies.append(round((time.perf_counter() - started) * 1000, 1))
+                replies.append(round((time.monotonic() - started) * 1000, 1))
+                early += blobs.collected - before < BLOBS // ROUNDS
                 await blobs.settled()  # the round lasts until its blobs are gone
 
             baseline = await idle(probe, 0.1)
             during = await rounds(probe, delete)
-            print(f"#deleteConversation answered in (ms) {replies}")
+            print(f"#deleteConversation answered in (ms) {replies}, {early} before the collector")
             assert blobs.collected - collected == BLOBS
             assert not any(p.is_file() for p in blob_dir.rglob("*"))
             check(f"deletion of {BLOBS // ROUNDS} blobs", during, baseline)
+            # The request only wakes the collector: the reply is not held for
+            # it (in most rounds it comes well before the collector is done).
+            assert early > ROUNDS // 2, replies

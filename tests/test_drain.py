@@ -46,6 +46,8 @@ def env(port: int, data: Path) -> dict[str, str]:
         RELAY_DEV_MODE="1",
         RELAY_LOG_LEVEL="WARNING",
         RELAY_DRAIN_GRACE_S=str(GRACE),
+        # The probes below open ~130 connections a second from one address.
+        RELAY_CONNECT_RATE_PER_ADDRESS="0",
         RELAY_SHUTDOWN_DEADLINE_S="15",
         RELAY_SSE_KEEPALIVE_S="30",
         # The probes connect ~100 times a second from one address.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -561,12 +562,16 @@ async def test_cancel_running_statement(kit: PoolKit) -> None:
 
 
 async def test_cancelled_waiter_never_runs(kit: PoolKit) -> None:
+    holding = threading.Event()
+
     def hold(conn: Any) -> None:
+        holding.set()
         time.sleep(0.5)  # occupies the only connection, in its worker thread
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(kit.pool.run, hold)
-        await trio.sleep(0.05)
+        with trio.fail_after(10):
+            await trio.to_thread.run_sync(holding.wait, abandon_on_cancel=True)  # it is taken
         with trio.move_on_after(0.1) as scope:
             await kit.pool.run(kit.tx("INSERT INTO contract_probe VALUES (1)"))
         assert scope.cancelled_caught

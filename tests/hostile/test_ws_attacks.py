@@ -36,9 +36,25 @@ from .wsattack import (
 
 MALLORY = "did:example:mallory"
 MB = 1024 * 1024
-#: The worst /health/live answer allowed while under attack (a loaded 2-core
-#: machine; the attacks themselves keep the node's one event loop busy).
-LIVE_MS = 250
+#: The slowest /health/live answer allowed while under attack, but for one
+#: in a hundred (a loaded 2-core machine preempts the relay, or the test
+#: process that asks, now and then), and the slowest of all: an event loop
+#: blocked by the attack (2.8 s for the SSE cursor attack of issue 12) fails.
+LIVE_MS, LIVE_WORST_MS = 250, 1000
+
+
+def live(prober: Prober) -> str:
+    """The 99th percentile and worst /health/live latency, for the report."""
+    ms = sorted(1000 * x for x in prober.latencies)
+    return f"{ms[len(ms) * 99 // 100]:.0f}/{ms[-1]:.0f}" if ms else "none"
+
+
+def check_live(prober: Prober) -> None:
+    """Every /health/live answered 200 while under attack, in time (above)."""
+    ms = sorted(1000 * x for x in prober.latencies)
+    assert prober.failures == 0 and len(ms) >= 10, (prober.failures, len(ms))
+    slow = [round(x) for x in ms if x >= LIVE_MS]
+    assert len(slow) <= len(ms) // 100 and ms[-1] < LIVE_WORST_MS, (slow, len(ms))
 
 
 async def _errors(node: Node, *kinds: str) -> float:
@@ -105,14 +121,14 @@ async def test_unread_1mb_unknown_requests_cost_a_bounded_amount(tmp_path) -> No
         rss_growth_mb=round(memory.growth, 1),
         honest_sends=len(honest.seqs),
         honest_worst_ms=round(honest.worst_send_ms),
-        live_worst_ms=round(prober.worst_ms),
+        live_p99_worst_ms=live(prober),
     )
     assert close in {(1008, "RateLimitIgnored"), (4008, "ConsumerTooSlow")}, close
     assert att.sent >= 20 * MB, "the relay stopped reading before the attack was on"
     assert memory.growth < 60, f"RSS grew {memory.growth:.0f} MB"
     assert all(len(r.payload) < 400 for r in replies), "a reply quoted the request"
     honest.check()
-    assert prober.failures == 0 and prober.worst_ms < LIVE_MS, prober.worst_ms
+    check_live(prober)
 
 
 @pytest.mark.timeout(90)
@@ -151,7 +167,7 @@ async def test_ping_flood_is_closed_and_costs_a_bounded_amount(tmp_path) -> None
         most_pongs_read=pongs,
         rss_growth_mb=round(memory.growth, 1),
         honest_sends=len(honest.seqs),
-        live_worst_ms=round(prober.worst_ms),
+        live_p99_worst_ms=live(prober),
     )
     # Closed for its rate every time (not later, as a slow consumer: a ping
     # flood that got its pongs would be), after about its 100 strikes.
@@ -160,17 +176,18 @@ async def test_ping_flood_is_closed_and_costs_a_bounded_amount(tmp_path) -> None
     assert pongs <= 600, pongs  # the rate's burst (400), then no pong
     assert memory.growth < 30, f"RSS grew {memory.growth:.0f} MB"
     honest.check()
-    assert prober.failures == 0 and prober.worst_ms < LIVE_MS, prober.worst_ms
+    check_live(prober)
 
 
 @pytest.mark.timeout(90)
-async def test_unread_list_conversations_is_closed_4008(tmp_path) -> None:
-    """Valid #listConversations (about 7 KB of reply each: 100 conversations)
+async def test_unread_list_conversations_is_closed_4008(tmp_path, database_url: str) -> None:
+    """Valid #listConversations (about 6 KB of reply each: 100 conversations)
     at 150 a second, within the rate, never read: the queue fills to 3/4 of
     RELAY_OUTBOX_LIMIT, reading stops, and the next sweep that sees no byte
-    taken closes it 4008 ConsumerTooSlow; the queue never passes the bound."""
+    taken closes it 4008 ConsumerTooSlow; the queue never passes the bound.
+    Both backends: every request is a storage read."""
     with trio.fail_after(80):
-        async with relay_node(tmp_path) as node:
+        async with relay_node(tmp_path, database_url) as node:
             async with attacker(node.port, MALLORY, "m0") as setup:
                 await setup.reply()  # the #hello
                 for i in range(100):
@@ -194,19 +211,20 @@ async def test_unread_list_conversations_is_closed_4008(tmp_path) -> None:
                 _, close = await att.read_close()
     report(
         "listConversations unread",
+        backend=database_url.split(":")[0],
         reply_bytes=reply_size,
         requests_sent=att.sent // len(request("#listConversations", {"id": 1})),
         seconds=round(ran, 2),
         close=close,
         rss_growth_mb=round(memory.growth, 1),
         honest_sends=len(honest.seqs),
-        live_worst_ms=round(prober.worst_ms),
+        live_p99_worst_ms=live(prober),
     )
     assert close == (4008, "ConsumerTooSlow"), close
     # The queue's bound is 4 MiB: what the node holds for it, and more, is bounded.
     assert memory.growth < 40, f"RSS grew {memory.growth:.0f} MB"
     honest.check()
-    assert prober.failures == 0 and prober.worst_ms < LIVE_MS, prober.worst_ms
+    check_live(prober)
 
 
 @pytest.mark.timeout(60)
