@@ -50,8 +50,6 @@ def env(port: int, data: Path) -> dict[str, str]:
         RELAY_CONNECT_RATE_PER_ADDRESS="0",
         RELAY_SHUTDOWN_DEADLINE_S="15",
         RELAY_SSE_KEEPALIVE_S="30",
-        # The probes connect ~100 times a second from one address.
-        RELAY_CONNECT_RATE_PER_ADDRESS="0",
         PYTHONPATH=str(ROOT),
     )
     return out
