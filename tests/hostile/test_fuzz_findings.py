@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
+import random
 import sys
 import time
 from collections import Counter
@@ -17,7 +19,16 @@ import trio
 from tests.relayclient import connect, decode, encode, make_token
 from tests.test_protocol_frames import client_frame
 
-from .httpnode import Node, Prober, during, error_of, exchange, relay_node, request
+from .httpnode import (
+    Node,
+    Prober,
+    during,
+    error_of,
+    exchange,
+    parse_response,
+    relay_node,
+    request,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
 import fuzz_hostile
@@ -278,4 +289,52 @@ async def test_hostile_http_fields_get_json_answers_below_500(tmp_path, database
             log = node.log_text()
     print(f"hostile HTTP fields: {sum(answers.values())} requests, {dict(answers)}")
     assert all(status < 500 for status, _ in answers), answers
+    assert "Traceback" not in log and "incident" not in log, log[-3000:]
+
+
+@pytest.mark.timeout(120)
+async def test_hostile_sse_cursors_get_400_or_a_stream(tmp_path, database_url) -> None:
+    """Every hostile value in a cursor entry's conversation and seq, and 300
+    generated cursors (scripts/fuzz_hostile.py cursor_input), on
+    GET /v1/events: 400 JSON InvalidRequest / FutureCursor or a stream (200),
+    never a 500, an incident or a traceback (both backends)."""
+    rng = random.Random(7)
+    cursors = [fuzz_hostile.cursor_input(rng) for _ in range(300)]
+    for v in [*fuzz_hostile.HOSTILE_TEXT, *fuzz_hostile.HOSTILE_NUMBERS]:
+        for entry in ([v, 1], [CONV, v]):
+            raw = fuzz_hostile.cbor([entry])
+            cursors.append("v1." + base64.urlsafe_b64encode(raw).rstrip(b"=").decode())
+    answers: Counter[tuple[int, str]] = Counter()
+    with trio.fail_after(110):
+        async with relay_node(tmp_path, database_url) as node:
+            url = f"ws://127.0.0.1:{node.port}/v1/ws"
+            async with connect(url, ALICE, "a1") as alice:
+                await alice.ok("#createConversation", conversation=CONV, members=[BOB])
+                await alice.send(CONV, b"one")
+            for cursor in cursors:
+                path = (
+                    f"/v1/events?cursor={quote(cursor.encode('utf-8', 'surrogatepass'), safe='')}"
+                )
+                raw = request("GET", path, make_token(BOB, "sse"))
+                with trio.fail_after(10):
+                    stream = await trio.open_tcp_stream("127.0.0.1", node.port)
+                    async with stream:
+                        await stream.send_all(raw)
+                        data = b""
+                        while b"\r\n\r\n" not in data:
+                            data += await stream.receive_some(65536)
+                        status = int(data.split()[1])
+                        if status == 200:
+                            answers[(200, "stream")] += 1
+                            continue
+                        with contextlib.suppress(trio.BrokenResourceError):
+                            while chunk := await stream.receive_some(65536):
+                                data += chunk
+                answers[error_of(parse_response(data))] += 1
+            log = node.log_text()
+    print(f"hostile SSE cursors: {len(cursors)} requests, {dict(answers)}")
+    assert set(answers) <= {(200, "stream"), (400, "InvalidRequest"), (400, "FutureCursor")}, (
+        answers
+    )
+    assert answers[(400, "InvalidRequest")] > len(cursors) // 2, answers
     assert "Traceback" not in log and "incident" not in log, log[-3000:]
