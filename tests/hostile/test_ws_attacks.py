@@ -300,7 +300,7 @@ async def _unread_sse(node: Node, user: str, device: str) -> trio.SocketStream:
 @pytest.mark.timeout(60)
 async def test_unread_sse_replay_holds_a_bounded_page(tmp_path) -> None:
     """The same over Server-Sent Events: the stream's replay shares the
-    WebSocket's (relay/streams.py), and so its bounded page."""
+    WebSocket's (relay/delivery/streams.py), and so its bounded page."""
     with trio.fail_after(50):
         async with relay_node(tmp_path) as node:
             await _history(node, b"big-history", 150, 200_000)
