@@ -316,7 +316,9 @@ async def test_unread_sse_replay_holds_a_bounded_page(tmp_path) -> None:
         honest_sends=len(honest.seqs),
         live_p99_worst_ms=live(prober),
     )
-    assert memory.growth < 15, f"RSS grew {memory.growth:.0f} MB"
+    # The outbox (4 MiB, rendered as base64 JSON in 256 KiB slices) and one
+    # page (2 MiB); measured 8.5-10 MB, 33.6 MB without the byte budget.
+    assert memory.growth < 20, f"RSS grew {memory.growth:.0f} MB"
     honest.check()
     check_live(prober)
 
