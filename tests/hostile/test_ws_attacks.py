@@ -111,7 +111,7 @@ async def test_unread_1mb_unknown_requests_cost_a_bounded_amount(tmp_path) -> No
     with trio.fail_after(80):
         async with relay_node(tmp_path) as node, watched(node) as (honest, memory, prober):
             started = trio.current_time()
-            while trio.current_time() - started < 3 or rounds < 2:
+            while trio.current_time() - started < 3 or rounds < 2 or honest.busy():
                 async with attacker(node.port, MALLORY, f"m{rounds}") as att:
                     ran = await until(
                         lambda: att.flood(bad, 400 * MB),
@@ -156,7 +156,7 @@ async def test_ping_flood_is_closed_and_costs_a_bounded_amount(tmp_path) -> None
     with trio.fail_after(80):
         async with relay_node(tmp_path) as node, watched(node) as (honest, memory, prober):
             started = trio.current_time()
-            while trio.current_time() - started < 3 or rounds < 3:
+            while trio.current_time() - started < 3 or rounds < 3 or honest.busy():
                 async with attacker(node.port, MALLORY, f"m{rounds}") as att:
                     await until(
                         lambda: att.flood(pings, 520 * MB),
@@ -316,7 +316,9 @@ async def test_unread_sse_replay_holds_a_bounded_page(tmp_path) -> None:
         honest_sends=len(honest.seqs),
         live_p99_worst_ms=live(prober),
     )
-    assert memory.growth < 15, f"RSS grew {memory.growth:.0f} MB"
+    # The outbox (4 MiB, rendered as base64 JSON in 256 KiB slices) and one
+    # page (2 MiB); measured 8.5-10 MB, 33.6 MB without the byte budget.
+    assert memory.growth < 20, f"RSS grew {memory.growth:.0f} MB"
     honest.check()
     check_live(prober)
 
