@@ -226,6 +226,17 @@ class TooManyConnectionAttempts(RateLimited):
     error = "TooManyConnectionAttempts"
 
 
+class MessageTimeout(ProtocolError):
+    """A WebSocket message begun and not finished in time: more than
+    RELAY_HANDSHAKE_TIMEOUT_S plus RELAY_MAX_FRAME at 64 KiB/s while the
+    relay waited on the client (a byte now and then would otherwise hold a
+    connection and its message buffer forever).  Closed with 1008."""
+
+    error = "MessageTimeout"
+    http_status = 408
+    close_code = CloseCode.POLICY_VIOLATION
+
+
 class ShuttingDown(Unavailable):
     error = "ShuttingDown"
 
@@ -233,7 +244,7 @@ class ShuttingDown(Unavailable):
 class ConfigError(RelayError):
     """A setting the operator gave is invalid; the process refuses to start.
 
-    Defined here, not in relay/config.py, because storage validates its own
+    Defined here, not in relay/base/config.py, because storage validates its own
     settings (blob store URLs) and storage never imports the server."""
 
     error = "ConfigError"
@@ -331,7 +342,7 @@ class CredentialMismatch(Forbidden):
     error = "CredentialMismatch"
 
 
-# --- single-use tokens (relay/retention.py) ------------------------------------------
+# --- single-use tokens (relay/offline/retention.py) ------------------------------------------
 
 
 class TokenReplayed(InvalidToken):
@@ -340,7 +351,7 @@ class TokenReplayed(InvalidToken):
     error = "TokenReplayed"
 
 
-# --- blobs, delivery state, push (relay/blobs.py, relay/delivery.py, relay/push.py) --
+# --- blobs, delivery state, push (relay/offline/) ---
 
 
 class BlobNotFound(RelayError):
@@ -392,6 +403,13 @@ class TooManyKeyPackages(QuotaExceeded):
     error = "TooManyKeyPackages"
 
 
+class TooManyDevices(QuotaExceeded):
+    """The user already has RELAY_MAX_KEYPACKAGE_DEVICES_PER_USER devices that
+    uploaded KeyPackages; a new device's upload is refused."""
+
+    error = "TooManyDevices"
+
+
 class BlobQuotaExceeded(QuotaExceeded):
     """The user's stored blobs plus this one would pass RELAY_BLOB_QUOTA_BYTES."""
 
@@ -400,7 +418,7 @@ class BlobQuotaExceeded(QuotaExceeded):
 
 class TooManyConversations(QuotaExceeded):
     """The user already created RELAY_MAX_CONVERSATIONS_PER_USER conversations
-    that still exist."""
+    that still exist or that it deleted in the last 24 hours."""
 
     error = "TooManyConversations"
 
@@ -411,7 +429,7 @@ class TooManyMembers(QuotaExceeded):
     error = "TooManyMembers"
 
 
-# --- incidents (relay/incidents.py) ---------------------------------------------------
+# --- incidents (relay/base/incidents.py) ---------------------------------------------------
 
 
 def new_incident_id() -> str:

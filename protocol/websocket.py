@@ -178,6 +178,16 @@ class ServerConnection:
     def __init__(self, max_message: int) -> None:
         self._reader = FrameReader(max_message)
 
+    @property
+    def messages(self) -> int:
+        """Data messages received whole so far."""
+        return self._reader.messages
+
+    @property
+    def message_pending(self) -> bool:
+        """A frame or fragmented message has begun and not ended."""
+        return self._reader.message_pending
+
     def receive(self, data: bytes) -> list[WsEvent]:
         """Feed bytes; returns complete events.
 

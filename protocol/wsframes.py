@@ -92,6 +92,14 @@ class FrameReader:
         self._size = 0
         self._fragments = 0
         self._closed = False
+        #: Data messages completed so far (the relay's sweep tells from it
+        #: whether a message in progress is still the same one).
+        self.messages = 0
+
+    @property
+    def message_pending(self) -> bool:
+        """Part of a frame or of a fragmented message is buffered."""
+        return bool(self._rest) or self._fragments > 0
 
     def receive(self, data: bytes) -> list[WsEvent]:
         """Feed bytes; returns the complete events.  Raises ProtocolError subclasses."""
@@ -174,12 +182,14 @@ class FrameReader:
     ) -> None:
         if opcode <= OP_BINARY:
             if fin and not self._fragments:
+                self.messages += 1
                 out.append(Message(payload))  # the common case: one frame, one message
                 return
             self._parts += payload
             self._size += header + len(payload)
             self._fragments += 1
             if fin:
+                self.messages += 1
                 out.append(Message(bytes(self._parts)))
                 self._parts = bytearray()
                 self._size = self._fragments = 0

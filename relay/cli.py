@@ -21,8 +21,7 @@ from collections.abc import AsyncIterator
 import trio
 
 from protocol.errors import RelayError
-
-from .config import ConfigError, from_env, redacted, validate, with_dev_secret
+from relay.base.config import ConfigError, from_env, redacted, validate, with_dev_secret
 
 log = logging.getLogger("relay")
 
@@ -30,7 +29,7 @@ log = logging.getLogger("relay")
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["bench"]:  # everything after it is bench's own (argparse would parse "-x")
-        from .check import bench as run_bench
+        from relay.ops.check import bench as run_bench
 
         return run_bench(argv[1:])
     if argv[:1] == ["tail"] and importlib.util.find_spec("mls_relay_client") is None:
@@ -55,8 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     token.add_argument("user", help="user DID, e.g. did:example:alice")
     token.add_argument("--device", default="dev1")
     token.add_argument("--lifetime", type=int, default=3600, help="seconds")
-    from .inspect import DESCRIPTION as INSPECT_DESCRIPTION
-    from .inspect import add_arguments as inspect_arguments
+    from relay.ops.inspect import DESCRIPTION as INSPECT_DESCRIPTION
+    from relay.ops.inspect import add_arguments as inspect_arguments
 
     inspect = sub.add_parser(
         "inspect", help="decode an MLS object and print JSON", description=INSPECT_DESCRIPTION
@@ -69,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     _add_tail(sub.add_parser("tail", help="print a device's events as JSON lines (debugging)"))
     args = parser.parse_args(argv)
     if args.command == "inspect":
-        from .inspect import run as inspect_run
+        from relay.ops.inspect import run as inspect_run
 
         return inspect_run(args)
     try:
@@ -91,15 +90,15 @@ def _serve(args: argparse.Namespace) -> int:
         cfg = replace(cfg, workers=args.workers)
         validate(cfg)
     cfg = with_dev_secret(cfg)
-    from .logs import configure as configure_logs
+    from relay.base.logs import configure as configure_logs
 
     configure_logs(cfg.log_level, cfg.log_format)
     if cfg.workers > 1 and args.listen_fd is None:
-        from .workers import supervise
+        from relay.ops.workers import supervise
 
         return supervise(cfg)
     if args.listen_fd is not None:
-        from .workers import worker_config
+        from relay.ops.workers import worker_config
 
         cfg = worker_config(cfg, args.worker_index)
     with contextlib.suppress(KeyboardInterrupt):
@@ -108,9 +107,9 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 async def _run_server(cfg: object, listen_fd: int | None = None) -> None:
-    from .app import Relay
-    from .config import Config
-    from .workers import inherited_listeners, leave_with_parent
+    from relay.base.config import Config
+    from relay.node import Relay
+    from relay.ops.workers import inherited_listeners, leave_with_parent
 
     assert isinstance(cfg, Config)
     relay = Relay(cfg)
@@ -141,11 +140,11 @@ async def _run_server(cfg: object, listen_fd: int | None = None) -> None:
 
 
 async def _drain_on_signal(relay: object, cfg: object, signals: AsyncIterator[int]) -> None:
-    """The first SIGTERM/SIGINT drains (relay/shutdown.py); a second one ends
+    """The first SIGTERM/SIGINT drains (relay/ops/shutdown.py); a second one ends
     the drain grace period at once (the deadline still bounds the rest)."""
-    from .app import Relay
-    from .config import Config
-    from .shutdown import graceful_shutdown
+    from relay.base.config import Config
+    from relay.node import Relay
+    from relay.ops.shutdown import graceful_shutdown
 
     assert isinstance(relay, Relay) and isinstance(cfg, Config)
     async for _ in signals:
@@ -227,7 +226,7 @@ def _token(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
-    from .check import check
+    from relay.ops.check import check
 
     return check()
 

@@ -34,8 +34,8 @@ from protocol import ssecursor
 from protocol.errors import RelayError
 from protocol.frames import decode_frame
 from protocol.requests import Limits, parse_request
-from relay.auth import AuthConfig, Authenticator
-from relay.keypackages import _claim_body
+from relay.edge.auth import AuthConfig, Authenticator
+from relay.edge.http.keypackages import _claim_body
 
 #: Longest error message any refusal may carry (excerpts are 32 characters).
 MAX_MESSAGE = 400
@@ -224,8 +224,8 @@ def _structure(rng: random.Random, value: object) -> object:
 # --- WebSocket requests --------------------------------------------------------------------
 
 
-def _templates(rng: random.Random) -> list[tuple[str, dict[str, Any]]]:
-    conv = rng.randbytes(rng.randint(1, 32))
+def _templates(rng: random.Random, conv: bytes | None = None) -> list[tuple[str, dict[str, Any]]]:
+    conv = conv or rng.randbytes(rng.randint(1, 32))
     did = "did:example:" + rng.choice(["alice", "bob", "carol"])
     return [
         ("#send", {"id": 1, "conversation": conv, "ciphertext": b"c" * 16,
@@ -252,9 +252,10 @@ def _templates(rng: random.Random) -> list[tuple[str, dict[str, Any]]]:
     ]  # fmt: skip
 
 
-def request_input(rng: random.Random) -> bytes:
-    """One frame: a valid request with one hostile change (or a few)."""
-    t, body = rng.choice(_templates(rng))
+def request_input(rng: random.Random, conversation: bytes | None = None) -> bytes:
+    """One frame: a valid request with one hostile change (or a few);
+    ``conversation``: the one valid requests name (else a random id)."""
+    t, body = rng.choice(_templates(rng, conversation))
     header: dict[str, Any] = {"op": 1, "t": t}
     for _ in range(rng.choice((1, 1, 1, 2, 3))):
         where = rng.random()
@@ -277,6 +278,57 @@ def request_input(rng: random.Random) -> bytes:
     if rng.random() < 0.05:
         outer_header = _structure(rng, header)
     return cbor(outer_header) + cbor(outer_body)
+
+
+def _leaves(node: Any, path: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    """Paths to every field of a body (a list: its first element)."""
+    if isinstance(node, dict):
+        return [p for k, v in node.items() for p in [(*path, k), *_leaves(v, (*path, k))]]
+    if isinstance(node, list) and node:
+        return [(*path, 0), *_leaves(node[0], (*path, 0))]
+    return []
+
+
+def every_field_input(conversation: bytes) -> list[bytes]:
+    """Every request type x every field x every hostile value, one change per
+    frame, as well-formed CBOR: the systematic sweep for live runs."""
+    frames = []
+    # Leaving and deleting last: a valid one ends the sender's membership.
+    templates = sorted(
+        _templates(random.Random(0), conversation),
+        key=lambda tb: tb[0] in ("#leave", "#deleteConversation"),
+    )
+    for t, body in templates:
+        for path in _leaves(body):
+            for value in [*HOSTILE_TEXT, *HOSTILE_NUMBERS]:
+                changed = json_copy(body)
+                node = changed
+                for step in path[:-1]:
+                    node = node[step]
+                node[path[-1]] = value
+                frames.append(cbor({"op": 1, "t": t}) + cbor(_plain(changed)))
+    return frames
+
+
+def json_copy(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: json_copy(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [json_copy(v) for v in value]
+    return value
+
+
+def _plain(value: Any) -> Any:
+    """``value`` with the text a strict decoder refuses (invalid UTF-8) made valid."""
+    if isinstance(value, RawText):
+        return value.data.decode("utf-8", "replace")
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, Tag):
+        return _plain(value.value)
+    return value
 
 
 _BOOL_FIELDS = {"ephemeral", "external_join"}

@@ -77,6 +77,7 @@ CHECK_ORDER = (
     "group",  # WrongGroup
     "epoch",  # FutureEpoch, StaleCommit, StaleEpoch
     "key_packages",  # UnknownKeyPackage: a Welcome ref the sender did not claim
+    "members",  # TooManyMembers: the commit would pass RELAY_MAX_MEMBERS (storage/quotas.py)
 )
 
 
@@ -224,6 +225,8 @@ def append_mls_sqlite(ex: Exec, msg: NewMessage) -> Appended | RelayError:
     targets = welcome_targets(ex, msg)  # before any write: an unknown ref refuses the commit
     if isinstance(targets, RelayError):
         return targets
+    if msg.kind in COMMIT_KINDS and (crowded := quotas.commit_members(ex, msg, targets)):
+        return crowded
     new_epoch = epoch + (1 if msg.kind in COMMIT_KINDS else 0)
     seq = last_seq + 1
     ex(
@@ -249,9 +252,11 @@ def put_key_packages(
     packages: Sequence[NewKeyPackage],
     now_ms: int,
     max_stored: int = 0,
+    max_devices: int = 0,
 ) -> list[bool]:
-    """The caller serializes one device's uploads (the last-resort swap reads
-    then writes, and the quota counts what the upload wrote)."""
+    """The caller serializes one user's uploads (the last-resort swap reads
+    then writes, and the quotas count what the upload wrote)."""
+    quotas.check_key_package_device(ex, user, device, max_devices)
     stored: list[bool] = []
     for kp in packages:
         new = ex(
@@ -271,6 +276,14 @@ def put_key_packages(
     # Raising rolls the upload back whole: nothing of it is stored.
     quotas.check_key_packages(ex, user, device, now_ms // 1000, max_stored)
     return stored
+
+
+def key_package_devices(ex: Exec, user: str, device: str) -> tuple[bool, int]:
+    """(whether ``device`` ever uploaded, how many devices of the user did)."""
+    (devices,) = ex(
+        "SELECT count(DISTINCT device_id) FROM key_packages WHERE user_did = ?", (user,)
+    ).fetchone()
+    return quotas.device_known(ex, user, device), int(devices)
 
 
 def key_package_counts(ex: Exec, user: str, device: str, now_s: int) -> list[KeyPackageCount]:

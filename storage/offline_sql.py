@@ -84,7 +84,10 @@ def delete_conversation(ex: Exec, conversation: bytes, actor: str, now_ms: int) 
     for table in ("welcomes", "group_infos", "deliveries", "read_positions"):
         ex(f"DELETE FROM {table} WHERE conversation_id = ?", (conversation,))
     ex("DELETE FROM conversations WHERE id = ?", (conversation,))
-    ex("INSERT INTO deleted_conversations (id, deleted_ms) VALUES (?, ?)", (conversation, now_ms))
+    ex(
+        "INSERT INTO deleted_conversations (id, deleted_ms, creator) VALUES (?, ?, ?)",
+        (conversation, now_ms, actor),
+    )
     return sorted(members)
 
 

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from protocol.errors import MLSValidationError, NotMember, RelayError, StorageError
-from storage import mls_sql
+from storage import mls_sql, quotas
 from storage.base import Appended, NewMessage
 from storage.pgpool import PgConn
 
@@ -75,15 +75,20 @@ def append_mls(conn: PgConn, ex: mls_sql.Exec, m: NewMessage) -> Appended | Rela
     transaction, but only reported where the order puts them: the function
     answers every earlier check (membership, duplicate, epoch) before it."""
     targets = mls_sql.welcome_targets(ex, m)
-    refs_ok = not isinstance(targets, RelayError)
+    refusal = targets if isinstance(targets, RelayError) else None
+    if refusal is None and m.kind in mls_sql.COMMIT_KINDS and not isinstance(targets, RelayError):
+        refusal = quotas.commit_members(ex, m, targets)
+    # The function answers every earlier check first and, with refs_ok false,
+    # writes nothing: a crowded commit is refused there like an unknown ref.
+    refs_ok = refusal is None
     row = conn.execute(
         "SELECT * FROM relay_append_mls_v2(%s, %s, %s, %s, %b, %s, %s, %s, %s, %s, %s)",
         (m.conversation, m.sender, m.device, m.client_message_id, m.ciphertext,
          m.created_ms, m.kind, m.epoch, m.group_id, m.epoch_window, refs_ok),
     ).fetchone()  # fmt: skip
     assert row is not None  # the function always returns one row
-    if isinstance(targets, RelayError):
-        if row[0] == "unknown_key_package":
-            return targets
+    if refusal is not None or isinstance(targets, RelayError):
+        if row[0] == "unknown_key_package" and refusal is not None:
+            return refusal
         targets = []  # another check answered first (nothing is applied)
     return mls_sql.finish_append(ex, m, row[0], (row[1], row[2], row[3]), targets)

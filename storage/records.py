@@ -33,10 +33,13 @@ class NewMessage:
     removes: tuple[str, ...] = ()
     #: Application messages: how many past epochs are still accepted.
     epoch_window: int = 0
-    #: Out-of-line ciphertext (relay/blobs.py): ``ciphertext`` is then empty and
+    #: Out-of-line ciphertext (relay/offline/blobs.py): ``ciphertext`` is then empty and
     #: the blob, registered with put_blob() beforehand, holds it.
     blob_key: str = ""
     blob_size: int = 0
+    #: Commits: the most members the conversation may have once it is applied
+    #: (RELAY_MAX_MEMBERS; 0: no bound).  TooManyMembers refuses it otherwise.
+    max_members: int = 0
 
 
 @dataclass(slots=True)  # not frozen: a frozen __init__ cost ~2 µs per message

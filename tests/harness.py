@@ -9,8 +9,8 @@ from typing import Any
 
 import trio
 
-from relay.app import Relay
-from relay.config import Config
+from relay.base.config import Config
+from relay.node import Relay
 from storage import open_storage
 from storage.base import Storage
 

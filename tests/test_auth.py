@@ -1,4 +1,4 @@
-"""relay.auth: JWT verification and token extraction."""
+"""relay.edge.auth: JWT verification and token extraction."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 
 from protocol.errors import AuthError, AuthRequired, ExpiredToken, InvalidToken
-from relay.auth import (
+from relay.edge.auth import (
     MAX_DEVICE_LENGTH,
     MAX_JTI_LENGTH,
     MAX_TOKEN_LENGTH,

@@ -9,7 +9,7 @@ import pytest
 import trio
 
 from protocol.errors import BlobNotFound
-from relay.blobs import store_path
+from relay.offline.blobs import store_path
 from storage.blobstore import open_blob_store
 from storage.s3 import S3BlobStore
 

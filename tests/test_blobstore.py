@@ -17,7 +17,7 @@ import pytest
 import trio
 
 from protocol.errors import BlobNotFound, BlobStoreError, InvalidRequest
-from relay.config import ConfigError
+from relay.base.config import ConfigError
 from storage.blobstore import MAX_KEY_LENGTH, BlobStore, FileBlobStore, open_blob_store
 from storage.s3 import EMPTY_SHA256, Credentials, S3BlobStore, canonical_request, sign_headers
 

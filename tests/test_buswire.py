@@ -7,9 +7,9 @@ from __future__ import annotations
 import cbor2
 import pytest
 
-from relay import buswire
-from relay.hub import Ephemeral, Hub, MembershipChange, Published, ReadMark
-from relay.outbox import Flusher
+from relay.cluster import buswire as buswire
+from relay.delivery.hub import Ephemeral, Hub, MembershipChange, Published, ReadMark
+from relay.delivery.outbox import Flusher
 
 CONV, OTHER, LOST = b"conv-1", b"conv-2", b"conv-3"
 

@@ -93,7 +93,10 @@ async def test_tail_prints_events_as_json_lines(tmp_path):
             ]
             assert all(m["conversation"] == conv.hex() for m in messages)
             # tail does not acknowledge: the stored cursor did not move.
-            assert await r.relay.storage.get_cursors(BOB, "tail") in ({}, {conv: 0})
+            assert await r.relay.storage.get_cursors(BOB, "tail") == {}
+            async with connect(r.ws_url, BOB, "tail") as bob:  # an ack would have moved it
+                await bob.ok("#ack", conversation=conv, seq=2)
+            assert await r.relay.storage.get_cursors(BOB, "tail") == {conv: 2}
 
 
 def test_tail_needs_a_token(tmp_path):

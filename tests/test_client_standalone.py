@@ -109,3 +109,39 @@ async def test_client_works_without_the_server_installed(tmp_path: Path) -> None
     assert report["received"] == [report["sent_seq"], ALICE, "sent by a standalone client"]
     assert report["acked"] == report["sent_seq"] == 1
     assert report["hello"] == {"user": BOB, "device": "b1"}
+
+
+# The server's side: it runs without the client, and only `mls-relay tail` needs it.
+_WITHOUT_CLIENT = (
+    "import sys; sys.modules['mls_relay_client'] = None  # as if not installed\n"
+    "from relay.cli import main; sys.exit(main(sys.argv[1:]))"
+)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("args", [["tail", "--token", "t"], ["tail", "--help"]])
+async def test_tail_without_the_client_says_how_to_install_it(args: list[str]) -> None:
+    with trio.fail_after(50):
+        done = await trio.run_process(
+            [sys.executable, "-c", _WITHOUT_CLIENT, *args],
+            cwd=ROOT,
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+        )
+    assert done.returncode == 2, done.stderr
+    assert b"pip install ./clients/python" in done.stderr, done.stderr
+
+
+@pytest.mark.timeout(60)
+async def test_the_server_cli_answers_without_the_client() -> None:
+    with trio.fail_after(50):
+        done = await trio.run_process(
+            [sys.executable, "-c", _WITHOUT_CLIENT, "--help"],
+            cwd=ROOT,
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+        )
+    assert done.returncode == 0, done.stderr
+    assert b"tail" in done.stdout and b"serve" in done.stdout

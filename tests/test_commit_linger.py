@@ -9,10 +9,10 @@ import trio
 from trio.testing import MockClock, wait_all_tasks_blocked
 
 from protocol.errors import RelayError
-from relay.committer import Committer, PendingSend
-from relay.fanout import LocalFanOut
-from relay.hub import Hub
-from relay.outbox import Flusher
+from relay.delivery.committer import Committer, PendingSend
+from relay.delivery.fanout import LocalFanOut
+from relay.delivery.hub import Hub
+from relay.delivery.outbox import Flusher
 from storage import NewMessage, open_storage
 from storage.base import Appended, Storage
 

@@ -201,7 +201,7 @@ def check(name: str, measured: tuple[Rounds, Rounds]) -> None:
     assert statistics.median(during.steps) <= STEP_BOUND_S * 1000, (name, during, baseline)
 
 
-# --- 1. KeyPackage uploads (relay/keypackages.py) ------------------------------
+# --- 1. KeyPackage uploads (relay/edge/http/keypackages.py) ------------------------------
 
 
 @pytest.mark.timeout(120)
@@ -221,7 +221,7 @@ async def test_health_answers_while_200_key_packages_validate(database_url: str)
             check("200 KeyPackages", await rounds(probe, upload))
 
 
-# --- 2. The delivery-state walk (relay/delivery.py) ------------------------------
+# --- 2. The delivery-state walk (relay/offline/delivery_state.py) ------------------------------
 
 SESSIONS = 1000
 CONVERSATIONS = 200
@@ -298,7 +298,7 @@ async def test_health_answers_while_the_delivery_state_walk_runs(database_url: s
         check(f"walk of {tracker.walked} streams", measured)
 
 
-# --- 3. #deleteConversation with many blobs (relay/blobs.py) -----------------------
+# --- 3. #deleteConversation with many blobs (relay/offline/blobs.py) -----------------------
 
 BLOBS = 600 * ROUNDS
 

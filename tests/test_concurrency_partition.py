@@ -21,7 +21,7 @@ import pytest
 import trio
 
 from protocol.errors import Unavailable
-from relay.config import ConfigError, from_env
+from relay.base.config import ConfigError, from_env
 from storage.pgconn import PgTimeouts, pg_pool
 
 from .harness import running_relay

@@ -9,9 +9,11 @@ from __future__ import annotations
 import ast
 import inspect
 import re
+from enum import IntEnum, StrEnum
 from pathlib import Path
 
 import protocol.errors as errors_module
+from protocol.closecodes import CloseCode, CloseReason
 from protocol.errors import RelayError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,7 +29,7 @@ def error_classes() -> dict[str, type[RelayError]]:
 
     A base may share its name with a subclass (AuthError and AuthRequired):
     the subclass stands for it.  Every InternalError (RelayError's own name,
-    StorageError's) reaches a client as an Incident (relay/incidents.py)."""
+    StorageError's) reaches a client as an Incident (relay/base/incidents.py)."""
     out: dict[str, type[RelayError]] = {"InternalError": errors_module.Incident}
     for cls in vars(errors_module).values():
         if not (inspect.isclass(cls) and issubclass(cls, RelayError)):
@@ -52,12 +54,26 @@ def section_rows(section: str) -> list[list[str]]:
     return [[cell.strip() for cell in row.strip("|").split(" | ")] for row in rows[1:]]
 
 
+#: Errors of the operator, not of a client: the process refuses to start with
+#: "configuration error: ..." (relay/cli.py), which OPERATIONS.md explains.
+OPERATOR_ONLY = {"ConfigError"}
+
+
+def test_operator_errors_are_explained_in_operations_md():
+    cli = (ROOT / "relay" / "cli.py").read_text()
+    operations = (ROOT / "docs" / "OPERATIONS.md").read_text()
+    assert 'f"mls-relay: configuration error: {exc.message}"' in cli
+    assert "`configuration error: ...` at start" in operations
+
+
 def test_every_error_name_is_documented():
     text = doc()
     missing = sorted(
         name
         for name in error_classes()
-        if name not in BASES_NEVER_SENT and f"`{name}`" not in text and f'"{name}"' not in text
+        if name not in BASES_NEVER_SENT | OPERATOR_ONLY
+        and f"`{name}`" not in text
+        and f'"{name}"' not in text
     )
     assert missing == [], "error names docs/PROTOCOL.md never mentions"
 
@@ -114,3 +130,48 @@ def test_documented_statuses_are_the_real_ones():
         {(n, s, classes[n].http_status) for n, s in checked if int(s) != classes[n].http_status}
     )
     assert wrong == [], "(name, documented status, real status)"
+
+
+def closes_the_relay_sends() -> set[tuple[str, str]]:
+    """(code, reason) of every ``x.close(CloseCode.X, CloseReason.Y | "...")`` in relay/."""
+
+    def enum_value(node: ast.expr, enum: type[IntEnum] | type[StrEnum]) -> str | None:
+        if (
+            isinstance(node, ast.Attribute)
+            and isinstance(node.value, ast.Name)
+            and node.value.id == enum.__name__
+        ):
+            return str(enum[node.attr].value)
+        return None
+
+    out = set()
+    for path in ROOT.glob("relay/**/*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
+                continue
+            if node.func.attr != "close" or len(node.args) != 2:
+                continue
+            code = enum_value(node.args[0], CloseCode)
+            reason_node = node.args[1]
+            reason = enum_value(reason_node, CloseReason)
+            if reason is None and isinstance(reason_node, ast.Constant):
+                reason = str(reason_node.value)
+            if code is not None and reason is not None:
+                out.add((code, reason))
+    return out
+
+
+def test_every_close_the_relay_sends_is_in_the_close_code_table():
+    sent = closes_the_relay_sends()
+    assert len(sent) >= 6, sent  # the scan still finds them
+    rows = section_rows("Close codes")
+    codes = {row[0] for row in rows}
+    table = {(row[0], m) for row in rows for m in re.findall(r"`(\w+)`", row[1])}
+    documented = table | {(code, "") for code in codes}  # 1000 sends no reason
+    missing = sorted(sent - documented)
+    assert missing == [], "(code, reason) the close-code table lacks"
+
+
+def test_every_close_reason_is_in_the_close_code_table():
+    table = {m for row in section_rows("Close codes") for m in re.findall(r"`(\w+)`", row[1])}
+    assert sorted(r.value for r in CloseReason if r.value not in table) == []

@@ -1,4 +1,4 @@
-"""docs/OPERATIONS.md's settings table is relay/config.py: every setting is in
+"""docs/OPERATIONS.md's settings table is relay/base/config.py: every setting is in
 it with its real default, and every variable it names is a setting.
 
 A default that is empty in Config but computed at start is documented in
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from relay.config import Config, _env_name, from_env
+from relay.base.config import Config, _env_name, from_env
 
 ROOT = Path(__file__).resolve().parents[1]
 OPERATIONS = ROOT / "docs" / "OPERATIONS.md"
@@ -97,7 +97,7 @@ def test_the_table_gives_each_setting_its_real_default():
         for name in sorted(set(real) & set(documented))
         if not agrees(documented[name], name, real[name])
     }
-    assert wrong == {}, "name: (table, relay/config.py)"
+    assert wrong == {}, "name: (table, relay/base/config.py)"
 
 
 @pytest.mark.parametrize("doc", [OPERATIONS, README], ids=lambda p: p.name)
@@ -119,4 +119,4 @@ def test_the_readme_table_agrees_with_config():
             m = re.fullmatch(r"([0-9.]+)(?: (KiB|MiB))?", cell.strip())
             if m and float(m[1]) * units.get(m[2] or "", 1) != float(real[name]):  # type: ignore[arg-type]
                 wrong[name] = (cell, real[name])
-    assert wrong == {}, "name: (README, relay/config.py)"
+    assert wrong == {}, "name: (README, relay/base/config.py)"

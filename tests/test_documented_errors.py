@@ -11,7 +11,7 @@ import json
 import pytest
 import trio
 
-from relay.sse import encode_cursor
+from relay.edge.sse import encode_cursor
 
 from .harness import running_relay
 from .relayclient import connect, make_token

@@ -1,7 +1,7 @@
 """Hub.watch / unwatch when several connections of one node subscribe at once.
 
 Each ``#subscribe`` records the seqs published while it reads its storage
-snapshot (relay/handlers.py).  Two subscribes overlap whenever clients
+snapshot (relay/edge/handlers.py).  Two subscribes overlap whenever clients
 reconnect together (a node was killed: its clients all come back at once);
 each must keep its own record until it unwatches, whatever the others do.
 Found by tests/test_multinode.py's kill test once its client stopped
@@ -10,8 +10,8 @@ swallowing every exception: an overlapping #subscribe answered InternalError.
 
 from __future__ import annotations
 
-from relay.hub import Hub, Published
-from relay.outbox import Flusher
+from relay.delivery.hub import Hub, Published
+from relay.delivery.outbox import Flusher
 
 
 def _message(conversation: bytes, seq: int) -> Published:

@@ -7,7 +7,7 @@ import base64
 import cbor2
 import trio
 
-from relay.mls_ds import TokenBuckets, for_relay
+from relay.mls.service import TokenBuckets, for_relay
 
 from .harness import running_relay
 from .mls_helpers import as_json, http, make_key_package, ref_of

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from protocol.errors import RateLimited
-from relay.limits import Limits, TokenBucket
+from relay.base.ratelimits import Limits, TokenBucket
 
 
 class Clock:

@@ -1,5 +1,5 @@
 """Connection and claim limits that hold across nodes sharing a Redis
-(relay/presence.py, relay/sharedlimits.py), and fail open when it is gone.
+(relay/cluster/presence.py, relay/cluster/sharedlimits.py), and fail open when it is gone.
 
 Two relays run in the test's Trio loop on one PostgreSQL database and one
 Redis (each test under its own key prefix), with real WebSocket clients.
@@ -16,8 +16,8 @@ from typing import Any
 import trio
 from trio_websocket import ConnectionRejected
 
-from relay.app import Relay
-from relay.limits import Limits
+from relay.base.ratelimits import Limits
+from relay.node import Relay
 from storage import open_storage
 
 from .conftest import RedisTarget

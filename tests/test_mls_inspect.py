@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from relay.inspect import main
+from relay.ops.inspect import main
 from tests.vectorfiles import vector_path
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -42,7 +42,7 @@ def test_key_package_hex_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     e = vector("mlswg/welcome.json", 1)  # suite 2, P-256
     welcome = json.loads(
         subprocess.run(
-            [sys.executable, "-m", "relay.inspect", "--hex"],
+            [sys.executable, "-m", "relay.ops.inspect", "--hex"],
             input=e["welcome"].encode(),
             capture_output=True,
             check=True,
@@ -150,7 +150,7 @@ def test_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
 
 def test_subprocess_reads_stdin_and_fails_nonzero() -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "relay.inspect", "-"],
+        [sys.executable, "-m", "relay.ops.inspect", "-"],
         input=b"\x00\x01\x00\x05\x00",
         capture_output=True,
         cwd=PROJECT,

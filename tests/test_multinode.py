@@ -18,7 +18,7 @@ import pytest
 import trio
 from trio_websocket import ConnectionClosed, HandshakeError
 
-from relay.redisbus import RedisFanOut
+from relay.cluster.redisbus import RedisFanOut
 
 from .backends import clone_database
 from .conftest import RedisTarget
@@ -108,7 +108,7 @@ async def test_messages_membership_and_ephemeral_cross_nodes(pg_url, redis_url):
 
 
 def _status_nodes(r: Running) -> list[str]:
-    from relay.status import status
+    from relay.ops.status import status
 
     return [n["node"] for n in status(r.relay)["nodes"]]
 

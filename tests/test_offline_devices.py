@@ -12,7 +12,7 @@ from pathlib import Path
 
 import trio
 
-from relay.blobs import store_path
+from relay.offline.blobs import store_path
 
 from .harness import running_relay
 from .mls_helpers import as_json, http
@@ -35,8 +35,12 @@ async def test_delivery_state_delivered_then_acknowledged(database_url: str) -> 
                 await bob.next_event("#membership")
                 seq = await alice.send(CONV, b"hello")
                 assert [m["seq"] for m in await bob.messages(1)] == [seq]
-                await trio.sleep(0.3)  # a few tracker rounds
-                state = await alice.ok("#deliveryState", conversation=CONV, seqs=[seq])
+                with trio.fail_after(10):  # the tracker flushes every 0.05 s
+                    while True:
+                        state = await alice.ok("#deliveryState", conversation=CONV, seqs=[seq])
+                        if state["states"] and state["states"][0]["delivered"]:
+                            break
+                        await trio.sleep(0.02)
                 assert state["states"] == [
                     {"seq": seq, "devices": 2, "delivered": 1, "acknowledged": 0}
                 ]

@@ -1,4 +1,4 @@
-"""relay/push.py against a real HTTP webhook (tests/pushreceiver.py).
+"""relay/offline/push.py against a real HTTP webhook (tests/pushreceiver.py).
 
 resolve() and online() are plain async functions over in-test data: they
 stand for the storage query and the cluster-wide presence lookup.
@@ -18,7 +18,7 @@ import trio
 import trio.lowlevel
 
 from protocol.errors import Unavailable
-from relay.push import PushConfig, Pusher, PushTarget, parse_providers
+from relay.offline.push import PushConfig, Pusher, PushTarget, parse_providers
 from tests.pushreceiver import PushReceiver, Reply, push_receiver
 
 ROOM = b"\x01room-id\xff"
@@ -162,8 +162,10 @@ async def test_online_sender_and_pre_join_devices_get_nothing(receiver: PushRece
             await trio.sleep(0.3)
             assert [r.json()["device"] for r in receiver.requests] == ["tablet"]
             pusher.offer(ROOM, 6, ALICE, "laptop")
-            await receiver.wait_requests(2)
+            await receiver.wait_requests(3)  # tablet and carol (bob is online)
+            await until(lambda: pusher.pending() == 0)
             await trio.sleep(0.3)
+    assert len(receiver.requests) == 3
     tokens = sorted(r.json()["token"] for r in receiver.requests[1:])
     assert tokens == ["tok-alice-tablet", "tok-carol-phone"]
     assert pusher.stats.online == 2  # bob, once per message
@@ -394,7 +396,7 @@ def test_parse_providers() -> None:
 
 
 def test_bad_push_providers_are_a_configuration_error() -> None:
-    from relay.config import ConfigError, from_env
+    from relay.base.config import ConfigError, from_env
 
     assert from_env({"RELAY_PUSH_PROVIDERS": "hook=https://push.example/x"}).push_providers
     for bad in ("hook", "hook=ftp://x", "a=https://x,a=https://y"):

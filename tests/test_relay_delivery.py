@@ -141,6 +141,18 @@ async def test_retry_with_same_client_message_id_is_stored_once(database_url):
             assert listed[conv] == 3
 
 
+async def _next_message_is_the_barrier(sender: Client, reader: Client) -> None:
+    """Whatever the reader was wrongly sent before arrives before a message
+    committed after it (one committer, delivered in commit order): the
+    reader's next #message must be the barrier, in a conversation of its own."""
+    barrier = b"barrier-" + reader.device.encode()
+    await sender.ok("#createConversation", conversation=barrier, members=[reader.user])
+    await sender.send(barrier, b"barrier")
+    _, message = await reader.next_event("#message")
+    assert (message["conversation"], message["ciphertext"]) == (barrier, b"barrier"), message
+    await reader.ok("#leave", conversation=barrier)  # gone again: no trace in later checks
+
+
 async def _list(url: str, user: str) -> dict[bytes, int]:
     async with connect(url, user, "lister") as c:
         body = await c.ok("#listConversations")
@@ -174,10 +186,11 @@ async def test_non_members_are_refused(database_url):
                     assert reply.body["error"] == "NotMember"
                 async with connect(r.ws_url, ALICE, "a1") as a:
                     await a.send(conv, b"secret")
-                assert await _list(r.ws_url, CAROL) == {}
-                with trio.move_on_after(0.3):
-                    await carol.next_event("#message")
-                    raise AssertionError("a non-member received a message")
+                    assert await _list(r.ws_url, CAROL) == {}
+                    with trio.move_on_after(0.3):
+                        await carol.next_event("#message")
+                        raise AssertionError("a non-member received a message")
+                    await _next_message_is_the_barrier(a, carol)
 
 
 async def test_ephemeral_goes_live_only(database_url):
@@ -216,6 +229,7 @@ async def test_removed_member_stops_receiving(database_url):
                 with trio.move_on_after(0.3):
                     await carol.next_event("#message")
                     raise AssertionError("removed member still receives")
+                await _next_message_is_the_barrier(a, carol)
                 reply = await carol.request(
                     "#send", conversation=conv, ciphertext=b"x", client_message_id="z"
                 )

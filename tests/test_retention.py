@@ -1,4 +1,4 @@
-"""The retention job (relay/retention.py) through a running relay, on both backends.
+"""The retention job (relay/offline/retention.py) through a running relay, on both backends.
 
 LESSONS: the service we replace deleted commits after 30 days, so a client that
 came back later could not rebuild its group state.  Here a client returning after
@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import time
 
+import pytest
 import trio
 
 from protocol.errors import Unavailable
 from protocol.mls import ContentType
-from relay.retention import DAY_MS
+from relay.offline.retention import DAY_MS
 
 from .harness import running_relay
 from .mls_helpers import http, private, welcome
@@ -97,7 +98,11 @@ async def test_returning_client_can_still_process_the_current_epoch(database_url
             assert (status, headers["mls-epoch"]) == (200, "2")
 
 
-async def test_job_survives_a_failed_run_and_purges_used_tokens(database_url, monkeypatch):
+@pytest.mark.parametrize("failure", ["outage", "bug"])
+async def test_job_survives_a_failed_run_and_purges_used_tokens(database_url, monkeypatch, failure):
+    """A run that fails, with an outage (Unavailable, logged) or with a bug
+    (any other exception: one incident each), is retried at the next interval;
+    the node and its job live on."""
     with trio.fail_after(40):
         async with running_relay(database_url, retention_days=1, retention_interval_s=0.2) as r:
             job = r.relay.retention
@@ -105,21 +110,24 @@ async def test_job_survives_a_failed_run_and_purges_used_tokens(database_url, mo
             async with connect(r.ws_url, ALICE, "a1"):
                 pass
             real = storage.prune_messages
-            failures: list[int] = []
+            runs_at_failure: list[int] = []  # job.runs as each failing run began
             failed_twice = trio.Event()
 
             async def failing(older_than_ms: int) -> int:
-                failures.append(older_than_ms)
-                if len(failures) == 2:
+                runs_at_failure.append(job.runs)
+                if len(runs_at_failure) == 2:
                     failed_twice.set()
+                if failure == "bug":
+                    raise KeyError("a bug in a retention run (test)")
                 raise Unavailable("database unavailable (test)")
 
-            await job.next_run()  # none in flight: the failing calls below are all of a run
-            runs = job.runs
             monkeypatch.setattr(storage, "prune_messages", failing)
             await failed_twice.wait()  # the job went on to its next interval after a failure
             monkeypatch.setattr(storage, "prune_messages", real)
-            assert job.runs == runs  # a failed run is not counted as one
+            first, second = runs_at_failure[:2]
+            assert second == first  # the failed run in between was not counted as one
+            incidents = r.relay.metrics.incidents.counts["retention"]
+            assert incidents == (len(runs_at_failure) if failure == "bug" else 0)
             # Past every token's lifetime: the used jti is forgotten.
             job.clock = lambda: days_later(2)
             run = await job.next_run()
@@ -147,3 +155,28 @@ async def test_job_off_without_retention_or_single_use(tmp_path, database_url):
             while job.runs < 3:
                 await job.next_run()
             assert off.relay.retention.runs == 0 and off.relay.retention.last is None
+
+
+async def test_blob_collector_survives_a_bug(tmp_path, monkeypatch):
+    """The collector's own loop (every max(1 s, RELAY_BLOB_ORPHAN_TTL_S / 4)):
+    a round that raises an unexpected exception is an incident, and the next
+    round comes; the node serves on."""
+    with trio.fail_after(30):
+        async with running_relay(
+            f"sqlite:///{tmp_path}/r.db", token_single_use=False, blob_orphan_ttl_s=1.0
+        ) as r:
+            assert not r.relay.retention.enabled  # only the collector collects
+            calls: list[int] = []
+            twice = trio.Event()
+
+            async def broken(cutoff_ms: int, limit: int) -> list[tuple[bytes, str]]:
+                calls.append(cutoff_ms)
+                if len(calls) == 2:
+                    twice.set()
+                raise KeyError("a bug in blob collection (test)")
+
+            monkeypatch.setattr(r.relay.storage, "collect_blobs", broken)
+            await twice.wait()
+            assert r.relay.metrics.incidents.counts["blobs"] == len(calls)
+            async with connect(r.ws_url, ALICE, "a1") as a:  # the node lives on
+                await a.ok("#listConversations")

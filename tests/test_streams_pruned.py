@@ -7,8 +7,8 @@ import socket
 
 import trio
 
-from relay.outbox import Flusher, Outbox
-from relay.streams import Streams
+from relay.delivery.outbox import Flusher, Outbox
+from relay.delivery.streams import Streams
 from storage import open_storage
 from storage.base import NewMessage
 

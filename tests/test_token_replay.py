@@ -14,7 +14,7 @@ import pytest
 import trio
 
 from mls_relay_client import Message, RelayClient, RequestFailed
-from relay.config import from_env
+from relay.base.config import from_env
 
 from .harness import running_relay
 from .mls_helpers import http

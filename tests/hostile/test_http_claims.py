@@ -15,7 +15,7 @@ import time
 import pytest
 import trio
 
-from relay.sharedlimits import MAX_USERS_PER_CLAIM, TokenBuckets
+from relay.cluster.sharedlimits import MAX_USERS_PER_CLAIM, TokenBuckets
 from tests.harness import running_relay
 from tests.mls_helpers import http
 from tests.relayclient import connect, make_token

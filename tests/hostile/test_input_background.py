@@ -17,7 +17,7 @@ import logging
 import pytest
 import trio
 
-from relay.push import Pusher, PushTarget, parse_providers
+from relay.offline.push import Pusher, PushTarget, parse_providers
 
 from ..harness import Running, running_relay
 from ..pushreceiver import push_receiver
@@ -54,7 +54,7 @@ async def _delivered(alice: Client, seqs: list[int], devices: int) -> None:
 
 @pytest.mark.timeout(60)
 async def test_the_delivery_flush_drops_a_poisoned_row_and_writes_the_rest(database_url, caplog):
-    caplog.set_level(logging.WARNING, logger="relay.incidents")
+    caplog.set_level(logging.WARNING, logger="relay.base.incidents")
     async with running_relay(database_url, delivery_flush_s=FLUSH_S) as r:
         for table in ("devices", "deliveries"):  # both writes of a flush
             install_refusal(database_url, table, f"NEW.device_id = '{POISONED}'")
@@ -96,7 +96,7 @@ async def test_push_drops_an_entry_it_cannot_send_and_keeps_pushing(caplog):
     entry, logged once and counted, without a retry; the sender tasks live
     on and the other devices' pushes go out.  Before, the exception ended
     the pusher's nursery, and with it the node."""
-    caplog.set_level(logging.WARNING, logger="relay.incidents")
+    caplog.set_level(logging.WARNING, logger="relay.base.incidents")
     members = {
         ROOM: [
             PushTarget(BOB, "b-bad", "bad", "eu", "tok-bob", 0),

@@ -198,7 +198,7 @@ async def test_an_item_storage_refuses_fails_alone_in_its_batch(database_url, ca
     only the refused one gets InternalError, retryable, with an incident id
     that its log line carries."""
     rounds = 15
-    caplog.set_level(logging.ERROR, logger="relay.incidents")
+    caplog.set_level(logging.ERROR, logger="relay.base.incidents")
     async with running_relay(database_url, commit_linger_ms=LINGER_MS) as r:
         install_refusal(database_url, "messages", "NEW.client_message_id LIKE 'poison-%'")
         async with clients(r.ws_url, *HONEST, MALLORY) as everyone:

@@ -15,7 +15,7 @@ import logging
 import pytest
 import trio
 
-from relay.hub import Published
+from relay.delivery.hub import Published
 
 from ..harness import running_relay
 from ..relayclient import Reply, connect
@@ -36,7 +36,7 @@ def _incident(reply: Reply) -> str:
 
 @pytest.mark.timeout(60)
 async def test_the_committer_survives_an_exception_in_a_batch(database_url, caplog):
-    caplog.set_level(logging.ERROR, logger="relay.incidents")
+    caplog.set_level(logging.ERROR, logger="relay.base.incidents")
     async with running_relay(database_url) as r, connect(r.ws_url, ALICE) as alice:
         await alice.ok("#createConversation", conversation=CONV, members=[BOB])
         committer = r.relay.committer

@@ -21,7 +21,7 @@ from protocol.requests import (
     Subscribe,
     parse_request,
 )
-from relay.mls_ds import MAX_EPOCH
+from relay.mls.service import MAX_EPOCH
 
 from ..harness import running_relay
 from ..mls_helpers import private

@@ -22,9 +22,9 @@ from typing import Any
 import pytest
 import trio
 
-from relay.app import Relay
-from relay.presence import Lease, Presence
-from relay.sharedlimits import SharedRedis
+from relay.cluster.presence import Lease, Presence
+from relay.cluster.sharedlimits import SharedRedis
+from relay.node import Relay
 from storage import open_storage
 
 from ..conftest import RedisTarget, _Resp
@@ -144,7 +144,7 @@ async def test_presence_refuses_text_redis_cannot_hold_before_counting(redis_url
     """The backstop behind the token checks: admission refuses a name Redis
     cannot encode before it takes a slot, and a lease that could never be
     released (built around admission) is dropped and counted, not queued."""
-    from relay.limits import Limits
+    from relay.base.ratelimits import Limits
 
     prefix = f"{redis_url.prefix}{secrets.token_hex(4)}:"
     limits = Limits(connections_per_user=2)
@@ -180,7 +180,7 @@ async def test_lease_releases_are_not_retried_past_the_lease_expiry(redis_url):
     """Releases that Redis cannot take (here: unreachable) stay queued only
     until their lease would have expired in Redis anyway, then go: the queue
     is never retried forever.  Before, they stayed until the node stopped."""
-    from relay.limits import Limits
+    from relay.base.ratelimits import Limits
 
     from ..nodes import RedisProxy
 

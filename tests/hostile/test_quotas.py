@@ -15,8 +15,9 @@ import cbor2
 import pytest
 import trio
 
+from protocol.mls import ContentType
 from tests.harness import running_relay
-from tests.mls_helpers import as_json, http, make_key_package
+from tests.mls_helpers import as_json, http, make_key_package, private, welcome
 from tests.relayclient import connect, make_token
 
 from .httpnode import open_from, parse_response
@@ -39,7 +40,9 @@ async def available(port: int, user: str, device: str) -> int:
 
 @pytest.mark.timeout(60)
 async def test_key_packages_per_device(database_url: str) -> None:
-    async with running_relay(database_url, max_keypackages_per_device=5) as r:
+    async with running_relay(
+        database_url, max_keypackages_per_device=5, max_keypackage_devices_per_user=3
+    ) as r:
         assert (await upload(r.port, BOB, "b1", [make_key_package(BOB) for _ in range(3)]))[
             0
         ] == 200
@@ -61,6 +64,23 @@ async def test_key_packages_per_device(database_url: str) -> None:
             await alice.ok("#claimKeyPackages", users=[BOB], cipher_suite=1)
         assert (await upload(r.port, BOB, "b1", [make_key_package(BOB)]))[0] == 200
         assert (await upload(r.port, BOB, "b1", [make_key_package(BOB)]))[0] == 403
+        # Concurrent uploads of one device: at most what fits is stored.
+        batches = [[make_key_package(BOB) for _ in range(3)] for _ in range(4)]
+        statuses: list[int] = []
+
+        async def one(kps: list[bytes]) -> None:
+            statuses.append((await upload(r.port, BOB, "b3", kps))[0])
+
+        async with trio.open_nursery() as nursery:
+            for kps in batches:
+                nursery.start_soon(one, kps)
+        assert sorted(statuses) == [200, 403, 403, 403]
+        assert await available(r.port, BOB, "b3") == 3
+        # Devices per user (default 100, here 3: b1, b2, b3): a fourth device is
+        # refused before validation (broken signatures: still the quota error).
+        status, body = await upload(r.port, BOB, "b4", bad)
+        assert (status, body["error"], body["limit"]) == (403, "TooManyDevices", 3)
+        assert r.relay.metrics.errors["TooManyKeyPackages"] == 6
 
 
 async def raw_upload(
@@ -69,7 +89,7 @@ async def raw_upload(
     """A blob upload; with ``body=False`` only its head is sent, so an answer
     proves the refusal came before the body was read."""
     head = (
-        f"POST /v1/conversations/{conv.hex()}/blobs HTTP/1.1\r\nHost: x\r\n"
+        f"POST /v1/conversations/{conv.hex()}/blobs HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
         f"Authorization: Bearer {make_token(user, 'd')}\r\nContent-Length: {size}\r\n\r\n"
     ).encode()
     with trio.fail_after(20):
@@ -108,6 +128,7 @@ async def test_blob_bytes_per_user(database_url: str, tmp_path: Path) -> None:
         assert (await raw_upload(r.port, conv, BOB, 150_000, body=True))[0] == 201
         stored = sum(f.stat().st_size for f in (tmp_path / "b").rglob("*") if f.is_file())
         assert stored == quota + 150_000
+        assert r.relay.metrics.errors["BlobQuotaExceeded"] == 3
 
 
 @pytest.mark.timeout(60)
@@ -123,8 +144,12 @@ async def test_conversations_per_creator_and_members(database_url: str) -> None:
         assert (refused.body["error"], refused.body["limit"]) == ("TooManyConversations", 2)
         # Bob's are his own, and being added to Alice's does not use them up.
         await bob.ok("#createConversation", conversation=b"bobs", members=[ALICE])
+        # Deleting does not give one back at once: a deleted id is kept for ever,
+        # so deleted ones count for a day (else create-delete loops grow them).
         await alice.ok("#deleteConversation", conversation=b"two")
-        await alice.ok("#createConversation", conversation=b"three", members=[])
+        refused = await alice.request("#createConversation", conversation=b"three", members=[])
+        assert refused.body["error"] == "TooManyConversations"
+        await r.relay.storage.create_conversation(b"three", ALICE, [], 0)  # no quota asked
         # Members: creator + 3 is one too many, at creation and by addition.
         refused = await bob.request(
             "#createConversation", conversation=b"big", members=[ALICE, CAROL, "did:example:d"]
@@ -140,3 +165,35 @@ async def test_conversations_per_creator_and_members(database_url: str) -> None:
         assert added["added"] == [CAROL]
         refused = await bob.request("#addMembers", conversation=b"one", members=["did:example:d"])
         assert refused.body["error"] == "TooManyMembers"
+
+
+@pytest.mark.timeout(60)
+async def test_mls_commits_cannot_pass_the_member_bound(database_url: str) -> None:
+    g = b"mls-members"
+    users = [f"did:example:m{i}" for i in range(3)]
+    async with running_relay(database_url, max_members=3) as r:
+        for user in users:
+            kp = make_key_package(user)
+            status, _, body = await http(
+                r.port, "POST", "/v1/keypackages", make_token(user, "d"), kp, "message/mls"
+            )
+            assert status == 200, body
+        async with connect(r.ws_url, ALICE, "a1") as alice:
+            await alice.ok("#createConversation", conversation=g, members=[], mls=True)
+            claimed = await alice.ok("#claimKeyPackages", users=users, cipher_suite=1)
+            refs = [bytes(k["ref"]) for k in claimed["key_packages"]]
+
+            async def commit(epoch: int, joiners: list[bytes]) -> dict:  # type: ignore[type-arg]
+                reply = await alice.request(
+                    "#send", conversation=g, ciphertext=private(g, epoch, ContentType.COMMIT),
+                    welcome=welcome(joiners), client_message_id=f"c{epoch}-{len(joiners)}",
+                )  # fmt: skip
+                return {"ok": reply.ok, **reply.body}
+
+            # Alice + 3 Welcome joiners = 4 > 3: refused, nothing applied (still epoch 0).
+            refused = await commit(0, refs)
+            assert (refused["error"], refused["limit"]) == ("TooManyMembers", 3)
+            assert await r.relay.storage.members(g) == [ALICE]
+            assert (await commit(0, refs[:2]))["epoch"] == 1
+            assert len(await r.relay.storage.members(g)) == 3
+            assert (await commit(1, refs[2:]))["error"] == "TooManyMembers"

@@ -17,18 +17,20 @@ from protocol.errors import (
     BlobQuotaExceeded,
     QuotaExceeded,
     TooManyConversations,
+    TooManyDevices,
     TooManyKeyPackages,
     TooManyMembers,
 )
 from storage import open_storage
 from storage.base import NewKeyPackage, Storage
 
-ALICE, BOB = "did:example:alice", "did:example:bob"
+ALICE, BOB, CAROL = "did:example:alice", "did:example:bob", "did:example:carol"
 NOW_MS = 1_700_000_000_000
 NOW_S = NOW_MS // 1000
 #: Concurrent requests per race, and races per test (each a fresh user).
 RACERS = 16
 RACE_ROUNDS = 4
+KIB = 1024
 
 
 @asynccontextmanager
@@ -104,6 +106,7 @@ async def test_expired_key_packages_make_room(database_url: str) -> None:
 
 @pytest.mark.timeout(60)
 async def test_blob_registrations_race_one_passes(database_url: str) -> None:
+    quota = 10 * KIB
     async with opened(database_url) as storage:
         conv = b"blob-quota"
         uploaders = [f"did:example:up{u}" for u in range(RACE_ROUNDS)]
@@ -113,22 +116,27 @@ async def test_blob_registrations_race_one_passes(database_url: str) -> None:
         for user in uploaders:  # a round per user: more chances for a lost check to show
             jobs = [
                 lambda i=i, user=user: storage.put_blob(
-                    conv, f"{user}-{i}", user, "d", 600, NOW_MS, quota_bytes=1000
+                    conv, f"{user}-{i}", user, "d", 6 * KIB, NOW_MS, quota_bytes=quota
                 )
                 for i in range(RACERS)
             ]
             ok, refused = await race(jobs)
             assert (ok, len(refused)) == (1, RACERS - 1)
             assert all(isinstance(e, BlobQuotaExceeded) for e in refused)
-            assert refused[0].details == {"limit": 1000, "used": 600}
+            assert refused[0].details == {"limit": quota, "used": 6 * KIB}
         # Exactly what is left fits; one byte more does not; Bob's quota is his.
-        await storage.put_blob(conv, "rest", ALICE, "a1", 1000, NOW_MS, quota_bytes=1000)
+        await storage.put_blob(conv, "rest", ALICE, "a1", quota, NOW_MS, quota_bytes=quota)
         with pytest.raises(BlobQuotaExceeded):
-            await storage.put_blob(conv, "more", ALICE, "a1", 1, NOW_MS, quota_bytes=1000)
-        await storage.put_blob(conv, "bob", BOB, "b1", 1000, NOW_MS, quota_bytes=1000)
+            await storage.put_blob(conv, "more", ALICE, "a1", 1, NOW_MS, quota_bytes=quota)
+        await storage.put_blob(conv, "bob", BOB, "b1", quota, NOW_MS, quota_bytes=quota)
         # Collected blobs give their bytes back.
         await storage.forget_blobs([(conv, "rest")])
-        await storage.put_blob(conv, "again", ALICE, "a1", 400, NOW_MS, quota_bytes=1000)
+        await storage.put_blob(conv, "again", ALICE, "a1", 6 * KIB, NOW_MS, quota_bytes=quota)
+        # Each blob counts at least 4 KiB: tiny ones cannot pile up by the million.
+        await storage.put_blob(conv, "t1", ALICE, "a1", 1, NOW_MS, quota_bytes=quota)
+        with pytest.raises(BlobQuotaExceeded) as exc:
+            await storage.put_blob(conv, "t2", ALICE, "a1", 1, NOW_MS, quota_bytes=quota)
+        assert exc.value.details["used"] == 10 * KIB
 
 
 @pytest.mark.timeout(60)
@@ -143,13 +151,18 @@ async def test_conversation_creations_race(database_url: str) -> None:
         assert all(isinstance(e, TooManyConversations) for e in refused)
         # Created by someone else, being a member does not count against Alice.
         await storage.create_conversation(b"bobs", BOB, [ALICE], NOW_MS, max_created=3)
-        # Deleting one gives it back.
+        # A deleted one counts for a day (deleted ids are kept for ever: a
+        # create-delete loop must not grow them at the request rate), then not.
         created = [c.conversation for c in await storage.list_conversations(ALICE)]
         mine = next(c for c in created if c != b"bobs")
         await storage.delete_conversation(mine, ALICE, NOW_MS)
-        await storage.create_conversation(b"c-new", ALICE, [], NOW_MS, max_created=3)
+        with pytest.raises(TooManyConversations) as exc:
+            await storage.create_conversation(b"c-new", ALICE, [], NOW_MS + 1, max_created=3)
+        assert exc.value.details == {"limit": 3, "used": 3}
+        a_day_later = NOW_MS + 24 * 3600 * 1000 + 1
+        await storage.create_conversation(b"c-new", ALICE, [], a_day_later, max_created=3)
         with pytest.raises(TooManyConversations):
-            await storage.create_conversation(b"c-one-more", ALICE, [], NOW_MS, max_created=3)
+            await storage.create_conversation(b"c-more", ALICE, [], a_day_later, max_created=3)
 
 
 @pytest.mark.timeout(60)
@@ -180,3 +193,49 @@ async def test_member_additions_race(database_url: str) -> None:
         # Adding members already there is never refused.
         await storage.add_members(conv, ALICE, ["did:example:x"], NOW_MS, max_members=4)
         assert await storage.add_members(conv, ALICE, [ALICE], NOW_MS, max_members=4) == []
+
+
+@pytest.mark.timeout(60)
+async def test_external_joins_and_swaps_at_the_member_bound(database_url: str) -> None:
+    from storage.base import NewMessage
+
+    g = b"ext-group"
+    async with opened(database_url) as storage:
+        await storage.create_conversation(g, ALICE, [BOB], NOW_MS, mls_group_id=g,
+                                          external_join=True)  # fmt: skip
+
+        def commit(sender: str, epoch: int, kind: str, **extra: object) -> NewMessage:
+            return NewMessage(g, sender, "d", f"{sender}-{epoch}", b"c", NOW_MS, kind=kind,
+                              epoch=epoch, group_id=g, max_members=2, **extra)  # type: ignore[arg-type]  # fmt: skip
+
+        [out] = await storage.append_messages([commit("did:example:eve", 0, "external_commit")])
+        assert isinstance(out, TooManyMembers)
+        assert await storage.members(g) == sorted([ALICE, BOB])
+        # Removing one while joining keeps it at 2: accepted.
+        [out] = await storage.append_messages(
+            [commit("did:example:eve", 0, "external_commit", removes=(BOB,))]
+        )
+        assert not isinstance(out, Exception), out
+        assert await storage.members(g) == sorted([ALICE, "did:example:eve"])
+
+
+@pytest.mark.timeout(60)
+async def test_key_package_devices_per_user_race(database_url: str) -> None:
+    async with opened(database_url) as storage:
+        jobs = [
+            lambda i=i: storage.put_key_packages(CAROL, f"c{i}", packages(1), NOW_MS, max_devices=3)
+            for i in range(RACERS)
+        ]
+        ok, refused = await race(jobs)
+        assert (ok, len(refused)) == (3, RACERS - 3)
+        assert all(isinstance(e, TooManyDevices) for e in refused)
+        assert await storage.key_package_devices(CAROL, "new") == (False, 3)
+        # A known device is never refused; its packages all claimed, it still counts.
+        devices = [d for d in (f"c{i}" for i in range(RACERS))
+                   if (await storage.key_package_devices(CAROL, d))[0]]  # fmt: skip
+        await storage.put_key_packages(CAROL, devices[0], packages(2), NOW_MS, max_devices=3)
+        await storage.claim_key_packages(ALICE, [CAROL], 1, NOW_S, NOW_MS)
+        await storage.claim_key_packages(ALICE, [CAROL], 1, NOW_S, NOW_MS)
+        await storage.claim_key_packages(ALICE, [CAROL], 1, NOW_S, NOW_MS)
+        with pytest.raises(TooManyDevices):
+            await storage.put_key_packages(CAROL, "another", packages(1), NOW_MS, max_devices=3)

@@ -1,4 +1,4 @@
-"""The outbox counts every byte queued for a connection (relay/outbox.py):
+"""The outbox counts every byte queued for a connection (relay/delivery/outbox.py):
 replies, pongs and events as well as live messages; replays wait for room;
 a connection closed for not reading loses nothing acknowledged."""
 
@@ -10,7 +10,7 @@ import pytest
 import trio
 
 from protocol.websocket import binary_frame, close_frame
-from relay.outbox import Flusher, Outbox
+from relay.delivery.outbox import Flusher, Outbox
 from tests.harness import running_relay
 from tests.relayclient import connect, encode
 from tests.test_protocol_frames import client_frame

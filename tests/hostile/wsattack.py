@@ -8,7 +8,7 @@ relay queues for it stays queued on the relay.
 
 The relay answers a hostile connection by closing it, and its close frame
 waits behind everything the attacker never read.  The relay drains it for at
-most 2 s (relay/session.py) before it drops the socket, so the attack stops
+most 2 s (relay/edge/session.py) before it drops the socket, so the attack stops
 as soon as the test sees the relay close it (its metrics say so), and then
 :meth:`Attacker.read_close` reads everything that was queued up to the close
 frame.
@@ -118,6 +118,8 @@ class Attacker:
     sent: int = 0
     #: Set when the relay dropped the socket under a send (reset or EPIPE).
     broken: bool = False
+    #: The relay's answer to the upgrade (status line and headers).
+    head: bytes = b""
 
     async def send(self, data: bytes) -> bool:
         """Send ``data``; False once the relay dropped the connection."""
@@ -183,10 +185,17 @@ class Attacker:
 
 
 async def open_attacker(
-    port: int, user: str, device: str, *, host: str = "127.0.0.1", rcvbuf: int = RCVBUF
+    port: int,
+    user: str,
+    device: str,
+    *,
+    host: str = "127.0.0.1",
+    rcvbuf: int = RCVBUF,
+    headers: str = "",
 ) -> Attacker:
     """A WebSocket connection from ``host`` with a ``rcvbuf``-byte receive
-    buffer, upgraded with a fresh token; the relay's #hello is buffered."""
+    buffer, upgraded with a fresh token (and ``headers``, CRLF-terminated
+    lines); the relay's #hello is buffered."""
     sock = trio.socket.socket()
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)  # before connect: the window
@@ -200,7 +209,7 @@ async def open_attacker(
     head = (
         f"GET /v1/ws HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n"
         f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
-        f"Authorization: Bearer {make_token(user, device)}\r\n\r\n"
+        f"Authorization: Bearer {make_token(user, device)}\r\n{headers}\r\n"
     )
     data = b""
     with trio.fail_after(10):
@@ -211,7 +220,7 @@ async def open_attacker(
             data += chunk
     answer, _, rest = data.partition(b"\r\n\r\n")
     assert answer.startswith(b"HTTP/1.1 101"), answer[:300]
-    return Attacker(stream, bytearray(rest))
+    return Attacker(stream, bytearray(rest), head=answer)
 
 
 async def until(
