@@ -1,19 +1,28 @@
 """CPU work never holds the event loop (issue 14, bug 4): ``/health/live``
 answers within 20 ms while each of the three heavy jobs runs.
 
-The probe is a process of its own with a blocking HTTP/1.1 connection: it
-sends the next GET as soon as the last answer came (plus 1 ms) and times
-each one, so a stall of the Trio loop shows as the latency of the probe in
-flight, whenever in the stall it was sent.  Each job runs ROUNDS times; a
-round's figure is the slowest probe overlapping it, and the test asserts
-the MEDIAN round against the bound.  Why the median: one round may catch
-the machine busy elsewhere (2 cores shared by several test runs), while a
-job that holds the loop slows every round by its whole length.  Every
-round must have overlapped at least one probe, and the same figure with no
-job running is printed next to it.
+Two measures, per round of a job (ROUNDS rounds, each after an idle round
+of the same length, which sees the same machine load):
 
-Figures (median round's slowest probe, this machine, loaded; sqlite / pg)
-are in the commit messages that changed each job.
+* the slowest ``/health/live`` overlapping the round, from a probe process
+  of its own (a blocking HTTP/1.1 connection, the next GET 1 ms after each
+  answer), so a stall of the Trio loop shows as the latency of the probe in
+  flight whenever in the stall it was sent;
+* the longest task step, in CPU time of the loop's thread (a trio
+  Instrument): how long one task held the loop, whatever the load, since
+  time the process spends waiting for a core is not CPU time.
+
+The MEDIAN round is asserted: one round may catch the machine busy
+elsewhere (2 cores shared by several test runs), while a job that holds
+the loop slows every round.  The step bound is hard: STEP_BOUND_S (the jobs
+measure 2-3 ms; the old inline code 53 ms for 200 KeyPackages and 92-100
+ms for the walk).  The probe bound is 20 ms plus twice the idle round's
+median: on a loaded machine every hop of a request waits for a core, and a
+job that keeps the loop busy two thirds of the time (2 ms slices, 1 ms
+pauses) stretches those waits; the old code's stalls (94-184 ms for the
+walk, 139-148 ms for the uploads) stay far above it.
+
+Figures (sqlite / pg, this machine, loaded) are in the commit messages.
 """
 
 from __future__ import annotations
@@ -40,7 +49,7 @@ ALICE = "did:example:alice"
 #: Rounds of each job; the median round's slowest probe is asserted.
 ROUNDS = 7
 #: The bound of issue 14: the slowest probe of the median round (on top of
-#: what the same probe gets with no job running, see check()).
+#: twice what the same probe gets with no job running: module docstring).
 BOUND_S = 0.020
 #: The longest task step of the median round, in CPU time of the loop.
 STEP_BOUND_S = 0.010
@@ -194,9 +203,8 @@ def check(name: str, measured: tuple[Rounds, Rounds]) -> None:
     during, baseline = measured
     print(f"{name}: {during}")
     print(f"  with no job running: {baseline}")
-    # The machine's own delay (the idle probes) is allowed on top of the
-    # bound: on a loaded machine the probe waits for a core, job or not.
-    allowed = BOUND_S * 1000 + statistics.median(baseline.probes)
+    # The machine's own delay is allowed on top of the bound (module docstring).
+    allowed = BOUND_S * 1000 + 2 * statistics.median(baseline.probes)
     assert statistics.median(during.probes) <= allowed, (name, during, baseline)
     assert statistics.median(during.steps) <= STEP_BOUND_S * 1000, (name, during, baseline)
 
