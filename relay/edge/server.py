@@ -24,9 +24,14 @@ from protocol.websocket import (
     refusal_headers,
 )
 from relay.edge.auth import token_from_request
-from relay.edge.gate import ConnectionGate, accept_loop, peer_address, raise_nofile_limit
+from relay.edge.gate import (
+    ConnectionGate,
+    accept_loop,
+    close_listeners,
+    peer_address,
+    raise_nofile_limit,
+)
 from relay.edge.session import Session
-from relay.ops.shutdown import close_listeners
 
 if TYPE_CHECKING:
     from relay.base.incidents import Incidents
