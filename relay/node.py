@@ -3,6 +3,11 @@
 One process, one port: :mod:`relay.edge.server` reads each connection's request
 head and keeps WebSocket upgrades on the relay's own hot path, handing every
 other request to the Quart app through Hypercorn's connection handler.
+
+Only this module builds the parts, and each gets the collaborators it uses
+(storage, the blob service, config values, incidents, a metrics registry,
+callables) rather than the node: only the node, :mod:`relay.ops` above it
+and :mod:`relay.cli` import this module (pyproject.toml's layers contract).
 """
 
 from __future__ import annotations
