@@ -202,8 +202,9 @@ class Relay:
             push_config = PushConfig(
                 self.push_providers, secret=cfg.push_secret, queue_limit=cfg.push_queue
             )
-            self.pusher = Pusher(push_config, self._push_targets, self._online, self._push_gone)
-            self.pusher.incidents = self.incidents
+            self.pusher = Pusher(
+                push_config, self._push_targets, self._online, self._push_gone, self.incidents
+            )
 
     async def _push_targets(self, conversations: list[bytes]) -> dict[bytes, list[PushTarget]]:
         """The pusher's resolve(): which devices of these conversations take pushes."""
@@ -247,10 +248,10 @@ class Relay:
             max_batch=self.config.commit_batch,
             queue=self.config.commit_queue,
             linger=self.config.commit_linger_ms / 1000,
-            incidents=self.metrics.incidents,
+            incidents=self.incidents,
+            observer=self.metrics.observe_batch,
+            on_published=self._on_published,
         )
-        self._committer.observer = self.metrics.observe_batch
-        self._committer.on_published = self._on_published
         self.reader.committer = self._committer
         http = HttpFrontend(self.http_app())
         try:

@@ -107,7 +107,12 @@ class _Entry:
 
 class Pusher:
     def __init__(
-        self, config: PushConfig, resolve: Resolve, online: Online, on_gone: OnGone | None = None
+        self,
+        config: PushConfig,
+        resolve: Resolve,
+        online: Online,
+        on_gone: OnGone | None = None,
+        incidents: Incidents | None = None,
     ) -> None:
         self.config = config
         self.stats = PushStats()
@@ -126,7 +131,7 @@ class Pusher:
         self._client: httpx.AsyncClient | None = None
         self._unknown: set[str] = set()  # unconfigured providers already logged
         #: Where a dropped entry is logged and counted (the node's, in a relay).
-        self.incidents = Incidents()
+        self.incidents = Incidents() if incidents is None else incidents
 
     # --- intake --------------------------------------------------------------
 
