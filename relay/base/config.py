@@ -172,6 +172,9 @@ class Config:
     # --- storage quotas (storage/quotas.py; docs/OPERATIONS.md "Quotas"); 0 disables each ---
     #: Unclaimed KeyPackages one device may keep stored.
     max_keypackages_per_device: int = 1000
+    #: Devices of one user that may upload KeyPackages (those that ever did:
+    #: every claim for the user hands out or reports one per device).
+    max_keypackage_devices_per_user: int = 100
     #: Bytes of blobs one user may keep stored (every blob it uploaded, or the
     #: relay stored for its sends, until collected).
     blob_quota_bytes: int = 1024**3
@@ -295,6 +298,7 @@ def validate(cfg: Config) -> None:
         "transfers",
         "connect_burst_per_address",
         "max_keypackages_per_device",
+        "max_keypackage_devices_per_user",
         "blob_quota_bytes",
         "max_conversations_per_user",
         "max_members",

@@ -77,6 +77,7 @@ class Blobs:
         self._woken = trio.Event()
         self._passed = trio.Event()
         self._busy = False
+        self._one_pass = trio.Lock()
 
     def _now_ms(self) -> int:
         return int(time.time() * 1000)
@@ -112,20 +113,23 @@ class Blobs:
         return await self.store.get(store_path(conversation, key))
 
     async def collect(self, now_ms: int | None = None) -> int:
-        """Delete what no retained message needs; returns how many blobs went."""
+        """Delete what no retained message needs; returns how many blobs went.
+        One pass at a time (the collector's, retention's): two would both be
+        handed the same rows, delete them twice and count them twice."""
         now = self._now_ms() if now_ms is None else now_ms
         cutoff = now - int(self._orphan_ttl_s * 1000)
         total = 0
-        while True:
-            doomed = await self._storage.collect_blobs(cutoff, COLLECT_BATCH)
-            if not doomed:
-                return total
-            await self.store.delete([store_path(conv, key) for conv, key in doomed])
-            await self._storage.forget_blobs(doomed)
-            total += len(doomed)
-            self.collected += len(doomed)
-            if len(doomed) < COLLECT_BATCH:
-                return total
+        async with self._one_pass:
+            while True:
+                doomed = await self._storage.collect_blobs(cutoff, COLLECT_BATCH)
+                if not doomed:
+                    return total
+                await self.store.delete([store_path(conv, key) for conv, key in doomed])
+                await self._storage.forget_blobs(doomed)
+                total += len(doomed)
+                self.collected += len(doomed)
+                if len(doomed) < COLLECT_BATCH:
+                    return total
 
     def wake(self) -> None:
         """Ask for a collector pass now (a conversation was deleted).  The

@@ -168,6 +168,7 @@ def create_app(parts: AppParts) -> QuartTrio:
         limits,
         max_upload=cfg.keypackage_max_upload,
         max_per_device=cfg.max_keypackages_per_device,
+        max_devices=cfg.max_keypackage_devices_per_user,
         idle_timeout=cfg.handshake_timeout_s,
     )
     app.register_blueprint(kp_routes)  # MLS DS routes

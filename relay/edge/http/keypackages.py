@@ -24,7 +24,13 @@ import trio
 from quart import Blueprint, Response, jsonify, request
 
 from protocol import text
-from protocol.errors import InvalidRequest, PayloadTooLarge, RelayError, TooManyKeyPackages
+from protocol.errors import (
+    InvalidRequest,
+    PayloadTooLarge,
+    RelayError,
+    TooManyDevices,
+    TooManyKeyPackages,
+)
 from relay.cluster.sharedlimits import MAX_USERS_PER_CLAIM
 from relay.edge.auth import Identity, token_from_request
 from relay.edge.http.body import read_body
@@ -102,12 +108,13 @@ async def _validate(
 
 
 async def _check_room(
-    ds: DeliveryService, storage: Storage, limit: int, who: Identity, items: int
+    ds: DeliveryService, storage: Storage, limit: int, max_devices: int, who: Identity, items: int
 ) -> None:
     """Refuse an upload that cannot fit the device's KeyPackage quota before
     its signatures are checked (the costly part).  Every item counts here,
     even one already stored; the storing transaction counts exactly
     (storage/quotas.py) and is what makes the bound hold under concurrency."""
+    await _check_device(storage, max_devices, who)
     if not limit:
         return
     now = int(ds.clock())
@@ -118,6 +125,20 @@ async def _check_room(
             f"a device keeps at most {limit} unclaimed KeyPackages; it has {stored}",
             limit=limit,
             used=stored,
+        )
+
+
+async def _check_device(storage: Storage, limit: int, who: Identity) -> None:
+    """A new device beyond the user's device bound, refused before validation
+    too (the storing transaction checks again, race-free)."""
+    if not limit:
+        return
+    known, devices = await storage.key_package_devices(who.user, who.device)
+    if not known and devices >= limit:
+        raise TooManyDevices(
+            f"a user may upload KeyPackages from at most {limit} devices",
+            limit=limit,
+            used=devices,
         )
 
 
@@ -146,10 +167,12 @@ def blueprint(
     *,
     max_upload: int,
     max_per_device: int,
+    max_devices: int,
     idle_timeout: float,
 ) -> Blueprint:
     """``max_upload``: KeyPackages per upload; ``max_per_device``: unclaimed
-    ones a device keeps (0: no cap); ``idle_timeout``: longest wait for body bytes."""
+    ones a device keeps; ``max_devices``: devices of a user holding some (0:
+    no cap, both); ``idle_timeout``: longest wait for body bytes."""
     bp = Blueprint("keypackages", __name__)
     timeout = idle_timeout
     #: One upload validates at a time on this node (see _validate).
@@ -165,7 +188,7 @@ def blueprint(
         del body
         if len(items) > max_upload:
             raise PayloadTooLarge(f"at most {max_upload} per upload")
-        await _check_room(ds, storage, max_per_device, who, len(items))
+        await _check_room(ds, storage, max_per_device, max_devices, who, len(items))
         packages = await _validate(ds, turn, items, who.user)
         now_ms = int(ds.clock() * 1000)
         stored = await storage.put_key_packages(
@@ -174,6 +197,7 @@ def blueprint(
             packages,
             now_ms,
             max_stored=max_per_device,
+            max_devices=max_devices,
         )
         return jsonify(
             {
