@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from protocol.errors import ConfigError
+from relay.base.parsing import parse_networks, parse_providers
 
 if TYPE_CHECKING:
     from storage.pgconn import PgTimeouts
@@ -285,8 +286,6 @@ def validate(cfg: Config) -> None:
     if cfg.blob_threshold < 0 or cfg.max_blob < 1:
         raise ConfigError("RELAY_BLOB_THRESHOLD must be >= 0 and RELAY_MAX_BLOB >= 1")
     if cfg.push_providers:
-        from relay.offline.push import parse_providers
-
         try:
             parse_providers(cfg.push_providers)
         except ValueError as exc:
@@ -311,8 +310,6 @@ def validate(cfg: Config) -> None:
     if cfg.connect_rate_per_address and cfg.connect_burst_per_address < 1:
         raise ConfigError("RELAY_CONNECT_BURST_PER_ADDRESS must be >= 1 with a connect rate")
     if cfg.trusted_proxies:
-        from relay.edge.gate import parse_networks
-
         try:
             parse_networks(cfg.trusted_proxies)
         except ValueError as exc:

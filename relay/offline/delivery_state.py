@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 import trio
@@ -36,8 +37,9 @@ from relay.base.incidents import isolate
 from relay.base.logs import user_hash
 
 if TYPE_CHECKING:
+    from relay.base.incidents import Incidents
     from relay.delivery.streams import Stream
-    from relay.node import Relay
+    from storage.base import Storage
 
 log = logging.getLogger("relay.delivery")
 
@@ -74,8 +76,19 @@ class _Slices:
 
 
 class DeliveryTracker:
-    def __init__(self, relay: Relay) -> None:
-        self.relay = relay
+    def __init__(
+        self,
+        storage: Storage,
+        sessions: Callable[[], Iterable[object]],
+        incidents: Incidents,
+        *,
+        flush_s: float,
+    ) -> None:
+        self._storage = storage
+        #: The node's sessions right now (walked on a snapshot each round).
+        self._sessions = sessions
+        self._incidents = incidents
+        self._flush_s = flush_s
         self._seen: set[tuple[str, str]] = set()
         #: Positions written so far, per device with a session at the last
         #: round, per conversation: a round allocates only for what moved.
@@ -103,7 +116,7 @@ class DeliveryTracker:
         poisoned = self._poisoned
         slices = _Slices()
         self.walked = 0
-        for session in list(self.relay.sessions.values()):
+        for session in list(self._sessions()):
             if not isinstance(session, Session):
                 continue
             user, device = session.user, session.device
@@ -152,7 +165,7 @@ class DeliveryTracker:
 
     async def _write(self, seen: set[Device], moved: list[Row]) -> None:
         now_ms = int(time.time() * 1000)
-        storage = self.relay.storage
+        storage = self._storage
         devices = sorted(pair for pair in seen if pair not in self._poisoned)
 
         async def touch(chunk: list[tuple[str, str]]) -> None:
@@ -173,11 +186,11 @@ class DeliveryTracker:
             self._poisoned.clear()  # a bound; a cleared row fails (and is dropped) once more
         self._poisoned.add(row[:3])
         what = f"user {user_hash(row[0])}, device {text.excerpt(row[1])}"
-        self.relay.metrics.incidents.drop("delivery_state", exc, what)
+        self._incidents.drop("delivery_state", exc, what)
         self.dropped += 1
 
     async def run(self) -> None:
-        period = self.relay.config.delivery_flush_s
+        period = self._flush_s
         while True:
             await trio.sleep(period)
             try:
@@ -185,4 +198,4 @@ class DeliveryTracker:
             except Unavailable:
                 log.warning("could not record delivery positions", exc_info=True)
             except Exception as exc:  # a bug: told, counted, and the next round runs
-                self.relay.metrics.incidents.report("delivery_state", exc, "a flush")
+                self._incidents.report("delivery_state", exc, "a flush")
