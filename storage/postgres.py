@@ -17,10 +17,10 @@ from typing import TypeVar
 from protocol.errors import (
     ConversationExists,
     FutureCursor,
+    InternalBug,
     InvalidRequest,
     NotMember,
     RelayError,
-    StorageError,
 )
 from storage import mls_sql, offline_sql, quotas, retention_sql
 from storage.base import (
@@ -284,7 +284,7 @@ class PostgresStorage(PgOfflineStorage, Storage):
 
         results = await self._tx(job)
         if len(results) != len(items):
-            raise StorageError("append returned a wrong number of results")
+            raise InternalBug("append returned a wrong number of results")
         return results
 
     async def read_messages(

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from protocol.errors import MLSValidationError, NotMember, RelayError, StorageError
+from protocol.errors import InternalBug, MLSValidationError, NotMember, RelayError
 from storage import mls_sql, quotas
 from storage.base import Appended, NewMessage
 from storage.pgpool import PgConn
@@ -38,7 +38,7 @@ def append_plain_batch(conn: PgConn, msgs: list[NewMessage]) -> list[Appended | 
     )
     rows = conn.execute(_APPEND_PLAIN_SQL, params, binary=True).fetchall()
     if len(rows) != len(msgs):
-        raise StorageError("append returned a wrong number of results")
+        raise InternalBug("append returned a wrong number of results")
     out: list[Appended | RelayError] = []
     for (_, status, seq, created_ms), msg in zip(rows, msgs, strict=True):
         if status == "mls":

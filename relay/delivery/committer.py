@@ -218,7 +218,7 @@ class Committer:
             results = await self._storage.append_messages([p.message for p in batch])
         except Unavailable as exc:
             return [exc] * len(batch)
-        except Exception as exc:  # StorageError, or a bug below us: not an outage
+        except Exception as exc:  # StorageError, InternalBug, any bug below: not an outage
             if len(batch) == 1:
                 return [self.incidents.report("committer", exc, "a send storage refused")]
             self.splits += 1
