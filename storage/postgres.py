@@ -1,4 +1,4 @@
-"""PostgreSQL backend: sync psycopg 3 on Trio worker threads (see pgpool).
+"""PostgreSQL backend: sync psycopg 3 on Trio worker threads (see storage/connpool.py).
 
 Every write that touches a conversation first locks its ``conversations``
 row (``FOR UPDATE``); that row's ``last_seq`` is the only source of seqs, so
@@ -34,8 +34,7 @@ from storage.base import (
     StoredMessage,
 )
 from storage.migrate import migrate_postgres
-from storage.pgconn import NO_STATEMENT_BOUNDS, PgTimeouts, pg_pool
-from storage.pgpool import PgConn
+from storage.pgconn import NO_STATEMENT_BOUNDS, PgConn, PgTimeouts, pg_pool
 from storage.postgres_mls import append_mls, append_plain, append_plain_batch, pg_exec
 from storage.postgres_offline import PgOfflineStorage
 

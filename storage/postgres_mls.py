@@ -13,7 +13,7 @@ from typing import Any
 from protocol.errors import InternalBug, MLSValidationError, NotMember, RelayError
 from storage import mls_sql, quotas
 from storage.base import Appended, NewMessage
-from storage.pgpool import PgConn
+from storage.pgconn import PgConn
 
 # %b: parameters in binary format.  psycopg's text dumping of a bytea[] of
 # 1 KiB ciphertexts (escaping every byte, holding the GIL) took 5 ms per batch

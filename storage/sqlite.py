@@ -1,6 +1,6 @@
 """SQLite backend (the embedded default), stdlib sqlite3 on Trio worker threads.
 
-Same pool machinery as PostgreSQL (:mod:`storage.pgpool`): a one-connection
+Same pool machinery as PostgreSQL (:mod:`storage.connpool`): a one-connection
 writer pool serializes writers in Trio (a cancelled waiter never runs), and a
 small reader pool serves reads concurrently thanks to WAL.  A running
 statement is stopped with ``Connection.interrupt()``.  Every write is a
@@ -38,9 +38,9 @@ from storage.base import (
     Storage,
     StoredMessage,
 )
+from storage.connpool import ConnectionPool, Driver
 from storage.migrate import migrate_sqlite
 from storage.offline import Job, OfflineStorage
-from storage.pgpool import ConnectionPool, Driver
 from storage.sqlite_append import append_blob_aware, ex_for, many_for
 
 T = TypeVar("T")
