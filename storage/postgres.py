@@ -22,7 +22,7 @@ from protocol.errors import (
     NotMember,
     RelayError,
 )
-from storage import mls_sql, offline_sql, quotas, retention_sql
+from storage import mls_sql, offline_sql, quotas, retention_sql, shared_sql
 from storage.base import (
     AddedMember,
     Appended,
@@ -42,15 +42,6 @@ T = TypeVar("T")
 
 #: The retention prune runs this many times the usual deadline (one job, many statements).
 PRUNE_DEADLINE_FACTOR = 20
-
-_INFO_SQL = """
-SELECT c.id, c.last_seq, m.joined_seq, c.first_seq
-  FROM members m JOIN conversations c ON c.id = m.conversation_id
-"""
-
-
-def _info(row: tuple[bytes, int, int, int]) -> ConversationInfo:
-    return ConversationInfo(bytes(row[0]), row[1], row[2], row[3])
 
 
 def _lock_for_member(conn: PgConn, conversation: bytes, actor: str) -> int:
@@ -221,32 +212,21 @@ class PostgresStorage(PgOfflineStorage, Storage):
 
     async def list_conversations(self, user: str) -> list[ConversationInfo]:
         def job(conn: PgConn) -> list[ConversationInfo]:
-            rows = conn.execute(_INFO_SQL + " WHERE m.user_did = %s ORDER BY c.id", (user,))
-            return [_info(r) for r in rows]
+            return shared_sql.conversations_of(pg_exec(conn), user)
 
         return await self._pool.run(job)
 
     async def conversation_for_member(self, conversation: bytes, user: str) -> ConversationInfo:
         def job(conn: PgConn) -> ConversationInfo:
-            row = conn.execute(
-                _INFO_SQL + " WHERE c.id = %s AND m.user_did = %s", (conversation, user)
-            ).fetchone()
-            if row is None:
-                raise NotMember("not a member of this conversation")
-            return _info(row)
+            return shared_sql.member_info(pg_exec(conn), conversation, user)
 
         return await self._pool.run(job)
 
     async def members(self, conversation: bytes) -> list[str]:
         def job(conn: PgConn) -> list[str]:
-            rows = conn.execute(
-                "SELECT user_did FROM members WHERE conversation_id = %s", (conversation,)
-            )
-            return [r[0] for r in rows]
+            return shared_sql.member_users(pg_exec(conn), conversation)
 
-        # Sorted in Python: identical (code point) order on both backends,
-        # whatever the database collation.
-        return sorted(await self._pool.run(job))
+        return await self._pool.run(job)
 
     # --- messages -------------------------------------------------------------
 
@@ -356,13 +336,9 @@ class PostgresStorage(PgOfflineStorage, Storage):
             raise InvalidRequest("cursor seq must not be negative")
 
         def job(conn: PgConn) -> int:
-            row = conn.execute(
-                _INFO_SQL + " WHERE c.id = %s AND m.user_did = %s", (conversation, user)
-            ).fetchone()
-            if row is None:
-                raise NotMember("not a member of this conversation")
-            if seq > row[1]:
-                raise FutureCursor("cursor beyond the last message", last_seq=row[1])
+            last_seq = shared_sql.member_info(pg_exec(conn), conversation, user).last_seq
+            if seq > last_seq:
+                raise FutureCursor("cursor beyond the last message", last_seq=last_seq)
             stored = conn.execute(
                 "INSERT INTO cursors (user_did, device_id, conversation_id, seq, updated_ms)"
                 " VALUES (%s, %s, %s, %s, %s) ON CONFLICT (user_did, device_id, conversation_id)"

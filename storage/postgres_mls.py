@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from protocol.errors import InternalBug, MLSValidationError, NotMember, RelayError
-from storage import mls_sql, quotas
+from storage import mls_sql, quotas, shared_sql
 from storage.base import Appended, NewMessage
 from storage.pgconn import PgConn
 
@@ -54,7 +54,7 @@ def append_plain_batch(conn: PgConn, msgs: list[NewMessage]) -> list[Appended | 
     return out
 
 
-def pg_exec(conn: PgConn) -> mls_sql.Exec:
+def pg_exec(conn: PgConn) -> shared_sql.Exec:
     def ex(sql: str, params: Sequence[Any] = ()) -> Any:
         return conn.execute(sql.replace("?", "%s"), params)
 
@@ -69,7 +69,7 @@ def append_plain(
         out[i] = result
 
 
-def append_mls(conn: PgConn, ex: mls_sql.Exec, m: NewMessage) -> Appended | RelayError:
+def append_mls(conn: PgConn, ex: shared_sql.Exec, m: NewMessage) -> Appended | RelayError:
     """One MLS item (or opaque bytes sent to an MLS conversation), checks in
     mls_sql.CHECK_ORDER.  The Welcome refs are resolved first, in the same
     transaction, but only reported where the order puts them: the function

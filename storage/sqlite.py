@@ -22,12 +22,11 @@ from protocol.errors import (
     ConversationExists,
     FutureCursor,
     InvalidRequest,
-    NotMember,
     RelayError,
     StorageError,
     Unavailable,
 )
-from storage import mls_sql, offline_sql, quotas, retention_sql
+from storage import mls_sql, offline_sql, quotas, retention_sql, shared_sql
 from storage.base import (
     AddedMember,
     Appended,
@@ -46,11 +45,6 @@ from storage.sqlite_append import append_blob_aware, ex_for, many_for
 T = TypeVar("T")
 Conn = sqlite3.Connection
 
-_INFO_SQL = """
-SELECT c.id, c.last_seq, m.joined_seq, c.first_seq
-  FROM members m JOIN conversations c ON c.id = m.conversation_id
-"""
-_MEMBER_INFO_SQL = _INFO_SQL + " WHERE c.id = ? AND m.user_did = ?"
 
 # Error classes that mean "the database cannot be used right now" (locked for
 # longer than busy_timeout, disk trouble): retryable, like a PostgreSQL outage.
@@ -139,10 +133,7 @@ def _transaction(begin: str, job: Callable[[Conn], T], conn: Conn) -> T:
 
 
 def _member_info(conn: Conn, conversation: bytes, user: str) -> ConversationInfo:
-    row = conn.execute(_MEMBER_INFO_SQL, (conversation, user)).fetchone()
-    if row is None:
-        raise NotMember("not a member of this conversation")
-    return ConversationInfo(bytes(row[0]), row[1], row[2], row[3])
+    return shared_sql.member_info(ex_for(conn), conversation, user)
 
 
 class SqliteStorage(OfflineStorage, Storage):
@@ -268,8 +259,7 @@ class SqliteStorage(OfflineStorage, Storage):
 
     async def list_conversations(self, user: str) -> list[ConversationInfo]:
         def job(conn: Conn) -> list[ConversationInfo]:
-            rows = conn.execute(_INFO_SQL + " WHERE m.user_did = ? ORDER BY c.id", (user,))
-            return [ConversationInfo(bytes(r[0]), r[1], r[2], r[3]) for r in rows]
+            return shared_sql.conversations_of(ex_for(conn), user)
 
         return await self._read(job)
 
@@ -279,12 +269,9 @@ class SqliteStorage(OfflineStorage, Storage):
 
     async def members(self, conversation: bytes) -> list[str]:
         def job(conn: Conn) -> list[str]:
-            rows = conn.execute(
-                "SELECT user_did FROM members WHERE conversation_id = ?", (conversation,)
-            )
-            return [r[0] for r in rows]
+            return shared_sql.member_users(ex_for(conn), conversation)
 
-        return sorted(await self._read(job))
+        return await self._read(job)
 
     # --- messages -------------------------------------------------------------
 

@@ -1,0 +1,61 @@
+"""The dialect-neutral executor and the membership statements both backends share.
+
+Statements are written once with ``?`` placeholders; an :class:`Exec` runs
+them on one connection (``storage.sqlite_append.ex_for`` as they are,
+``storage.postgres_mls.pg_exec`` with ``%s``).  Each membership question
+(is this user a member, what does the member see, who are the members) is
+asked here and nowhere else, so the two backends cannot drift apart.  The
+functions block: they run in a worker thread, inside the caller's
+transaction when it has one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+from protocol.errors import NotMember
+from storage.records import ConversationInfo
+
+
+class Exec(Protocol):
+    def __call__(self, sql: str, params: Sequence[Any] = ()) -> Any: ...
+
+
+#: A conversation as one member sees it (ConversationInfo's fields, in order).
+INFO_SQL = (
+    "SELECT c.id, c.last_seq, m.joined_seq, c.first_seq"
+    " FROM members m JOIN conversations c ON c.id = m.conversation_id"
+)
+
+
+def _info(row: Sequence[Any]) -> ConversationInfo:
+    return ConversationInfo(bytes(row[0]), int(row[1]), int(row[2]), int(row[3]))
+
+
+def member_info(ex: Exec, conversation: bytes, user: str) -> ConversationInfo:
+    """The conversation as ``user`` sees it; NotMember when not a member
+    (which also covers a conversation that does not exist)."""
+    row = ex(INFO_SQL + " WHERE c.id = ? AND m.user_did = ?", (conversation, user)).fetchone()
+    if row is None:
+        raise NotMember("not a member of this conversation")
+    return _info(row)
+
+
+def conversations_of(ex: Exec, user: str) -> list[ConversationInfo]:
+    """Every conversation ``user`` is a member of, by id."""
+    return [_info(r) for r in ex(INFO_SQL + " WHERE m.user_did = ? ORDER BY c.id", (user,))]
+
+
+def is_member(ex: Exec, conversation: bytes, user: str) -> bool:
+    row = ex(
+        "SELECT 1 FROM members WHERE conversation_id = ? AND user_did = ?", (conversation, user)
+    ).fetchone()
+    return row is not None
+
+
+def member_users(ex: Exec, conversation: bytes) -> list[str]:
+    """The members' user DIDs, sorted in Python: the same (code point) order on
+    both backends, whatever the database collation."""
+    rows = ex("SELECT user_did FROM members WHERE conversation_id = ?", (conversation,))
+    return sorted(r[0] for r in rows)
