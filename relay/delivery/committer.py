@@ -191,16 +191,10 @@ class Committer:
         committed_at = time.time()
         self.batches += 1
         try:
-            self._publish(batch, results)
-        except Exception as exc:
-            incident = self.incidents.report(
-                "committer", exc, f"publishing a committed batch of {len(batch)}"
-            )
-            results = [incident if isinstance(r, Appended) else r for r in results]
-        for pending, outcome in zip(batch, results, strict=True):
-            self._answer(pending, outcome)
-        try:
-            self._flusher.flush()
+            # One flush for the batch: the fan-out's frames, membership events
+            # and every sender's #result leave in one send per connection.
+            with self._flusher.batch():
+                self._publish_and_answer(batch, results)
             if self.observer is not None:
                 self.observer(batch, committed_at)
         except Exception as exc:
@@ -231,6 +225,19 @@ class Committer:
             )
             return [incident] * len(batch)
         return results
+
+    def _publish_and_answer(
+        self, batch: list[PendingSend], results: list[Appended | RelayError]
+    ) -> None:
+        try:
+            self._publish(batch, results)
+        except Exception as exc:
+            incident = self.incidents.report(
+                "committer", exc, f"publishing a committed batch of {len(batch)}"
+            )
+            results = [incident if isinstance(r, Appended) else r for r in results]
+        for pending, outcome in zip(batch, results, strict=True):
+            self._answer(pending, outcome)
 
     def _publish(self, batch: list[PendingSend], results: list[Appended | RelayError]) -> None:
         fresh: list[Published] = []
