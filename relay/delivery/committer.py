@@ -46,11 +46,12 @@ from storage.base import Appended, NewMessage, Storage
 @dataclass(slots=True)
 class PendingSend:
     message: NewMessage
-    #: Called exactly once, after the commit (or its failure).
-    on_done: Callable[[Appended | RelayError], None]
+    #: Answers the sender (writes its #result or error, Session._commit):
+    #: called exactly once, after the commit (or its failure).
+    answer: Callable[[Appended | RelayError], None]
     #: Returns True when the submitter is gone: its send is then never stored.
     abandoned: Callable[[], bool]
-    #: Set when on_done was called (the committer answers each send once).
+    #: Set when answer was called (the committer answers each send once).
     answered: bool = False
 
 
@@ -109,9 +110,9 @@ class Committer:
         """Queue a send (synchronous).  Refused, retryably, when draining or full:
         it was never stored, so the client resends with the same id."""
         if self._closed:
-            item.on_done(ShuttingDown("relay is shutting down; send again elsewhere"))
+            item.answer(ShuttingDown("relay is shutting down; send again elsewhere"))
         elif self.full:
-            item.on_done(Unavailable("the commit queue is full; retry shortly"))
+            item.answer(Unavailable("the commit queue is full; retry shortly"))
         else:
             queue = self._queue
             if not queue:
@@ -276,13 +277,13 @@ class Committer:
                 )
 
     def _answer(self, pending: PendingSend, outcome: Appended | RelayError) -> None:
-        """Call the sender's on_done once; a callback that raises is an incident
+        """Call the sender's answer once; a callback that raises is an incident
         of its own and does not keep the batch's other senders waiting."""
         if pending.answered:
             return
         pending.answered = True
         try:
-            pending.on_done(outcome)
+            pending.answer(outcome)
         except Exception as exc:
             self.incidents.report("committer", exc, "a sender's callback")
 
