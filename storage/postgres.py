@@ -16,7 +16,6 @@ from typing import TypeVar
 
 from protocol.errors import (
     ConversationExists,
-    FutureCursor,
     InternalBug,
     InvalidRequest,
     NotMember,
@@ -323,11 +322,7 @@ class PostgresStorage(PgOfflineStorage, Storage):
 
     async def get_cursors(self, user: str, device: str) -> dict[bytes, int]:
         def job(conn: PgConn) -> dict[bytes, int]:
-            rows = conn.execute(
-                "SELECT conversation_id, seq FROM cursors WHERE user_did = %s AND device_id = %s",
-                (user, device),
-            )
-            return {bytes(r[0]): r[1] for r in rows}
+            return shared_sql.cursors_of(pg_exec(conn), user, device)
 
         return await self._pool.run(job)
 
@@ -336,19 +331,10 @@ class PostgresStorage(PgOfflineStorage, Storage):
             raise InvalidRequest("cursor seq must not be negative")
 
         def job(conn: PgConn) -> int:
-            last_seq = shared_sql.member_info(pg_exec(conn), conversation, user).last_seq
-            if seq > last_seq:
-                raise FutureCursor("cursor beyond the last message", last_seq=last_seq)
-            stored = conn.execute(
-                "INSERT INTO cursors (user_did, device_id, conversation_id, seq, updated_ms)"
-                " VALUES (%s, %s, %s, %s, %s) ON CONFLICT (user_did, device_id, conversation_id)"
-                " DO UPDATE SET seq = greatest(cursors.seq, excluded.seq),"
-                " updated_ms = excluded.updated_ms RETURNING seq",
-                (user, device, conversation, seq, time.time_ns() // 1_000_000),
-            ).fetchone()
-            assert stored is not None  # an upsert always returns its row
-            mls_sql.ack_welcomes(pg_exec(conn), user, device, conversation, seq)
-            return int(stored[0])
+            ex, now_ms = pg_exec(conn), time.time_ns() // 1_000_000
+            stored = shared_sql.set_cursor(ex, user, device, conversation, seq, now_ms)
+            mls_sql.ack_welcomes(ex, user, device, conversation, seq)
+            return stored
 
         return await self._tx(job)
 
@@ -356,12 +342,7 @@ class PostgresStorage(PgOfflineStorage, Storage):
 
     async def mls_group(self, conversation: bytes) -> tuple[bool, bytes | None]:
         def job(conn: PgConn) -> tuple[bool, bytes | None]:
-            row = conn.execute(
-                "SELECT mls_group_id FROM conversations WHERE id = %s", (conversation,)
-            ).fetchone()
-            if row is None:
-                return False, None
-            return True, None if row[0] is None else bytes(row[0])
+            return shared_sql.mls_group(pg_exec(conn), conversation)
 
         return await self._pool.run(job)
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Protocol
 
-from protocol.errors import NotMember
+from protocol.errors import FutureCursor, NotMember
 from storage.records import ConversationInfo
 
 
@@ -59,3 +59,40 @@ def member_users(ex: Exec, conversation: bytes) -> list[str]:
     both backends, whatever the database collation."""
     rows = ex("SELECT user_did FROM members WHERE conversation_id = ?", (conversation,))
     return sorted(r[0] for r in rows)
+
+
+# --- cursors and MLS groups --------------------------------------------------------
+
+
+def cursors_of(ex: Exec, user: str, device: str) -> dict[bytes, int]:
+    rows = ex(
+        "SELECT conversation_id, seq FROM cursors WHERE user_did = ? AND device_id = ?",
+        (user, device),
+    )
+    return {bytes(r[0]): int(r[1]) for r in rows}
+
+
+def set_cursor(ex: Exec, user: str, device: str, conversation: bytes, seq: int, now_ms: int) -> int:
+    """Store a member device's cursor, never moving it back; returns the stored
+    seq.  NotMember, or FutureCursor past the last message.  (A CASE, not
+    greatest() or max(): the one spelling both dialects read.)"""
+    last_seq = member_info(ex, conversation, user).last_seq
+    if seq > last_seq:
+        raise FutureCursor("cursor beyond the last message", last_seq=last_seq)
+    (stored,) = ex(
+        "INSERT INTO cursors (user_did, device_id, conversation_id, seq, updated_ms)"
+        " VALUES (?, ?, ?, ?, ?) ON CONFLICT (user_did, device_id, conversation_id)"
+        " DO UPDATE SET seq = CASE WHEN excluded.seq > cursors.seq"
+        " THEN excluded.seq ELSE cursors.seq END,"
+        " updated_ms = excluded.updated_ms RETURNING seq",
+        (user, device, conversation, seq, now_ms),
+    ).fetchone()
+    return int(stored)
+
+
+def mls_group(ex: Exec, conversation: bytes) -> tuple[bool, bytes | None]:
+    """(exists, MLS group id or None for a plain conversation)."""
+    row = ex("SELECT mls_group_id FROM conversations WHERE id = ?", (conversation,)).fetchone()
+    if row is None:
+        return False, None
+    return True, None if row[0] is None else bytes(row[0])

@@ -20,7 +20,6 @@ from typing import TypeVar
 
 from protocol.errors import (
     ConversationExists,
-    FutureCursor,
     InvalidRequest,
     RelayError,
     StorageError,
@@ -313,11 +312,7 @@ class SqliteStorage(OfflineStorage, Storage):
 
     async def get_cursors(self, user: str, device: str) -> dict[bytes, int]:
         def job(conn: Conn) -> dict[bytes, int]:
-            rows = conn.execute(
-                "SELECT conversation_id, seq FROM cursors WHERE user_did = ? AND device_id = ?",
-                (user, device),
-            )
-            return {bytes(r[0]): r[1] for r in rows}
+            return shared_sql.cursors_of(ex_for(conn), user, device)
 
         return await self._read(job)
 
@@ -326,18 +321,10 @@ class SqliteStorage(OfflineStorage, Storage):
             raise InvalidRequest("cursor seq must not be negative")
 
         def job(conn: Conn) -> int:
-            last_seq = _member_info(conn, conversation, user).last_seq
-            if seq > last_seq:
-                raise FutureCursor("cursor beyond the last message", last_seq=last_seq)
-            (stored,) = conn.execute(
-                "INSERT INTO cursors (user_did, device_id, conversation_id, seq, updated_ms)"
-                " VALUES (?, ?, ?, ?, ?) ON CONFLICT (user_did, device_id, conversation_id)"
-                " DO UPDATE SET seq = max(cursors.seq, excluded.seq),"
-                " updated_ms = excluded.updated_ms RETURNING seq",
-                (user, device, conversation, seq, time.time_ns() // 1_000_000),
-            ).fetchone()
-            mls_sql.ack_welcomes(ex_for(conn), user, device, conversation, seq)
-            return int(stored)
+            ex, now_ms = ex_for(conn), time.time_ns() // 1_000_000
+            stored = shared_sql.set_cursor(ex, user, device, conversation, seq, now_ms)
+            mls_sql.ack_welcomes(ex, user, device, conversation, seq)
+            return stored
 
         return await self._write(job)
 
@@ -345,12 +332,7 @@ class SqliteStorage(OfflineStorage, Storage):
 
     async def mls_group(self, conversation: bytes) -> tuple[bool, bytes | None]:
         def job(conn: Conn) -> tuple[bool, bytes | None]:
-            row = conn.execute(
-                "SELECT mls_group_id FROM conversations WHERE id = ?", (conversation,)
-            ).fetchone()
-            if row is None:
-                return False, None
-            return True, None if row[0] is None else bytes(row[0])
+            return shared_sql.mls_group(ex_for(conn), conversation)
 
         return await self._read(job)
 
