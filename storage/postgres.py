@@ -15,7 +15,6 @@ from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 from protocol.errors import (
-    ConversationExists,
     InternalBug,
     InvalidRequest,
     NotMember,
@@ -141,14 +140,9 @@ class PostgresStorage(PgOfflineStorage, Storage):
             if max_created:  # one creator's creations one at a time: the count holds
                 quotas.lock(ex, quotas.PG_LOCK_SQL, f"conversations:{creator}")
                 quotas.check_conversations(ex, creator, max_created, now_ms)
-            created = conn.execute(
-                "INSERT INTO conversations (id, creator, created_ms, mls_group_id, external_join,"
-                " storage_model) VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (id) DO NOTHING"
-                " RETURNING id",
-                (conversation, creator, now_ms, mls_group_id, external_join, storage_model),
-            ).fetchone()
-            if created is None:
-                raise ConversationExists("conversation already exists")
+            shared_sql.insert_conversation(
+                ex, conversation, creator, now_ms, mls_group_id, external_join, storage_model
+            )
             conn.execute(
                 "INSERT INTO members (conversation_id, user_did, joined_seq, added_ms)"
                 " SELECT %s, u, 0, %s FROM unnest(%s::text[]) AS u",

@@ -14,12 +14,32 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Protocol
 
-from protocol.errors import FutureCursor, NotMember
+from protocol.errors import ConversationExists, FutureCursor, NotMember
 from storage.records import ConversationInfo
 
 
 class Exec(Protocol):
     def __call__(self, sql: str, params: Sequence[Any] = ()) -> Any: ...
+
+
+def insert_conversation(
+    ex: Exec,
+    conversation: bytes,
+    creator: str,
+    now_ms: int,
+    mls_group_id: bytes | None,
+    external_join: bool,
+    storage_model: str,
+) -> None:
+    """The conversation's row (its members are the caller's: each dialect
+    inserts a set its own way); ConversationExists when the id is taken."""
+    created = ex(
+        "INSERT INTO conversations (id, creator, created_ms, mls_group_id, external_join,"
+        " storage_model) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING RETURNING id",
+        (conversation, creator, now_ms, mls_group_id, external_join, storage_model),
+    ).fetchone()
+    if created is None:
+        raise ConversationExists("conversation already exists")
 
 
 #: A conversation as one member sees it (ConversationInfo's fields, in order).

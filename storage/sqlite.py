@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import TypeVar
 
 from protocol.errors import (
-    ConversationExists,
     InvalidRequest,
     RelayError,
     StorageError,
@@ -187,18 +186,12 @@ class SqliteStorage(OfflineStorage, Storage):
         quotas.check_member_count(len(users), max_members)
 
         def job(conn: Conn) -> ConversationInfo:
-            offline_sql.check_not_deleted(ex_for(conn), conversation)
-            quotas.check_conversations(ex_for(conn), creator, max_created, now_ms)
-            if (
-                conn.execute(
-                    "INSERT INTO conversations (id, creator, created_ms, mls_group_id,"
-                    " external_join, storage_model) VALUES (?, ?, ?, ?, ?, ?)"
-                    " ON CONFLICT (id) DO NOTHING RETURNING id",
-                    (conversation, creator, now_ms, mls_group_id, external_join, storage_model),
-                ).fetchone()
-                is None
-            ):
-                raise ConversationExists("conversation already exists")
+            ex = ex_for(conn)
+            offline_sql.check_not_deleted(ex, conversation)
+            quotas.check_conversations(ex, creator, max_created, now_ms)
+            shared_sql.insert_conversation(
+                ex, conversation, creator, now_ms, mls_group_id, external_join, storage_model
+            )
             conn.executemany(
                 "INSERT INTO members (conversation_id, user_did, joined_seq, added_ms)"
                 " VALUES (?, ?, 0, ?)",
