@@ -126,6 +126,8 @@ def start_relay(database_url: str, workers: int = 1, redis_url: str = "") -> Ser
         RELAY_SERVICE_ID=AUDIENCE,
         RELAY_DEV_MODE="1",
         RELAY_LOG_LEVEL="WARNING",
+        # Every load-generator connection comes from 127.0.0.1, thousands at once.
+        RELAY_CONNECT_RATE_PER_ADDRESS="0",
     )
     cmd = [sys.executable, "-m", "relay.cli", "serve", "--host", LOOPBACK, "--port", str(port)]
     if workers > 1:

@@ -412,6 +412,13 @@ class TooManyKeyPackages(QuotaExceeded):
     error = "TooManyKeyPackages"
 
 
+class TooManyDevices(QuotaExceeded):
+    """The user already has RELAY_MAX_KEYPACKAGE_DEVICES_PER_USER devices that
+    uploaded KeyPackages; a new device's upload is refused."""
+
+    error = "TooManyDevices"
+
+
 class BlobQuotaExceeded(QuotaExceeded):
     """The user's stored blobs plus this one would pass RELAY_BLOB_QUOTA_BYTES."""
 

@@ -3,6 +3,11 @@
 One process, one port: :mod:`relay.edge.server` reads each connection's request
 head and keeps WebSocket upgrades on the relay's own hot path, handing every
 other request to the Quart app through Hypercorn's connection handler.
+
+Only this module builds the parts, and each gets the collaborators it uses
+(storage, the blob service, config values, incidents, a metrics registry,
+callables) rather than the node: only the node, :mod:`relay.ops` above it
+and :mod:`relay.cli` import this module (pyproject.toml's layers contract).
 """
 
 from __future__ import annotations
@@ -21,20 +26,29 @@ from protocol.closecodes import CloseCode, CloseReason
 from protocol.requests import RequestLimits
 from relay import __version__
 from relay.base.config import Config
+from relay.base.incidents import Incidents
 from relay.base.ratelimits import RateLimits
 from relay.cluster.presence import Presence
+from relay.cluster.sharedlimits import ClaimLimits, SharedRedis
 from relay.delivery.committer import Committer
 from relay.delivery.fanout import FanOut, LocalFanOut
 from relay.delivery.hub import Hub, Published
 from relay.delivery.outbox import Flusher
 from relay.edge.auth import AuthConfig, Authenticator
 from relay.edge.reader import NodeReader
-from relay.offline.retention import Retention
-from relay.ops.metrics import RelayMetrics
+from relay.mls.service import DeliveryService
+from relay.offline.blobs import Blobs
+from relay.offline.delivery_state import DeliveryTracker
+from relay.offline.push import PushConfig, Pusher, parse_providers
+from relay.offline.retention import Retention, SingleUseTokens
+from relay.ops.metrics import RelayMetrics, Sampled
 from storage import open_storage
 from storage.base import Storage
+from storage.blobstore import open_blob_store
 
 if TYPE_CHECKING:
+    from quart_trio import QuartTrio
+
     from relay.offline.push import PushTarget
 
 log = logging.getLogger("relay")
@@ -46,6 +60,8 @@ class State:
 
 
 class Relay:
+    """One node: builds every part with the collaborators it uses, runs them."""
+
     def __init__(self, config: Config, storage: Storage | None = None) -> None:
         self.config = config
         self.server_name = f"mls-relay/{__version__}"
@@ -73,7 +89,16 @@ class Relay:
             )
         #: Wall-clock registration time per (user, device), to order displacements.
         self._registered_at: dict[tuple[str, str], float] = {}
-        self._storage = storage
+        #: Built here, connected on first use; the embedded default migrates in run().
+        self._own_storage = storage is None
+        if storage is None:
+            storage = open_storage(
+                config.effective_database_url,
+                pool_min=config.pool_min,
+                pool_max=config.pool_max,
+                pg_timeouts=config.pg_timeouts,
+            )
+        self.storage = storage
         self.authenticator = Authenticator(
             AuthConfig(
                 audience=config.service_id,
@@ -91,43 +116,98 @@ class Relay:
         #: relay.server once listening; relay/ops/shutdown.py).
         self.stop_accepting: Callable[[], Awaitable[None]] = trio.lowlevel.checkpoint
         self._committer: Committer | None = None
-        #: Per-relay registry: several relays may share one process (tests).
-        self.metrics = RelayMetrics(self)
-        if config.redis_url:
-            from relay.cluster.redisbus import RedisFanOut
-
-            assert isinstance(self.fanout, RedisFanOut)
-            self.fanout.observe_lag = self.metrics.observe_fanout_lag
         #: The relay's task nursery once running (SSE streams start tasks in it).
         self.nursery: trio.Nursery | None = None
         #: Open SSE streams (relay/edge/sse.py), ended one by one by a graceful shutdown.
         self.event_streams: set[Any] = set()
+        self._build_services()
+
+    def _build_services(self) -> None:
+        """Every part gets what it uses (storage, config values, incidents), never the node."""
+        cfg, storage = self.config, self.storage
+        #: Unexpected failures (InternalError replies) and poisoned rows dropped.
+        self.incidents = incidents = Incidents()
+        store = open_blob_store(cfg.blob_url, cfg.data_dir)
+        self.blobs = Blobs(
+            storage,
+            store,
+            incidents,
+            quota_bytes=cfg.blob_quota_bytes,
+            orphan_ttl_s=cfg.blob_orphan_ttl_s,
+        )
+        self.delivery = DeliveryTracker(
+            storage, lambda: self.sessions.values(), incidents, flush_s=cfg.delivery_flush_s
+        )
         #: Retention and used-token purge (relay/offline/retention.py).
-        self.retention = Retention(self)
+        self.retention = Retention(
+            storage,
+            self.blobs,
+            incidents,
+            days=cfg.retention_days,
+            interval_s=cfg.retention_interval_s,
+            token_single_use=cfg.token_single_use,
+        )
+        self.tokens = SingleUseTokens(
+            storage,
+            enabled=cfg.token_single_use,
+            leeway_s=self.authenticator.config.leeway_s,
+        )
+        self._build_push()
+        #: Per-relay registry: several relays may share one process (tests).
+        self.metrics = RelayMetrics(self.node_id, incidents, self._sampled())
+        if cfg.redis_url:
+            from relay.cluster.redisbus import RedisFanOut
+
+            assert isinstance(self.fanout, RedisFanOut)
+            self.fanout.observe_lag = self.metrics.observe_fanout_lag
         #: Connection leases and claim limits across nodes (relay/cluster/presence.py).
-        self.presence = Presence.for_relay(self)
-        self._wire_offline_devices()
+        self.presence = self._build_presence()
+        claims = ClaimLimits(
+            self.presence.redis, cfg.claim_rate_per_min, cfg.claim_target_rate_per_min
+        )
+        #: The MLS delivery service (relay/mls/service.py).
+        self.mls = DeliveryService(storage, self.blobs, cfg, claims)
 
-    def _wire_offline_devices(self) -> None:
-        """Blob storage, delivery state and push (docs/PROTOCOL.md, "Offline devices")."""
-        from relay.offline.blobs import Blobs
-        from relay.offline.delivery_state import DeliveryTracker
-        from relay.offline.push import PushConfig, Pusher, parse_providers
+    def _sampled(self) -> Sampled:
+        return Sampled(
+            hub=self.hub,
+            storage=self.storage,
+            blobs=self.blobs,
+            delivery=self.delivery,
+            pusher=self.pusher,
+            committer=lambda: self._committer,
+            slow_consumers=lambda: self.metrics_slow_consumers,
+            pool_max=self.config.pool_max,
+        )
 
+    def _build_presence(self) -> Presence:
         cfg = self.config
-        self.blobs = Blobs(self)
-        self.delivery = DeliveryTracker(self)
+        name = f"{cfg.redis_prefix}{self.node_id}"
+        redis = SharedRedis(cfg.redis_url, cfg.redis_prefix, name=name)
+        redis.register_metrics(self.metrics.registry)
+        return Presence(
+            self.node_limits,
+            redis,
+            self.node_id,
+            lease_ttl=cfg.presence_lease_ttl_s,
+            incidents=self.incidents,
+        )
+
+    def _build_push(self) -> None:
+        """Push for offline devices (docs/PROTOCOL.md, "Offline devices")."""
+        cfg = self.config
         self.push_providers = parse_providers(cfg.push_providers)
         self.pusher: Pusher | None = None
         if self.push_providers:
             push_config = PushConfig(
                 self.push_providers, secret=cfg.push_secret, queue_limit=cfg.push_queue
             )
-            self.pusher = Pusher(push_config, self._push_targets, self._online, self._push_gone)
-            self.pusher.incidents = self.metrics.incidents
+            self.pusher = Pusher(
+                push_config, self._push_targets, self._online, self._push_gone, self.incidents
+            )
 
     async def _push_targets(self, conversations: list[bytes]) -> dict[bytes, list[PushTarget]]:
-        """The pusher's resolve(): storage opens only in run(), so look it up per call."""
+        """The pusher's resolve(): which devices of these conversations take pushes."""
         return await self.storage.push_registrations(conversations)
 
     async def _online(self, pairs: list[tuple[str, str]]) -> set[tuple[str, str]]:
@@ -146,11 +226,6 @@ class Relay:
                 pusher.offer(m.conversation, m.seq, m.sender, m.device)
 
     @property
-    def storage(self) -> Storage:
-        assert self._storage is not None, "relay not started"
-        return self._storage
-
-    @property
     def committer(self) -> Committer:
         assert self._committer is not None, "relay not started"
         return self._committer
@@ -164,15 +239,8 @@ class Relay:
         from relay.edge.http.frontend import HttpFrontend
         from relay.edge.server import serve_listeners
 
-        if self._storage is None:
-            self._storage = open_storage(
-                self.config.effective_database_url,
-                pool_min=self.config.pool_min,
-                pool_max=self.config.pool_max,
-                pg_timeouts=self.config.pg_timeouts,
-            )
-            if self.config.effective_database_url.startswith("sqlite"):
-                await self._storage.migrate()  # the embedded default migrates itself
+        if self._own_storage and self.config.effective_database_url.startswith("sqlite"):
+            await self.storage.migrate()  # the embedded default migrates itself
         self._committer = Committer(
             self.storage,
             self.fanout,
@@ -180,12 +248,12 @@ class Relay:
             max_batch=self.config.commit_batch,
             queue=self.config.commit_queue,
             linger=self.config.commit_linger_ms / 1000,
-            incidents=self.metrics.incidents,
+            incidents=self.incidents,
+            observer=self.metrics.observe_batch,
+            on_published=self._on_published,
         )
-        self._committer.observer = self.metrics.observe_batch
-        self._committer.on_published = self._on_published
         self.reader.committer = self._committer
-        http = HttpFrontend(self)
+        http = HttpFrontend(self.http_app())
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(self.fanout.run)
@@ -201,9 +269,7 @@ class Relay:
                     await nursery.start(self.pusher.run)
                 nursery.start_soon(self.reader.run)
                 if self.config.redis_url:
-                    from relay.cluster.peers import share_node_status
-
-                    nursery.start_soon(share_node_status, self)
+                    nursery.start_soon(self._share_status)
                 self.nursery = nursery
                 await http.startup()
                 await nursery.start(serve_listeners, self, http, listeners)
@@ -213,6 +279,54 @@ class Relay:
                 await http.shutdown()
                 await self.blobs.aclose()
                 await self.storage.aclose()
+
+    async def _share_status(self) -> None:
+        """Several nodes: the status page lists the others (relay/cluster/peers.py)."""
+        from relay.cluster.peers import Summary, share_node_status
+
+        peers: list[Summary] = []
+        self.metrics.peer_nodes = lambda: list(peers)
+        cfg = self.config
+        await share_node_status(
+            cfg.redis_url, cfg.redis_prefix, self.node_id, self.metrics.node_summary, peers
+        )
+
+    def http_app(self) -> QuartTrio:
+        """The HTTP app on the relay's port (relay/edge/http/frontend.py)."""
+        import relay.edge.sse as sse
+        import relay.ops.status as status
+        from relay.edge.http.frontend import AppParts, create_app
+        from relay.edge.http.limits import HttpLimits
+
+        cfg, metrics = self.config, self.metrics
+        limits = HttpLimits(
+            self.authenticator,
+            metrics.error,
+            metrics.registry,
+            requests_per_user=cfg.http_requests_per_user,
+            transfers_per_user=cfg.transfers_per_user,
+            transfers=cfg.transfers,
+        )
+        fanout = self.fanout
+        return create_app(
+            AppParts(
+                config=cfg,
+                storage=self.storage,
+                limits=limits,
+                mls=self.mls,
+                blobs=self.blobs,
+                count_error=metrics.error,
+                shutting_down=self._shutting_down,
+                fanout_healthy=(lambda: fanout.healthy) if cfg.redis_url else None,
+                routes=(
+                    lambda app: status.register(app, metrics, self._shutting_down),
+                    lambda app: sse.register(app, self),
+                ),
+            )
+        )
+
+    def _shutting_down(self) -> bool:
+        return self.state.shutting_down
 
     # --- sessions -------------------------------------------------------------
 

@@ -147,10 +147,12 @@ class Storage(abc.ABC):
 
     @abc.abstractmethod
     async def read_messages(
-        self, conversation: bytes, user: str, after_seq: int, limit: int
+        self, conversation: bytes, user: str, after_seq: int, limit: int, max_bytes: int = 0
     ) -> list[StoredMessage]:
         """Messages with seq > max(after_seq, joined_seq), ascending, at most
-        ``limit``.  Raises NotMember."""
+        ``limit``; with ``max_bytes``, only those whose ciphertexts before
+        them come to less than that (so always at least one, and at most
+        ``max_bytes`` plus one ciphertext).  Raises NotMember."""
 
     @abc.abstractmethod
     async def prune_messages(self, older_than_ms: int) -> int:
@@ -207,17 +209,25 @@ class Storage(abc.ABC):
         now_ms: int,
         *,
         max_stored: int = 0,
+        max_devices: int = 0,
     ) -> list[bool]:
         """Store packages in one transaction; True for each newly stored one.
         A ref already stored is left as it is (idempotent; a claimed package
         never becomes available again).  A new last-resort package retires the
         device's previous one for that cipher suite.  With ``max_stored``:
         TooManyKeyPackages (nothing stored) when the device would hold more
-        unclaimed ones than that (its expired, never claimed ones are deleted)."""
+        unclaimed ones than that (its expired, never claimed ones are deleted);
+        with ``max_devices``: TooManyDevices when ``device`` never uploaded and
+        the user's devices that did are that many already."""
 
     @abc.abstractmethod
     async def key_package_counts(self, user: str, device: str, now_s: int) -> list[KeyPackageCount]:
         """The device's inventory by cipher suite (suites with nothing are omitted)."""
+
+    @abc.abstractmethod
+    async def key_package_devices(self, user: str, device: str) -> tuple[bool, int]:
+        """(whether ``device`` ever uploaded a KeyPackage, how many of the
+        user's devices did): the devices a claim for the user goes through."""
 
     @abc.abstractmethod
     async def claim_key_packages(
@@ -328,3 +338,16 @@ class Storage(abc.ABC):
     @abc.abstractmethod
     async def forget_blobs(self, blobs: Sequence[tuple[bytes, str]]) -> None:
         """Drop the rows of blobs whose bytes were deleted."""
+
+
+def within_bytes(sizes: Sequence[int], max_bytes: int) -> int:
+    """How many of the leading ``sizes`` a page holds: each while the sizes
+    before it come to less than ``max_bytes`` (0: no byte bound)."""
+    if not max_bytes:
+        return len(sizes)
+    total = 0
+    for n, size in enumerate(sizes):
+        if total >= max_bytes:
+            return n
+        total += size
+    return len(sizes)

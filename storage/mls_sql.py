@@ -244,9 +244,11 @@ def put_key_packages(
     packages: Sequence[NewKeyPackage],
     now_ms: int,
     max_stored: int = 0,
+    max_devices: int = 0,
 ) -> list[bool]:
-    """The caller serializes one device's uploads (the last-resort swap reads
-    then writes, and the quota counts what the upload wrote)."""
+    """The caller serializes one user's uploads (the last-resort swap reads
+    then writes, and the quotas count what the upload wrote)."""
+    quotas.check_key_package_device(ex, user, device, max_devices)
     stored: list[bool] = []
     for kp in packages:
         new = ex(
@@ -266,6 +268,14 @@ def put_key_packages(
     # Raising rolls the upload back whole: nothing of it is stored.
     quotas.check_key_packages(ex, user, device, now_ms // 1000, max_stored)
     return stored
+
+
+def key_package_devices(ex: Exec, user: str, device: str) -> tuple[bool, int]:
+    """(whether ``device`` ever uploaded, how many devices of the user did)."""
+    (devices,) = ex(
+        "SELECT count(DISTINCT device_id) FROM key_packages WHERE user_did = ?", (user,)
+    ).fetchone()
+    return quotas.device_known(ex, user, device), int(devices)
 
 
 def key_package_counts(ex: Exec, user: str, device: str, now_s: int) -> list[KeyPackageCount]:

@@ -141,6 +141,9 @@ class OfflineStorage(abc.ABC):
             lambda ex, _: mls_sql.key_package_counts(ex, user, device, now_s)
         )
 
+    async def key_package_devices(self, user: str, device: str) -> tuple[bool, int]:
+        return await self._offline_read(lambda ex, _: mls_sql.key_package_devices(ex, user, device))
+
     async def welcomes_for(self, user: str, device: str) -> list[PendingWelcome]:
         return await self._offline_read(lambda ex, _: mls_sql.welcomes_for(ex, user, device))
 

@@ -260,24 +260,33 @@ class PostgresStorage(PgOfflineStorage, Storage):
         return results
 
     async def read_messages(
-        self, conversation: bytes, user: str, after_seq: int, limit: int
+        self, conversation: bytes, user: str, after_seq: int, limit: int, max_bytes: int = 0
     ) -> list[StoredMessage]:
-        # One round trip: the membership row, laterally joined to the page.
+        # One round trip: the membership row, laterally joined to the page,
+        # cut where the ciphertexts before a row reach max_bytes (a running
+        # sum over the LIMITed rows; octet_length reads no TOAST value).
         sql = """
         SELECT g.seq, g.sender_did, g.sender_device, g.ciphertext, g.created_ms,
                g.blob_key, g.blob_size
           FROM members m LEFT JOIN LATERAL (
-              SELECT seq, sender_did, sender_device, ciphertext, created_ms, blob_key, blob_size
-                FROM messages
-               WHERE conversation_id = m.conversation_id AND seq > greatest(%s, m.joined_seq)
-               ORDER BY seq LIMIT %s) g ON true
+              SELECT * FROM (
+                  SELECT p.*, sum(octet_length(p.ciphertext)) OVER (ORDER BY p.seq)
+                              - octet_length(p.ciphertext) AS before
+                    FROM (SELECT seq, sender_did, sender_device, ciphertext, created_ms,
+                                 blob_key, blob_size
+                            FROM messages
+                           WHERE conversation_id = m.conversation_id
+                             AND seq > greatest(%s, m.joined_seq)
+                           ORDER BY seq LIMIT %s) p) w
+               WHERE w.before < %s) g ON true
          WHERE m.conversation_id = %s AND m.user_did = %s ORDER BY g.seq
         """
 
         def job(conn: PgConn) -> list[StoredMessage]:
             # Binary results: ciphertext arrives as raw bytes, not hex text
             # decoded under the GIL (the catch-up path reads 1,000 rows a page).
-            params = (after_seq, max(limit, 0), conversation, user)
+            budget = max_bytes or 1 << 62
+            params = (after_seq, max(limit, 0), budget, conversation, user)
             rows = conn.execute(sql, params, binary=True).fetchall()
             if not rows:
                 raise NotMember("not a member of this conversation")
@@ -348,13 +357,15 @@ class PostgresStorage(PgOfflineStorage, Storage):
         now_ms: int,
         *,
         max_stored: int = 0,
+        max_devices: int = 0,
     ) -> list[bool]:
         def job(conn: PgConn) -> list[bool]:
-            # Serialize uploads of one device (the last-resort swap reads then
-            # writes; the quota counts what the upload wrote).
-            conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"kp:{user}:{device}",))
+            # Serialize uploads of one user (the last-resort swap reads then
+            # writes; the quotas count what the upload wrote, the device bound
+            # across the user's devices).
+            conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"kp:{user}",))
             return mls_sql.put_key_packages(
-                pg_exec(conn), user, device, packages, now_ms, max_stored
+                pg_exec(conn), user, device, packages, now_ms, max_stored, max_devices
             )
 
         return await self._tx(job)

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 from protocol.errors import (
     BlobQuotaExceeded,
     TooManyConversations,
+    TooManyDevices,
     TooManyKeyPackages,
     TooManyMembers,
 )
@@ -72,6 +73,31 @@ def check_key_packages(ex: Exec, user: str, device: str, now_s: int, limit: int)
             f" {stored}",
             limit=limit,
         )
+
+
+def check_key_package_device(ex: Exec, user: str, device: str, limit: int) -> None:
+    """Before a device's first upload: the user's devices that ever uploaded
+    must be fewer than ``limit``.  They count for ever, as they do in claims
+    (one package or one ``missing`` entry per device that ever uploaded);
+    a device already known is never refused, whatever the limit is now."""
+    if not limit or device_known(ex, user, device):
+        return
+    (devices,) = ex(
+        "SELECT count(DISTINCT device_id) FROM key_packages WHERE user_did = ?", (user,)
+    ).fetchone()
+    if devices >= limit:
+        raise TooManyDevices(
+            f"a user may upload KeyPackages from at most {limit} devices",
+            limit=limit,
+            used=int(devices),
+        )
+
+
+def device_known(ex: Exec, user: str, device: str) -> bool:
+    row = ex(
+        "SELECT 1 FROM key_packages WHERE user_did = ? AND device_id = ? LIMIT 1", (user, device)
+    ).fetchone()
+    return row is not None
 
 
 def check_blob_bytes(ex: Exec, user: str, size: int, quota: int) -> None:

@@ -34,6 +34,7 @@ from storage.base import (
     NewMessage,
     Storage,
     StoredMessage,
+    within_bytes,
 )
 from storage.connpool import ConnectionPool, Driver
 from storage.migrate import migrate_sqlite
@@ -274,14 +275,22 @@ class SqliteStorage(OfflineStorage, Storage):
         return await self._write(lambda conn: [append_blob_aware(conn, m) for m in items])
 
     async def read_messages(
-        self, conversation: bytes, user: str, after_seq: int, limit: int
+        self, conversation: bytes, user: str, after_seq: int, limit: int, max_bytes: int = 0
     ) -> list[StoredMessage]:
         def job(conn: Conn) -> list[StoredMessage]:
             joined = _member_info(conn, conversation, user).joined_seq
+            after, n = max(after_seq, joined), max(limit, 0)
+            if max_bytes:  # the sizes first (length() reads no blob), then the rows that fit
+                sizes = conn.execute(
+                    "SELECT length(ciphertext) FROM messages"
+                    " WHERE conversation_id = ? AND seq > ? ORDER BY seq LIMIT ?",
+                    (conversation, after, n),
+                )
+                n = within_bytes([r[0] or 0 for r in sizes], max_bytes)
             rows = conn.execute(
                 "SELECT seq, sender_did, sender_device, ciphertext, created_ms, blob_key, blob_size"
                 " FROM messages WHERE conversation_id = ? AND seq > ? ORDER BY seq LIMIT ?",
-                (conversation, max(after_seq, joined), max(limit, 0)),
+                (conversation, after, n),
             )
             return [
                 StoredMessage(
@@ -337,10 +346,11 @@ class SqliteStorage(OfflineStorage, Storage):
         now_ms: int,
         *,
         max_stored: int = 0,
+        max_devices: int = 0,
     ) -> list[bool]:
         return await self._write(
             lambda conn: mls_sql.put_key_packages(
-                ex_for(conn), user, device, packages, now_ms, max_stored
+                ex_for(conn), user, device, packages, now_ms, max_stored, max_devices
             )
         )
 

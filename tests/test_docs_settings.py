@@ -120,3 +120,30 @@ def test_the_readme_table_agrees_with_config():
             if m and float(m[1]) * units.get(m[2] or "", 1) != float(real[name]):  # type: ignore[arg-type]
                 wrong[name] = (cell, real[name])
     assert wrong == {}, "name: (README, relay/base/config.py)"
+
+
+#: Units the prose writes defaults in, as multiples of the setting's own unit
+#: (sizes in bytes, durations in the unit its name ends with).
+PROSE_UNITS = {"": 1, "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3, "s": 1, "ms": 1, "h": 3600}
+PROSE_DEFAULT = re.compile(
+    r"`(RELAY_[A-Z0-9_]+|PORT)`(?: \(|, )(?:default )?([0-9][0-9,]*(?:\.[0-9]+)?)"
+    r"(?: ?(KiB|MiB|GiB|ms|s|h|days?)\b)?"
+)
+
+
+def test_defaults_quoted_in_prose_are_the_real_ones():
+    """`RELAY_X` (5 s ..., `RELAY_X`, 4 MiB, `RELAY_X` (default 2 ...: anywhere in the docs."""
+    real = settings()
+    docs = [README, *sorted((ROOT / "docs").glob("*.md"))]
+    quoted, wrong = 0, []
+    for doc in docs:
+        for m in PROSE_DEFAULT.finditer(doc.read_text()):
+            name, number, unit = m[1], float(m[2].replace(",", "")), m[3] or ""
+            if unit.startswith("day"):
+                number, unit = number * 86400, ""
+            value = number * PROSE_UNITS[unit]
+            quoted += 1
+            if name not in real or float(real[name]) != value:  # type: ignore[arg-type]
+                wrong.append((doc.name, m[0], real.get(name)))
+    assert quoted >= 20, quoted  # the pattern still finds them
+    assert wrong == [], "(doc, text, relay/base/config.py)"

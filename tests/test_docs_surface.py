@@ -12,7 +12,6 @@ from pathlib import Path
 
 from protocol import events
 from protocol.requests import _PARSERS
-from relay.edge.http.frontend import create_app
 from relay.node import Relay
 from storage import open_storage
 
@@ -32,7 +31,7 @@ def documented_routes() -> set[tuple[str, str]]:
 
 def app_routes(tmp_path: Path) -> set[tuple[str, str]]:
     url = f"sqlite:///{tmp_path}/r.db"
-    app = create_app(Relay(harness.test_config(url), open_storage(url)))
+    app = Relay(harness.test_config(url), open_storage(url)).http_app()
     out = set()
     for rule in app.url_map.iter_rules():
         if rule.endpoint == "static":

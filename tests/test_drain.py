@@ -23,6 +23,7 @@ import trio
 
 from relay.ops.shutdown import close_listeners
 
+from .conftest import in_ci
 from .nodes import CLI, ROOT, free_port, wait_ready
 from .relayclient import AUDIENCE, SECRET, connect, make_token
 from .test_sse import SseReader
@@ -118,6 +119,8 @@ async def test_sigterm_drain_is_visible_on_the_port(tmp_path):
     try:
         await wait_ready(port, proc)
         curl = shutil.which("curl")
+        if curl is None and in_ci():  # elsewhere the raw SSE reader's checks still run
+            pytest.fail("curl is missing: the SSE drain check with a real client cannot run")
         with trio.fail_after(60):
             async with connect(f"ws://127.0.0.1:{port}/v1/ws", ALICE, "a1", subscribe=True) as ws:
                 await ws.caught_up()

@@ -7,7 +7,7 @@ import base64
 import cbor2
 import trio
 
-from relay.mls.service import TokenBuckets, for_relay
+from relay.mls.service import TokenBuckets
 
 from .harness import running_relay
 from .mls_helpers import as_json, http, make_key_package, ref_of
@@ -86,7 +86,7 @@ async def test_upload_refusals_name_the_check(database_url):
 async def test_lifetime_policy_uses_injected_clock(database_url):
     with trio.fail_after(30):
         async with running_relay(database_url, keypackage_allow_eternal=False) as r:
-            ds = for_relay(r.relay)
+            ds = r.relay.mls
             ds.clock = lambda: 1_000_000.0
             eternal = make_key_package(BOB)
             got, _, body = await upload(r.port, BOB, "b1", eternal)

@@ -110,7 +110,7 @@ async def test_messages_membership_and_ephemeral_cross_nodes(pg_url, redis_url):
 def _status_nodes(r: Running) -> list[str]:
     from relay.ops.status import status
 
-    return [n["node"] for n in status(r.relay)["nodes"]]
+    return [n["node"] for n in status(r.relay.metrics, r.relay.state.shutting_down)["nodes"]]
 
 
 async def test_concurrent_senders_on_two_nodes_are_delivered_in_order_once(pg_url, redis_url):

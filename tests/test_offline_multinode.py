@@ -73,6 +73,9 @@ async def test_push_skips_devices_connected_to_another_node(
                     await alice.send(CONV, b"hello")
                     await phone.messages(1)
                     await receiver.wait_requests(1)
+                    with trio.fail_after(10):  # both nodes' pushers resolved everything
+                        while any(n.relay.pusher and n.relay.pusher.pending() for n in (a, b)):  # noqa: ASYNC110
+                            await trio.sleep(0.02)
                     await trio.sleep(1.0)  # a push for the phone would have arrived by now
             tokens = [req.json()["token"] for req in receiver.requests]
             assert tokens == ["tok-tablet"]  # the phone is online, on the other node

@@ -10,6 +10,7 @@ from protocol.mls import ContentType
 from .harness import running_relay
 from .mls_helpers import as_json, http, private, welcome
 from .relayclient import Client, connect, make_token
+from .test_relay_delivery import _next_message_is_the_barrier
 from .test_token_replay import upgrade
 from .test_welcome import send, upload
 
@@ -149,6 +150,11 @@ async def test_non_members_and_removed_members_read_nothing(database_url):
                 await _no_event(b, "#message")
                 await _no_event(b, "#ephemeral", 0.1)
                 await _no_event(c, "#message", 0.1)
+                # And what was committed after, in conversations of their own, comes
+                # first: nothing of CONV was on its way (nor the typing before it).
+                await _next_message_is_the_barrier(a, b)
+                await _next_message_is_the_barrier(a, c)
+                assert [h["t"] for h, _ in b._skipped if h["t"] == "#ephemeral"] == []
             # ...also on resume, with or without his old cursor.
             async with connect(r.ws_url, BOB, "b1", subscribe=True) as b:
                 await b.caught_up()

@@ -162,8 +162,10 @@ async def test_online_sender_and_pre_join_devices_get_nothing(receiver: PushRece
             await trio.sleep(0.3)
             assert [r.json()["device"] for r in receiver.requests] == ["tablet"]
             pusher.offer(ROOM, 6, ALICE, "laptop")
-            await receiver.wait_requests(2)
+            await receiver.wait_requests(3)  # tablet and carol (bob is online)
+            await until(lambda: pusher.pending() == 0)
             await trio.sleep(0.3)
+    assert len(receiver.requests) == 3
     tokens = sorted(r.json()["token"] for r in receiver.requests[1:])
     assert tokens == ["tok-alice-tablet", "tok-carol-phone"]
     assert pusher.stats.online == 2  # bob, once per message

@@ -31,7 +31,12 @@ async def test_offline_devices_get_content_free_pushes(database_url: str) -> Non
                     await alice.ok("#createConversation", conversation=CONV, members=[BOB, CAROL])
                     seqs = [await alice.send(CONV, SECRET_TEXT) for _ in range(3)]
                     (first,) = await receiver.wait_requests(1)
-                    await trio.sleep(1.0)  # anything else would have arrived by now
+                    pusher = r.relay.pusher
+                    assert pusher is not None
+                    with trio.fail_after(10):  # every offer resolved, every push answered
+                        while pusher.pending():  # noqa: ASYNC110 (polling the pusher)
+                            await trio.sleep(0.02)
+                    await trio.sleep(0.3)  # and nothing comes after that
             bodies = [req.json() for req in receiver.requests]
             assert sum(b["count"] for b in bodies) == 3, bodies
             assert {b["token"] for b in bodies} == {"tok-phone"}  # not Carol, not the sender

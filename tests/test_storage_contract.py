@@ -111,6 +111,35 @@ async def test_add_remove_leave(storage: Storage) -> None:
     assert [(m.seq, m.sender) for m in msgs] == [(1, "bob"), (2, "alice")]
 
 
+async def test_read_messages_stops_at_a_byte_budget(storage: Storage) -> None:
+    """A page holds rows while the ciphertext before them is under
+    ``max_bytes``: always one, never much past the budget, and without it
+    every row up to ``limit`` (a replay page of large messages is bounded)."""
+    await storage.create_conversation(conv(1), "alice", ["bob"], 10)
+    sizes = [1000, 1000, 5000, 10, 10, 3000]
+    await append_ok(
+        storage,
+        *[
+            dataclasses.replace(msg(conv(1), "alice", f"m{i}"), ciphertext=b"x" * n)
+            for i, n in enumerate(sizes)
+        ],
+    )
+
+    async def seqs(after: int, limit: int, max_bytes: int) -> list[int]:
+        page = await storage.read_messages(conv(1), "bob", after, limit, max_bytes=max_bytes)
+        return [m.seq for m in page]
+
+    assert await seqs(0, 10, 0) == [1, 2, 3, 4, 5, 6]
+    assert await seqs(0, 10, 1) == [1]  # one row, whatever its size
+    assert await seqs(0, 10, 2000) == [1, 2]
+    assert await seqs(0, 10, 2001) == [1, 2, 3]
+    assert await seqs(3, 10, 100) == [4, 5, 6]
+    assert await seqs(0, 2, 10**9) == [1, 2]  # the row limit still holds
+    assert await seqs(6, 10, 100) == []
+    with pytest.raises(NotMember):
+        await storage.read_messages(conv(1), "mallory", 0, 10, max_bytes=100)
+
+
 async def test_not_member_and_unknown_conversation(storage: Storage) -> None:
     await storage.create_conversation(conv(1), "alice", [], 10)
     for c, user in ((conv(1), "mallory"), (conv(9), "alice")):

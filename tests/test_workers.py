@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import trio
-from trio_websocket import ConnectionClosed, HandshakeError
+from trio_websocket import ConnectionClosed, ConnectionRejected, HandshakeError
 
 from .backends import clone_database
 from .nodes import CLI, free_port, migrate, node_env, start, stop, wait_ready
@@ -52,9 +52,11 @@ async def _clients_on_both(
         inner = AsyncExitStack()
         try:
             client = await inner.enter_async_context(connect(url, user, f"d{i}"))
-        except (HandshakeError, ConnectionClosed, OSError, trio.BrokenResourceError):
+        except (HandshakeError, ConnectionClosed, OSError, trio.BrokenResourceError) as exc:
             # Refused (503) by a worker that is draining, or reset by one that died
             # with the connection in its accept queue; any other failure is a bug.
+            if isinstance(exc, ConnectionRejected):
+                assert exc.status_code == 503, exc
             await trio.sleep(0.1)
             continue
         node = client.hello["node"]

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from protocol.errors import ConfigError
+from relay.base.parsing import parse_networks, parse_providers
 
 if TYPE_CHECKING:
     from storage.pgconn import PgTimeouts
@@ -171,6 +172,9 @@ class Config:
     # --- storage quotas (storage/quotas.py; docs/OPERATIONS.md "Quotas"); 0 disables each ---
     #: Unclaimed KeyPackages one device may keep stored.
     max_keypackages_per_device: int = 1000
+    #: Devices of one user that may upload KeyPackages (those that ever did:
+    #: every claim for the user hands out or reports one per device).
+    max_keypackage_devices_per_user: int = 100
     #: Bytes of blobs one user may keep stored (every blob it uploaded, or the
     #: relay stored for its sends, until collected).
     blob_quota_bytes: int = 1024**3
@@ -282,8 +286,6 @@ def validate(cfg: Config) -> None:
     if cfg.blob_threshold < 0 or cfg.max_blob < 1:
         raise ConfigError("RELAY_BLOB_THRESHOLD must be >= 0 and RELAY_MAX_BLOB >= 1")
     if cfg.push_providers:
-        from relay.offline.push import parse_providers
-
         try:
             parse_providers(cfg.push_providers)
         except ValueError as exc:
@@ -296,6 +298,7 @@ def validate(cfg: Config) -> None:
         "transfers",
         "connect_burst_per_address",
         "max_keypackages_per_device",
+        "max_keypackage_devices_per_user",
         "blob_quota_bytes",
         "max_conversations_per_user",
         "max_members",
@@ -307,8 +310,6 @@ def validate(cfg: Config) -> None:
     if cfg.connect_rate_per_address and cfg.connect_burst_per_address < 1:
         raise ConfigError("RELAY_CONNECT_BURST_PER_ADDRESS must be >= 1 with a connect rate")
     if cfg.trusted_proxies:
-        from relay.edge.gate import parse_networks
-
         try:
             parse_networks(cfg.trusted_proxies)
         except ValueError as exc:

@@ -12,14 +12,12 @@ from __future__ import annotations
 import json
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any
 
 import coredis
 import trio
 from coredis.retry import NoRetryPolicy
-
-if TYPE_CHECKING:
-    from relay.node import Relay
 
 log = logging.getLogger("relay.peers")
 
@@ -28,19 +26,28 @@ PERIOD_S = 2.0
 STALE_S = 10.0
 
 
-async def share_node_status(relay: Relay) -> None:
-    key = f"{relay.config.redis_prefix}nodes"
-    peers: list[dict[str, Any]] = []
-    relay.metrics.peer_nodes = lambda: list(peers)
+Summary = dict[str, Any]
+
+
+async def share_node_status(
+    redis_url: str,
+    prefix: str,
+    node_id: str,
+    summary: Callable[[], Summary],
+    peers: list[Summary],
+) -> None:
+    """Publish this node's ``summary()`` and keep ``peers`` (the list the
+    status page reads) filled with the other nodes' recent ones."""
+    key = f"{prefix}nodes"
     while True:
         try:
             client = coredis.Redis.from_url(
-                relay.config.redis_url, retry_policy=NoRetryPolicy(), connect_timeout=5
+                redis_url, retry_policy=NoRetryPolicy(), connect_timeout=5
             )
             async with client:
                 while True:
                     with trio.fail_after(5):
-                        peers[:] = await _exchange(client, key, relay)
+                        peers[:] = await _exchange(client, key, node_id, summary())
                     await trio.sleep(PERIOD_S)
         except Exception as exc:  # Redis down or slow: show no peers, try again later
             log.debug("node status exchange failed: %r", exc)
@@ -48,16 +55,18 @@ async def share_node_status(relay: Relay) -> None:
         await trio.sleep(PERIOD_S)
 
 
-async def _exchange(client: coredis.Redis[Any], key: str, relay: Relay) -> list[dict[str, Any]]:
+async def _exchange(
+    client: coredis.Redis[Any], key: str, node_id: str, summary: Summary
+) -> list[Summary]:
     now = time.time()
-    mine = {**relay.metrics.node_summary(), "seen": now}
-    await client.hset(key, {relay.node_id: json.dumps(mine)})
+    mine = {**summary, "seen": now}
+    await client.hset(key, {node_id: json.dumps(mine)})
     await client.expire(key, int(STALE_S * 6))
-    found: list[dict[str, Any]] = []
+    found: list[Summary] = []
     stale: list[Any] = []
     for node, raw in (await client.hgetall(key)).items():
         name = node.decode() if isinstance(node, bytes) else str(node)
-        if name == relay.node_id:
+        if name == node_id:
             continue
         summary = json.loads(raw)
         if now - float(summary.get("seen", 0)) > STALE_S:

@@ -24,7 +24,7 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from itertools import islice
-from typing import TYPE_CHECKING, TypeVar
+from typing import TypeVar
 
 import trio
 from coredis.commands import Script
@@ -34,9 +34,6 @@ from protocol.errors import TooManyConnections
 from relay.base.incidents import Incidents
 from relay.base.ratelimits import RateLimits
 from relay.cluster.sharedlimits import LUA_NOW, SharedRedis, script_call
-
-if TYPE_CHECKING:
-    from relay.node import Relay
 
 log = logging.getLogger("relay.presence")
 
@@ -141,6 +138,7 @@ class Presence:
         lease_ttl: float = 30.0,
         max_batch: int = 500,
         max_pending: int = 100_000,
+        incidents: Incidents | None = None,
     ) -> None:
         self._limits = limits
         self.redis = redis
@@ -154,18 +152,8 @@ class Presence:
         #: (key, member, released at) of released leases not yet removed from Redis.
         self._released: list[tuple[str, str, float]] = []
         #: Where a dropped release is counted (the node's, in a relay).
-        self.incidents = Incidents()
+        self.incidents = Incidents() if incidents is None else incidents
         self._wake = trio.Event()
-
-    @classmethod
-    def for_relay(cls, relay: Relay) -> Presence:
-        cfg = relay.config
-        name = f"{cfg.redis_prefix}{relay.node_id}"
-        redis = SharedRedis(cfg.redis_url, cfg.redis_prefix, name=name)
-        redis.register_metrics(relay.metrics.registry)
-        presence = cls(relay.node_limits, redis, relay.node_id, lease_ttl=cfg.presence_lease_ttl_s)
-        presence.incidents = relay.metrics.incidents
-        return presence
 
     @property
     def limit(self) -> int:

@@ -66,6 +66,8 @@ class Committer:
         queue: int = 4096,
         linger: float = 0.0,
         incidents: Incidents | None = None,
+        observer: Callable[[list[PendingSend], float], None] | None = None,
+        on_published: Callable[[list[Published]], None] | None = None,
     ) -> None:
         self._storage = storage
         self._fanout = fanout
@@ -90,9 +92,9 @@ class Committer:
         self.incidents = incidents or Incidents()
         #: Called once per batch after its fan-out and acks (relay.metrics
         #: latency histograms): per batch, never per recipient.
-        self.observer: Callable[[list[PendingSend], float], None] | None = None
+        self.observer = observer
         #: Called with each batch's new messages after their fan-out (synchronous).
-        self.on_published: Callable[[list[Published]], None] | None = None
+        self.on_published = on_published
         #: Set when the committer stopped after close(): every queued send is committed.
         self.drained = trio.Event()
         # Overload: above half the queue the node stops reading sockets (see

@@ -247,7 +247,14 @@ class Streams:
                 await self._outbox.wait_for_room(self._outbox.limit // 2)
 
     async def _read(self, conversation: bytes, after_seq: int) -> list[StoredMessage]:
-        return await self._storage.read_messages(conversation, self.user, after_seq, REPLAY_PAGE)
+        # At most half the outbox bound of ciphertext per page: a page is held
+        # while it drains, and 1,000 rows of 256 KiB were 256 MB (a
+        # subscriber that never read held 100 MB of replay for as long as it
+        # stayed connected).
+        budget = self._outbox.limit // 2
+        return await self._storage.read_messages(
+            conversation, self.user, after_seq, REPLAY_PAGE, max_bytes=budget
+        )
 
     async def _replay(self, conversation: bytes, st: Stream, rows: list[StoredMessage]) -> bool:
         """Queue ``rows``, waiting for room whenever the outbox is half full

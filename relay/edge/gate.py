@@ -43,6 +43,7 @@ import errno
 import ipaddress
 import logging
 import resource
+import select
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
@@ -58,6 +59,7 @@ from protocol.errors import (
     TooManyConnectionsFromAddress,
 )
 from protocol.websocket import RequestHead, json_response
+from relay.base.parsing import parse_networks
 from relay.edge.connrate import ConnectRate
 
 log = logging.getLogger("relay.edge")
@@ -73,8 +75,6 @@ MAX_REFUSING = 64
 #: with the client's request unread does not reset the answer away.
 REFUSAL_DRAIN_S = 0.1
 
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-
 
 def raise_nofile_limit() -> int:
     """Raise the soft RLIMIT_NOFILE to the hard limit; returns the soft limit now."""
@@ -86,18 +86,6 @@ def raise_nofile_limit() -> int:
         except (ValueError, OSError) as exc:
             log.warning("could not raise RLIMIT_NOFILE from %d to %d: %s", soft, hard, exc)
     return int(soft) if soft != resource.RLIM_INFINITY else 1 << 20
-
-
-def parse_networks(text: str) -> list[Network]:
-    """``"10.0.0.0/8, ::1"`` -> networks; ValueError naming a bad entry."""
-    out: list[Network] = []
-    for item in (part.strip() for part in text.split(",")):
-        if item:
-            try:
-                out.append(ipaddress.ip_network(item, strict=False))
-            except ValueError:
-                raise ValueError(f"{item!r} is not an IP address or network") from None
-    return out
 
 
 def address_key(address: str) -> str:
@@ -313,3 +301,40 @@ class _Collector(Collector):
             "accept(2) failures for lack of resources (EMFILE, ENFILE, ENOMEM, ENOBUFS).",
             value=self.gate.accept_errors,
         )
+
+
+async def close_listeners(
+    listeners: list[trio.SocketListener],
+    start: Callable[[trio.SocketStream], Awaitable[None]],
+    nursery: trio.Nursery,
+) -> None:
+    """Close each listener once the connections the kernel already queued on
+    it are accepted and handed to ``start``.
+
+    Closing a listening socket resets every connection waiting in its
+    backlog: a client (a load balancer's probe) whose connect succeeded a
+    moment before would see a reset instead of the 503 or the refused
+    connect it expects.  Between the last look at the backlog and the close
+    there is no checkpoint, so only a connect landing in those microseconds
+    is reset."""
+    try:
+        for listener in listeners:
+            while _backlog_waiting(listener):
+                # Another process sharing the socket (serve --workers) may take it first.
+                with trio.move_on_after(0.1) as waited:
+                    stream = await listener.accept()
+                if waited.cancelled_caught:
+                    break
+                nursery.start_soon(start, stream)
+            listener.socket.close()
+    except OSError:
+        pass  # out of descriptors: what is left is reset, as before
+    finally:
+        for listener in listeners:
+            listener.socket.close()
+
+
+def _backlog_waiting(listener: trio.SocketListener) -> bool:
+    poll = select.poll()
+    poll.register(listener.socket.fileno(), select.POLLIN)
+    return bool(poll.poll(0))

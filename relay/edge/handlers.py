@@ -32,7 +32,6 @@ from protocol.requests import (
     Subscribe,
 )
 from relay.delivery.hub import Ephemeral, MembershipChange, ReadMark
-from relay.mls.service import for_relay
 from storage.base import ConversationInfo, NewMessage
 
 if TYPE_CHECKING:
@@ -85,7 +84,7 @@ class Handlers:
 
     async def delete(self, req: DeleteConversation) -> bytes:
         members = await self.storage.delete_conversation(req.conversation, self.s.user, _now_ms())
-        for_relay(self.s.relay).forget(req.conversation)
+        self.s.relay.mls.forget(req.conversation)
         self.s.relay.fanout.publish_membership(
             MembershipChange(req.conversation, self.s.user, (), tuple(members), 0)
         )
@@ -131,15 +130,15 @@ class Handlers:
 
     async def new_message(self, req: Send) -> NewMessage:
         """The stored form of a durable send (MLS sends are parsed and checked)."""
-        return await for_relay(self.s.relay).new_message(req, self.s.user, self.s.device, _now_ms())
+        return await self.s.relay.mls.new_message(req, self.s.user, self.s.device, _now_ms())
 
     def new_message_nowait(self, req: Send) -> NewMessage | None:
         """The same without I/O; None when the conversation's kind is not cached."""
-        ds = for_relay(self.s.relay)
+        ds = self.s.relay.mls
         return ds.new_message_nowait(req, self.s.user, self.s.device, _now_ms())
 
     async def claim(self, req: ClaimKeyPackages) -> bytes:
-        result = await for_relay(self.s.relay).claim(self.s.user, req.users, req.cipher_suite)
+        result = await self.s.relay.mls.claim(self.s.user, req.users, req.cipher_suite)
         return events.result(
             req.id,
             key_packages=[

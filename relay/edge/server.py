@@ -24,10 +24,14 @@ from protocol.websocket import (
     refusal_headers,
 )
 from relay.edge.auth import token_from_request
-from relay.edge.gate import ConnectionGate, accept_loop, peer_address, raise_nofile_limit
+from relay.edge.gate import (
+    ConnectionGate,
+    accept_loop,
+    close_listeners,
+    peer_address,
+    raise_nofile_limit,
+)
 from relay.edge.session import Session
-from relay.offline.retention import consume_jti
-from relay.ops.shutdown import close_listeners
 
 if TYPE_CHECKING:
     from relay.base.incidents import Incidents
@@ -199,7 +203,7 @@ async def _start_session(
     session: Session | None = None
     try:
         # single-use tokens: spend the jti in the shared database (relay/offline/retention.py)
-        await consume_jti(relay, identity)
+        await relay.tokens.consume(identity)
         session = Session(relay, identity, stream)
         previous = relay.register(session, identity.user, identity.device)
     except Exception as exc:  # TokenReplayed (401), Unavailable (503), or a bug (500)

@@ -55,7 +55,6 @@ from relay.delivery.outbox import Flusher, Outbox
 from relay.delivery.streams import Streams
 from relay.edge.auth import token_from_request
 from relay.edge.handlers import Handlers
-from relay.offline.retention import consume_jti
 
 if TYPE_CHECKING:
     from quart_trio import QuartTrio
@@ -350,7 +349,7 @@ def register(app: QuartTrio, relay: Relay) -> None:
         try:
             # The token is spent before the cursor is even looked at: a used
             # token gets TokenReplayed, whatever its cursor.
-            await consume_jti(relay, identity)  # single-use tokens (relay/offline/retention.py)
+            await relay.tokens.consume(identity)  # single-use tokens (relay/offline/retention.py)
             stream.positions = decode_cursor(
                 request.headers.get("Last-Event-ID") or request.args.get("cursor", "")
             )

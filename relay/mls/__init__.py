@@ -4,5 +4,6 @@ without the group's secrets (:mod:`.service`). Its HTTP routes are in
 :mod:`relay.edge.http.keypackages`.
 
 May use: :mod:`relay.cluster.sharedlimits` (claim limits across nodes),
+:mod:`relay.offline.blobs` (large sends go to the blob store),
 :mod:`relay.base`, :mod:`storage`, :mod:`protocol`.
 """

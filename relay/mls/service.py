@@ -13,7 +13,6 @@ claims (across nodes through Redis when configured; relay/cluster/sharedlimits.p
 from __future__ import annotations
 
 import time
-import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING
@@ -50,7 +49,9 @@ from relay.cluster.sharedlimits import TokenBuckets as TokenBuckets  # moved the
 from storage.base import ClaimResult, ConversationKind, NewKeyPackage, NewMessage
 
 if TYPE_CHECKING:
-    from relay.node import Relay
+    from relay.base.config import Config
+    from relay.offline.blobs import Blobs
+    from storage.base import Storage
 
 ETERNAL = 2**64 - 1
 #: Highest MLS epoch accepted in a send: storage holds epochs as signed 64-bit
@@ -79,20 +80,22 @@ def _check_name(exc: RelayError) -> str:
 
 
 class DeliveryService:
-    """One per relay (see :func:`for_relay`)."""
+    """One per relay node (``Relay.mls``, built in relay/node.py)."""
 
-    def __init__(self, relay: Relay) -> None:
-        self.relay = relay
-        cfg = relay.config
+    def __init__(
+        self, storage: Storage, blobs: Blobs, config: Config, claim_limits: ClaimLimits
+    ) -> None:
+        self._storage = storage
+        self._blobs = blobs
+        #: Epoch window, member cap, KeyPackage lifetimes, the blob threshold.
+        self._config = config
         #: Seconds since the epoch; tests replace it (KeyPackage lifetimes, claims).
         self.clock: Callable[[], float] = time.time
         #: conversation -> its MLS group id and storage model.  Immutable once
         #: created (deleted ids are never reused), so only existing
         #: conversations are cached and never invalidated.
         self._kinds: dict[bytes, ConversationKind] = {}
-        self.claim_limits = ClaimLimits(
-            relay.presence.redis, cfg.claim_rate_per_min, cfg.claim_target_rate_per_min
-        )
+        self.claim_limits = claim_limits
 
     # --- sends --------------------------------------------------------------
 
@@ -100,7 +103,7 @@ class DeliveryService:
         kind = self._kinds.get(conversation)
         if kind is not None:
             return kind
-        kind = await self.relay.storage.conversation_kind(conversation)
+        kind = await self._storage.conversation_kind(conversation)
         if kind.exists:
             if len(self._kinds) >= 200_000:
                 self._kinds.clear()  # a bound, not an LRU: refilling costs one read each
@@ -120,8 +123,7 @@ class DeliveryService:
         message = self._build(req, user, device, now_ms, kind.mls_group_id)
         if not self._offloads(kind, req):
             return message
-        blobs = self.relay.blobs
-        key = await blobs.save(req.conversation, user, device, req.ciphertext)
+        key = await self._blobs.save(req.conversation, user, device, req.ciphertext)
         return replace(message, ciphertext=b"", blob_key=key, blob_size=len(req.ciphertext))
 
     def new_message_nowait(
@@ -135,7 +137,7 @@ class DeliveryService:
         return self._build(req, user, device, now_ms, kind.mls_group_id)
 
     def _offloads(self, kind: ConversationKind, req: Send) -> bool:
-        threshold = self.relay.config.blob_threshold
+        threshold = self._config.blob_threshold
         return kind.storage_model == "blob" and len(req.ciphertext) > threshold
 
     async def _referencing_blob(
@@ -144,12 +146,12 @@ class DeliveryService:
         """A send naming a blob its sender uploaded over HTTP."""
         if kind.storage_model != "blob":
             raise BlobsDisabled("this conversation keeps ciphertext inline; it takes no blobs")
-        info = await self.relay.storage.blob_for_reader(req.conversation, req.blob, user)
+        info = await self._storage.blob_for_reader(req.conversation, req.blob, user)
         if info.uploader != user:
             raise BlobNotFound("no such blob of yours in this conversation")
         ciphertext = req.ciphertext
         if kind.mls_group_id is not None:  # the MLS header is checked as for inline sends
-            ciphertext = await self.relay.blobs.load(req.conversation, req.blob)
+            ciphertext = await self._blobs.load(req.conversation, req.blob)
         message = self._build(replace(req, ciphertext=ciphertext), user, device, now_ms,
                               kind.mls_group_id)  # fmt: skip
         return replace(message, ciphertext=b"", blob_key=req.blob, blob_size=info.size)
@@ -164,14 +166,14 @@ class DeliveryService:
             if req.welcome or req.group_info or req.removes:
                 raise NotMLSConversation("welcome, group_info and removes need an MLS conversation")
             return base
-        cfg = self.relay.config
+        cfg = self._config
         return mls_message(base, req, cfg.epoch_window, cfg.max_members)
 
     # --- key packages -----------------------------------------------------------
 
     def check_key_package(self, data: bytes, user: str, last_resort: bool) -> NewKeyPackage:
         """Validate one uploaded KeyPackage (an MLSMessage); errors name the check."""
-        cfg = self.relay.config
+        cfg = self._config
         try:
             kp = parse_key_package(data, bare=False)
             validate_key_package(
@@ -209,7 +211,7 @@ class DeliveryService:
             claimer, users
         )  # across nodes (relay/cluster/sharedlimits.py)
         now = self.clock()
-        return await self.relay.storage.claim_key_packages(
+        return await self._storage.claim_key_packages(
             claimer, users, cipher_suite, int(now), int(now * 1000)
         )
 
@@ -266,14 +268,3 @@ def mls_message(base: NewMessage, req: Send, window: int, max_members: int = 0) 
         epoch_window=window,
         max_members=max_members if is_commit else 0,
     )
-
-
-_SERVICES: weakref.WeakKeyDictionary[Relay, DeliveryService] = weakref.WeakKeyDictionary()
-
-
-def for_relay(relay: Relay) -> DeliveryService:
-    """The relay's delivery service (created on first use; no wiring in app.py)."""
-    service = _SERVICES.get(relay)
-    if service is None:
-        service = _SERVICES[relay] = DeliveryService(relay)
-    return service

@@ -6,5 +6,6 @@
 * :mod:`.delivery_state` -- which device has received and read what.
 * :mod:`.retention` -- pruning old messages and used token ids.
 
-May use: the delivery core, :mod:`relay.base`, :mod:`storage`, :mod:`protocol`.
+May use: the delivery core, :mod:`relay.base`, :mod:`storage`, :mod:`protocol`;
+not the cluster (the pusher asks who is online through a callable).
 """

@@ -32,10 +32,11 @@ from typing import TYPE_CHECKING
 import trio
 
 from protocol.errors import RelayError
-from storage.blobstore import BlobStore, open_blob_store
 
 if TYPE_CHECKING:
-    from relay.node import Relay
+    from relay.base.incidents import Incidents
+    from storage.base import Storage
+    from storage.blobstore import BlobStore
 
 log = logging.getLogger("relay.blobs")
 
@@ -54,10 +55,21 @@ def store_path(conversation: bytes, key: str) -> str:
 
 
 class Blobs:
-    def __init__(self, relay: Relay) -> None:
-        self.relay = relay
-        cfg = relay.config
-        self.store: BlobStore = open_blob_store(cfg.blob_url, cfg.data_dir)
+    def __init__(
+        self,
+        storage: Storage,
+        store: BlobStore,
+        incidents: Incidents,
+        *,
+        quota_bytes: int,
+        orphan_ttl_s: float,
+    ) -> None:
+        self._storage = storage
+        self.store = store
+        self._incidents = incidents
+        #: Blob bytes a user may hold (0: no quota; RELAY_BLOB_QUOTA_BYTES).
+        self._quota_bytes = quota_bytes
+        self._orphan_ttl_s = orphan_ttl_s
         self.written = 0
         self.collected = 0
         #: Completed collector passes (run()).
@@ -65,6 +77,7 @@ class Blobs:
         self._woken = trio.Event()
         self._passed = trio.Event()
         self._busy = False
+        self._one_pass = trio.Lock()
 
     def _now_ms(self) -> int:
         return int(time.time() * 1000)
@@ -73,10 +86,14 @@ class Blobs:
         """Store ``data`` as a new blob of the conversation; returns its key.
         Membership and the storage model are checked by the registration."""
         key = new_key()
-        storage = self.relay.storage
-        quota = self.relay.config.blob_quota_bytes
-        await storage.put_blob(
-            conversation, key, user, device, len(data), self._now_ms(), quota_bytes=quota
+        await self._storage.put_blob(
+            conversation,
+            key,
+            user,
+            device,
+            len(data),
+            self._now_ms(),
+            quota_bytes=self._quota_bytes,
         )
         await self.store.put(store_path(conversation, key), data)
         self.written += 1
@@ -87,9 +104,8 @@ class Blobs:
         before any of its bytes is read: an HTTP upload streams in after.  The
         registration counts ``size`` against the user's blob quota at once."""
         key = new_key()
-        quota = self.relay.config.blob_quota_bytes
-        await self.relay.storage.put_blob(
-            conversation, key, user, device, size, self._now_ms(), quota_bytes=quota
+        await self._storage.put_blob(
+            conversation, key, user, device, size, self._now_ms(), quota_bytes=self._quota_bytes
         )
         return key
 
@@ -97,20 +113,23 @@ class Blobs:
         return await self.store.get(store_path(conversation, key))
 
     async def collect(self, now_ms: int | None = None) -> int:
-        """Delete what no retained message needs; returns how many blobs went."""
+        """Delete what no retained message needs; returns how many blobs went.
+        One pass at a time (the collector's, retention's): two would both be
+        handed the same rows, delete them twice and count them twice."""
         now = self._now_ms() if now_ms is None else now_ms
-        cutoff = now - int(self.relay.config.blob_orphan_ttl_s * 1000)
+        cutoff = now - int(self._orphan_ttl_s * 1000)
         total = 0
-        while True:
-            doomed = await self.relay.storage.collect_blobs(cutoff, COLLECT_BATCH)
-            if not doomed:
-                return total
-            await self.store.delete([store_path(conv, key) for conv, key in doomed])
-            await self.relay.storage.forget_blobs(doomed)
-            total += len(doomed)
-            self.collected += len(doomed)
-            if len(doomed) < COLLECT_BATCH:
-                return total
+        async with self._one_pass:
+            while True:
+                doomed = await self._storage.collect_blobs(cutoff, COLLECT_BATCH)
+                if not doomed:
+                    return total
+                await self.store.delete([store_path(conv, key) for conv, key in doomed])
+                await self._storage.forget_blobs(doomed)
+                total += len(doomed)
+                self.collected += len(doomed)
+                if len(doomed) < COLLECT_BATCH:
+                    return total
 
     def wake(self) -> None:
         """Ask for a collector pass now (a conversation was deleted).  The
@@ -125,7 +144,7 @@ class Blobs:
 
     async def run(self) -> None:
         """The collector: every few minutes, and when woken."""
-        period = min(300.0, max(1.0, self.relay.config.blob_orphan_ttl_s / 4))
+        period = min(300.0, max(1.0, self._orphan_ttl_s / 4))
         while True:
             self._woken = trio.Event()  # a wake from now on asks for another pass
             self._busy = True
@@ -136,7 +155,7 @@ class Blobs:
             except RelayError:  # database or store down: try again next round
                 log.warning("blob collection failed", exc_info=True)
             except Exception as exc:  # a bug: told, counted, and the next pass runs
-                self.relay.metrics.incidents.report("blobs", exc, "a collector pass")
+                self._incidents.report("blobs", exc, "a collector pass")
             finally:
                 self._busy = False
             self.passes += 1

@@ -3,8 +3,8 @@
 Delivering a message touches no table.  A session's streams already know,
 per conversation, the next seq they will hand to the connection; once per
 ``RELAY_DELIVERY_FLUSH_S`` this tracker walks the node's sessions, collects
-the positions that moved since the last round, and writes them in one
-batch (``record_deliveries``), together with the devices that connected
+the positions that moved since the last round, and writes them in batches
+of WRITE_CHUNK (``record_deliveries``), together with the devices that connected
 (``touch_devices``: the recipients a sender's delivery state counts).
 
 "Delivered" means handed to the device's connection; "acknowledged" comes
@@ -18,13 +18,15 @@ slices of at most WALK_SLICE_S, pausing WALK_PAUSE_S between them, on a
 snapshot of the sessions and of each session's conversations (either may
 change while it pauses), and allocates only for the positions that moved:
 a round that built a new 200,000-entry map each time spent tens of ms at
-once in the garbage collector and in freeing the old map.
+once in the garbage collector and in freeing the old map.  What was
+written is kept per device with a session here, per conversation.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 import trio
@@ -35,8 +37,9 @@ from relay.base.incidents import isolate
 from relay.base.logs import user_hash
 
 if TYPE_CHECKING:
+    from relay.base.incidents import Incidents
     from relay.delivery.streams import Stream
-    from relay.node import Relay
+    from storage.base import Storage
 
 log = logging.getLogger("relay.delivery")
 
@@ -51,15 +54,41 @@ WALK_SLICE_S = 0.002
 WALK_PAUSE_S = 0.001
 #: Streams visited between two looks at the clock.
 WALK_STEP = 64
+#: Delivery rows per write (and per look at the clock when remembering
+#: them): building one write's parameters is loop work too.
+WRITE_CHUNK = 2000
 
 Device = tuple[str, str]
 #: (user, device, conversation, position): one delivery-state row.
 Row = tuple[str, str, bytes, int]
 
 
+class _Slices:
+    """Lets others run once WALK_SLICE_S has passed since the last pause."""
+
+    def __init__(self) -> None:
+        self.started = time.perf_counter()
+
+    async def tick(self) -> None:
+        if time.perf_counter() - self.started > WALK_SLICE_S:
+            await trio.sleep(WALK_PAUSE_S)
+            self.started = time.perf_counter()
+
+
 class DeliveryTracker:
-    def __init__(self, relay: Relay) -> None:
-        self.relay = relay
+    def __init__(
+        self,
+        storage: Storage,
+        sessions: Callable[[], Iterable[object]],
+        incidents: Incidents,
+        *,
+        flush_s: float,
+    ) -> None:
+        self._storage = storage
+        #: The node's sessions right now (walked on a snapshot each round).
+        self._sessions = sessions
+        self._incidents = incidents
+        self._flush_s = flush_s
         self._seen: set[tuple[str, str]] = set()
         #: Positions written so far, per device with a session at the last
         #: round, per conversation: a round allocates only for what moved.
@@ -84,9 +113,10 @@ class DeliveryTracker:
 
         moved: list[Row] = []
         live: dict[Device, dict[bytes, Stream]] = {}
-        started = time.perf_counter()
+        poisoned = self._poisoned
+        slices = _Slices()
         self.walked = 0
-        for session in list(self.relay.sessions.values()):
+        for session in list(self._sessions()):
             if not isinstance(session, Session):
                 continue
             user, device = session.user, session.device
@@ -97,17 +127,20 @@ class DeliveryTracker:
             for i in range(0, len(conversations), WALK_STEP):
                 for conversation in conversations[i : i + WALK_STEP]:
                     stream = streams.get(conversation)  # gone while we paused: nothing to add
-                    if stream is not None and stream.next_seq - 1 > recorded.get(conversation, 0):
+                    if stream is None or stream.next_seq - 1 <= recorded.get(conversation, 0):
+                        continue
+                    if not poisoned or (user, device, conversation) not in poisoned:
                         moved.append((user, device, conversation, stream.next_seq - 1))
-                if time.perf_counter() - started > WALK_SLICE_S:
-                    await trio.sleep(WALK_PAUSE_S)
-                    started = time.perf_counter()
+                await slices.tick()
         return moved, live
 
-    def _remember(self, moved: list[Row], live: dict[Device, dict[bytes, Stream]]) -> None:
+    async def _remember(self, moved: list[Row], live: dict[Device, dict[bytes, Stream]]) -> None:
         """What was written, kept for the devices with a session here."""
-        for user, device, conversation, position in moved:
-            self._recorded.setdefault((user, device), {})[conversation] = position
+        slices = _Slices()
+        for i in range(0, len(moved), WRITE_CHUNK):
+            for user, device, conversation, position in moved[i : i + WRITE_CHUNK]:
+                self._recorded.setdefault((user, device), {})[conversation] = position
+            await slices.tick()
         for key in [key for key in self._recorded if key not in live]:
             del self._recorded[key]
         for key, recorded in self._recorded.items():
@@ -127,14 +160,13 @@ class DeliveryTracker:
         except BaseException:
             self._seen |= seen  # next round tries again; positions are recomputed anyway
             raise
-        self._remember(moved, live)
+        await self._remember(moved, live)
         self.rounds += 1
 
     async def _write(self, seen: set[Device], moved: list[Row]) -> None:
         now_ms = int(time.time() * 1000)
-        storage = self.relay.storage
+        storage = self._storage
         devices = sorted(pair for pair in seen if pair not in self._poisoned)
-        rows = [row for row in moved if row[:3] not in self._poisoned]
 
         async def touch(chunk: list[tuple[str, str]]) -> None:
             await storage.touch_devices(chunk, now_ms)
@@ -143,8 +175,10 @@ class DeliveryTracker:
             await storage.record_deliveries(chunk, now_ms)
 
         await isolate(devices, touch, self._drop)
-        await isolate(rows, record, self._drop)
-        self.rows_written += len(rows)
+        for i in range(0, len(moved), WRITE_CHUNK):  # each a bounded bite of the loop
+            rows = moved[i : i + WRITE_CHUNK]
+            await isolate(rows, record, self._drop)
+            self.rows_written += len(rows)
 
     def _drop(self, row: tuple[str, str] | tuple[str, str, bytes, int], exc: Exception) -> None:
         """A row storage refuses: skipped from now on (its key never changes)."""
@@ -152,11 +186,11 @@ class DeliveryTracker:
             self._poisoned.clear()  # a bound; a cleared row fails (and is dropped) once more
         self._poisoned.add(row[:3])
         what = f"user {user_hash(row[0])}, device {text.excerpt(row[1])}"
-        self.relay.metrics.incidents.drop("delivery_state", exc, what)
+        self._incidents.drop("delivery_state", exc, what)
         self.dropped += 1
 
     async def run(self) -> None:
-        period = self.relay.config.delivery_flush_s
+        period = self._flush_s
         while True:
             await trio.sleep(period)
             try:
@@ -164,4 +198,4 @@ class DeliveryTracker:
             except Unavailable:
                 log.warning("could not record delivery positions", exc_info=True)
             except Exception as exc:  # a bug: told, counted, and the next round runs
-                self.relay.metrics.incidents.report("delivery_state", exc, "a flush")
+                self._incidents.report("delivery_state", exc, "a flush")

@@ -26,18 +26,17 @@ import hmac
 import json
 import logging
 import random
-import re
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
 
 import httpx
 import trio
 
 from relay.base.incidents import Incidents
 from relay.base.logs import short_did
+from relay.base.parsing import parse_providers as parse_providers  # moved; re-exported
 from storage.records import PushRegistration
 
 log = logging.getLogger("relay.push")
@@ -51,9 +50,6 @@ _CALLBACK_ATTEMPTS = 3
 _CALLBACK_BACKOFF_S = 0.2
 #: A Retry-After longer than this is not waited for in full.
 _RETRY_AFTER_CAP_S = 300.0
-_NAME = re.compile(r"[A-Za-z0-9_.\-]+")
-
-
 #: A member's push-registered device, exactly as storage returns it: user (a
 #: DID, never sent to the provider), device, provider (a configured name),
 #: zone and token (forwarded), joined_seq (the member sees only seq > it).
@@ -93,32 +89,6 @@ Online = Callable[[list[tuple[str, str]]], Awaitable[set[tuple[str, str]]]]
 OnGone = Callable[[PushTarget], Awaitable[None]]
 
 
-def parse_providers(text: str) -> dict[str, str]:
-    """``"name=https://h/p,other=http://..."`` -> ``{name: url}``; ValueError if malformed."""
-    providers: dict[str, str] = {}
-    for item in (part.strip() for part in text.split(",")):
-        if not item:
-            continue
-        name, sep, url = (s.strip() for s in item.partition("="))
-        if not sep or not _NAME.fullmatch(name):
-            raise ValueError(f"push provider {item!r}: expected name=URL")
-        # Refused here what would fail every push later: control characters
-        # (httpx.InvalidURL at each request), a port out of range.
-        usable = url.isprintable()
-        try:
-            parts = urlsplit(url)
-            _ = parts.port  # ValueError when out of range
-            httpx.URL(url)
-        except (ValueError, httpx.InvalidURL):
-            usable = False
-        if not usable or parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"push provider {name!r}: URL must be http(s)://host/...")
-        if name in providers:
-            raise ValueError(f"push provider {name!r} is configured twice")
-        providers[name] = url
-    return providers
-
-
 def _tag(target: PushTarget) -> str:
     """Who a log line is about, without the DID or the token."""
     return f"{short_did(target.user)}/{target.device} token={target.token[:4]}…"
@@ -137,7 +107,12 @@ class _Entry:
 
 class Pusher:
     def __init__(
-        self, config: PushConfig, resolve: Resolve, online: Online, on_gone: OnGone | None = None
+        self,
+        config: PushConfig,
+        resolve: Resolve,
+        online: Online,
+        on_gone: OnGone | None = None,
+        incidents: Incidents | None = None,
     ) -> None:
         self.config = config
         self.stats = PushStats()
@@ -156,7 +131,7 @@ class Pusher:
         self._client: httpx.AsyncClient | None = None
         self._unknown: set[str] = set()  # unconfigured providers already logged
         #: Where a dropped entry is logged and counted (the node's, in a relay).
-        self.incidents = Incidents()
+        self.incidents = Incidents() if incidents is None else incidents
 
     # --- intake --------------------------------------------------------------
 

@@ -28,15 +28,16 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import trio
 
 from protocol.errors import RelayError, TokenReplayed
 
 if TYPE_CHECKING:
-    from relay.edge.auth import Identity
-    from relay.node import Relay
+    from relay.base.incidents import Incidents
+    from relay.offline.blobs import Blobs
+    from storage.base import Storage
 
 log = logging.getLogger("relay.retention")
 
@@ -60,8 +61,22 @@ class RetentionRun:
 class Retention:
     """One per relay; :meth:`run` lives in the relay's nursery."""
 
-    def __init__(self, relay: Relay) -> None:
-        self.relay = relay
+    def __init__(
+        self,
+        storage: Storage,
+        blobs: Blobs,
+        incidents: Incidents,
+        *,
+        days: float,
+        interval_s: float,
+        token_single_use: bool,
+    ) -> None:
+        self._storage = storage
+        self._blobs = blobs
+        self._incidents = incidents
+        self._days = days
+        self._interval_s = interval_s
+        self._token_single_use = token_single_use
         #: Seconds since the epoch; tests move it forward instead of waiting days.
         self.clock: Callable[[], float] = time.time
         self.runs = 0
@@ -70,15 +85,14 @@ class Retention:
 
     @property
     def enabled(self) -> bool:
-        cfg = self.relay.config
-        return cfg.retention_days > 0 or cfg.token_single_use
+        return self._days > 0 or self._token_single_use
 
     async def run(self) -> None:
         """Run now, then every interval, until cancelled.  A failed run (database
         unreachable) is logged and retried at the next interval; one that fails
         with anything else (a bug) is an incident, and retried the same way: it
         runs in the node's nursery, which must not end for it."""
-        interval = self.relay.config.retention_interval_s
+        interval = self._interval_s
         while True:
             try:
                 await self.run_once()
@@ -87,22 +101,22 @@ class Retention:
                     "retention run failed", extra={"error": exc.error, "retryable": exc.retryable}
                 )
             except Exception as exc:
-                self.relay.metrics.incidents.report("retention", exc, "a retention run")
+                self._incidents.report("retention", exc, "a retention run")
             await trio.sleep(interval)
 
     async def run_once(self) -> RetentionRun:
-        storage = self.relay.storage
+        storage = self._storage
         started = trio.current_time()
         now_ms = int(self.clock() * 1000)
         cutoff: int | None = None
         messages = group_infos = 0
-        days = self.relay.config.retention_days
+        days = self._days
         if days > 0:
             cutoff = now_ms - int(days * DAY_MS)
             messages = await storage.prune_messages(cutoff)
             group_infos = await storage.prune_group_infos(cutoff)
         tokens = await storage.purge_token_uses(now_ms)
-        blobs = await self.relay.blobs.collect(now_ms)  # what pruned messages referenced
+        blobs = await self._blobs.collect(now_ms)  # what pruned messages referenced
         run = RetentionRun(
             cutoff, messages, group_infos, tokens, trio.current_time() - started, blobs
         )
@@ -130,15 +144,34 @@ class Retention:
         return self.last
 
 
-async def consume_jti(relay: Relay, identity: Identity) -> None:
-    """Spend the token's ``jti`` (single-use tokens); TokenReplayed if already spent.
+class TokenUse(Protocol):
+    """What a verified token tells the single-use check (an edge Identity)."""
 
-    Raises Unavailable when the database cannot tell: a replay check that cannot
-    run must refuse, not let the token through."""
-    if not relay.config.token_single_use:
-        return
-    # Keep the id as long as the verifier would still accept the token.
-    expires_ms = (identity.expires_at + relay.authenticator.config.leeway_s) * 1000
-    now_ms = time.time_ns() // 1_000_000
-    if not await relay.storage.consume_token(identity.jti, identity.user, expires_ms, now_ms):
-        raise TokenReplayed("this token was already used to connect; use a fresh token")
+    @property
+    def jti(self) -> str: ...
+    @property
+    def user(self) -> str: ...
+    @property
+    def expires_at(self) -> int: ...
+
+
+class SingleUseTokens:
+    """Spends each connecting token's ``jti`` in the shared database."""
+
+    def __init__(self, storage: Storage, *, enabled: bool, leeway_s: int) -> None:
+        self._storage = storage
+        self.enabled = enabled
+        #: The verifier's leeway: a used id is kept while the token could pass.
+        self._leeway_s = leeway_s
+
+    async def consume(self, identity: TokenUse) -> None:
+        """Spend the token's ``jti``; TokenReplayed if already spent.
+
+        Raises Unavailable when the database cannot tell: a replay check that
+        cannot run must refuse, not let the token through."""
+        if not self.enabled:
+            return
+        expires_ms = (identity.expires_at + self._leeway_s) * 1000
+        now_ms = time.time_ns() // 1_000_000
+        if not await self._storage.consume_token(identity.jti, identity.user, expires_ms, now_ms):
+            raise TokenReplayed("this token was already used to connect; use a fresh token")

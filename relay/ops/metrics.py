@@ -8,7 +8,8 @@ committer's observer hook, with a lock-free bucket array (the
 prometheus-client Histogram takes a lock per observation).
 
 Each Relay owns its own CollectorRegistry: several relays run in one test
-process, and a global registry would mix their numbers.
+process, and a global registry would mix their numbers.  The node hands
+:class:`RelayMetrics` what it samples (:class:`Sampled`), never itself.
 """
 
 from __future__ import annotations
@@ -34,8 +35,12 @@ from relay.base.incidents import Incidents
 
 if TYPE_CHECKING:
     from relay.delivery.committer import Committer, PendingSend
+    from relay.delivery.hub import Hub
     from relay.delivery.outbox import Outbox
-    from relay.node import Relay
+    from relay.offline.blobs import Blobs
+    from relay.offline.delivery_state import DeliveryTracker
+    from relay.offline.push import Pusher
+    from storage.base import Storage
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -85,11 +90,29 @@ class Sample:
     errors: int
 
 
+@dataclass(frozen=True, slots=True)
+class Sampled:
+    """What the metrics read at scrape time: the node's parts, read-only."""
+
+    hub: Hub
+    storage: Storage
+    blobs: Blobs
+    delivery: DeliveryTracker
+    pusher: Pusher | None
+    #: The committer once the node runs (None before).
+    committer: Callable[[], Committer | None]
+    #: Connections closed because their outgoing buffer overflowed.
+    slow_consumers: Callable[[], int]
+    #: RELAY_POOL_MAX: the pools' capacity when a backend does not report it.
+    pool_max: int
+
+
 class RelayMetrics:
     """Plain counters of one relay node, their Prometheus view and a short history."""
 
-    def __init__(self, relay: Relay) -> None:
-        self.relay = relay
+    def __init__(self, node_id: str, incidents: Incidents, sampled: Sampled) -> None:
+        self.node_id = node_id
+        self.sampled = sampled
         self.started_at = time.time()
         self.frames_in = 0
         self.bytes_in = 0
@@ -101,7 +124,7 @@ class RelayMetrics:
         self._closed_bytes_out = 0
         self.errors: Counter[str] = Counter()
         #: Unexpected failures (InternalError replies) and poisoned rows dropped.
-        self.incidents = Incidents()
+        self.incidents = incidents
         self._recent_errors: deque[tuple[float, str]] = deque(maxlen=10000)
         self.send_to_commit = FastHistogram()
         self.commit_to_deliver = FastHistogram()
@@ -157,11 +180,14 @@ class RelayMetrics:
         return Counter(self.open.values())
 
     def committed(self) -> int:
-        committer = self.relay._committer
+        committer = self.sampled.committer()
         return committer.committed if committer is not None else 0
 
     def delivered(self) -> int:
-        return self.relay.hub.delivered
+        return self.sampled.hub.delivered
+
+    def slow_consumer_closes(self) -> int:
+        return self.sampled.slow_consumers()
 
     def recent_errors(self, window: float = RECENT_ERRORS_S) -> dict[str, int]:
         cutoff = time.time() - window
@@ -193,7 +219,7 @@ class RelayMetrics:
             a, b = self.history[-2], self.history[-1]
             rate = (b.committed - a.committed) / max(b.at - a.at, 1e-6)
         return {
-            "node": self.relay.node_id,
+            "node": self.node_id,
             "connections": dict(self.connections()),
             "messages_per_second": round(rate, 2),
             "committed": self.committed(),
@@ -232,7 +258,7 @@ class _Collector(Collector):
         self.m = metrics
 
     def collect(self) -> Iterator[Any]:
-        m, relay = self.m, self.m.relay
+        m, sampled = self.m, self.m.sampled
         conns = m.connections()
         gauge = GaugeMetricFamily(
             "relay_connections", "Open client connections.", labels=["transport"]
@@ -250,7 +276,7 @@ class _Collector(Collector):
         yield _counter("relay_received_bytes", "Bytes read from client sockets.", m.bytes_in)
         yield _counter("relay_sent_bytes", "Bytes written to client sockets.", m.bytes_out())
         yield _counter("relay_messages_committed", "Messages stored.", m.committed())
-        committer = relay._committer
+        committer = sampled.committer()
         yield _counter(
             "relay_commit_batches", "Commit transactions.", committer.batches if committer else 0
         )
@@ -260,7 +286,7 @@ class _Collector(Collector):
         yield _counter(
             "relay_slow_consumer_closes",
             "Connections closed because their outgoing buffer overflowed.",
-            relay.metrics_slow_consumers,
+            m.slow_consumer_closes(),
         )
         errors = CounterMetricFamily(
             "relay_errors", "Error replies and error closes by type.", labels=["type"]
@@ -289,8 +315,8 @@ class _Collector(Collector):
             "Bytes queued for clients but not yet accepted by the kernel.",
             sum(o.pending_bytes for o in m.open),
         )
-        yield from _pool_families(relay)
-        yield from _offline_families(relay)
+        yield from _pool_families(sampled)
+        yield from _offline_families(sampled)
         yield from _incident_families(m, committer)
 
 
@@ -319,18 +345,17 @@ def _incident_families(m: RelayMetrics, committer: Committer | None) -> Iterator
     )
 
 
-def _offline_families(relay: Relay) -> Iterator[Any]:
+def _offline_families(sampled: Sampled) -> Iterator[Any]:
     """Push, blobs and delivery state (issue #7)."""
-    yield _counter("relay_blobs_written", "Blobs written to the blob store.", relay.blobs.written)
-    yield _counter(
-        "relay_blobs_collected", "Blobs deleted from the blob store.", relay.blobs.collected
-    )
+    blobs = sampled.blobs
+    yield _counter("relay_blobs_written", "Blobs written to the blob store.", blobs.written)
+    yield _counter("relay_blobs_collected", "Blobs deleted from the blob store.", blobs.collected)
     yield _counter(
         "relay_delivery_positions_recorded",
         "Delivered positions written for #deliveryState.",
-        relay.delivery.rows_written,
+        sampled.delivery.rows_written,
     )
-    pusher = relay.pusher
+    pusher = sampled.pusher
     if pusher is None:
         return
     pushes = CounterMetricFamily(
@@ -343,7 +368,7 @@ def _offline_families(relay: Relay) -> Iterator[Any]:
     yield _gauge("relay_push_pending", "Devices and offers waiting for a push.", pusher.pending())
 
 
-def _pool_families(relay: Relay) -> Iterator[Any]:
+def _pool_families(sampled: Sampled) -> Iterator[Any]:
     size = GaugeMetricFamily("relay_db_pool_size", "Database pool capacity.", labels=["pool"])
     used = GaugeMetricFamily(
         "relay_db_pool_connections", "Database pool connections by state.", labels=["pool", "state"]
@@ -351,15 +376,14 @@ def _pool_families(relay: Relay) -> Iterator[Any]:
     waiting = GaugeMetricFamily(
         "relay_db_pool_waiting", "Tasks waiting for a database connection.", labels=["pool"]
     )
-    cfg = relay.config
-    capacity = {"pool": cfg.pool_max, "readers": max(1, cfg.pool_max), "writer": 1}
-    storage = relay._storage
-    if storage is not None:
-        for pool, capacity_, in_use, idle, queued in pool_usage(storage, capacity):
-            size.add_metric([pool], capacity_)
-            used.add_metric([pool, "in_use"], in_use)
-            used.add_metric([pool, "idle"], idle)
-            waiting.add_metric([pool], queued)
+    pool_max = sampled.pool_max
+    capacity = {"pool": pool_max, "readers": max(1, pool_max), "writer": 1}
+    storage = sampled.storage
+    for pool, capacity_, in_use, idle, queued in pool_usage(storage, capacity):
+        size.add_metric([pool], capacity_)
+        used.add_metric([pool, "in_use"], in_use)
+        used.add_metric([pool, "idle"], idle)
+        waiting.add_metric([pool], queued)
     yield size
     yield used
     yield waiting

@@ -3,13 +3,12 @@ and let load balancers see it happen."""
 
 from __future__ import annotations
 
-import select
-from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 import trio
 
 from protocol.closecodes import CloseCode, CloseReason
+from relay.edge.gate import close_listeners as close_listeners  # moved there; re-exported
 
 if TYPE_CHECKING:
     from relay.node import Relay
@@ -73,40 +72,3 @@ async def graceful_shutdown(relay: Relay, hurry: trio.Event | None = None) -> No
         await (hurry if hurry is not None else trio.Event()).wait()
     with trio.move_on_at(min(deadline, trio.current_time() + LAST_ANSWERS_S)):
         await relay.stop_accepting()
-
-
-async def close_listeners(
-    listeners: list[trio.SocketListener],
-    start: Callable[[trio.SocketStream], Awaitable[None]],
-    nursery: trio.Nursery,
-) -> None:
-    """Close each listener once the connections the kernel already queued on
-    it are accepted and handed to ``start``.
-
-    Closing a listening socket resets every connection waiting in its
-    backlog: a client (a load balancer's probe) whose connect succeeded a
-    moment before would see a reset instead of the 503 or the refused
-    connect it expects.  Between the last look at the backlog and the close
-    there is no checkpoint, so only a connect landing in those microseconds
-    is reset."""
-    try:
-        for listener in listeners:
-            while _backlog_waiting(listener):
-                # Another process sharing the socket (serve --workers) may take it first.
-                with trio.move_on_after(0.1) as waited:
-                    stream = await listener.accept()
-                if waited.cancelled_caught:
-                    break
-                nursery.start_soon(start, stream)
-            listener.socket.close()
-    except OSError:
-        pass  # out of descriptors: what is left is reset, as before
-    finally:
-        for listener in listeners:
-            listener.socket.close()
-
-
-def _backlog_waiting(listener: trio.SocketListener) -> bool:
-    poll = select.poll()
-    poll.register(listener.socket.fileno(), select.POLLIN)
-    return bool(poll.poll(0))

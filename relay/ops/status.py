@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from quart import Response, jsonify
@@ -23,11 +24,10 @@ from relay.ops.metrics import CONTENT_TYPE, RECENT_ERRORS_S
 if TYPE_CHECKING:
     from quart_trio import QuartTrio
 
-    from relay.node import Relay
+    from relay.ops.metrics import RelayMetrics
 
 
-def status(relay: Relay) -> dict[str, Any]:
-    m = relay.metrics
+def status(m: RelayMetrics, shutting_down: bool) -> dict[str, Any]:
     history = list(m.history)
     series = [
         {
@@ -41,11 +41,11 @@ def status(relay: Relay) -> dict[str, Any]:
     this = {**m.node_summary(), "self": True}
     conns = m.connections()
     return {
-        "node": relay.node_id,
+        "node": m.node_id,
         "version": __version__,
         "time": time.time(),
         "uptime_s": this["uptime_s"],
-        "shutting_down": relay.state.shutting_down,
+        "shutting_down": shutting_down,
         "connections": {
             "websocket": conns.get("websocket", 0),
             "sse": conns.get("sse", 0),
@@ -54,7 +54,7 @@ def status(relay: Relay) -> dict[str, Any]:
         "messages_per_second": this["messages_per_second"],
         "committed": m.committed(),
         "delivered": m.delivered(),
-        "slow_consumer_closes": relay.metrics_slow_consumers,
+        "slow_consumer_closes": m.slow_consumer_closes(),
         "errors_recent": m.recent_errors(),
         "errors_window_s": int(RECENT_ERRORS_S),
         "series": series,
@@ -63,14 +63,14 @@ def status(relay: Relay) -> dict[str, Any]:
     }
 
 
-def register(app: QuartTrio, relay: Relay) -> None:
+def register(app: QuartTrio, m: RelayMetrics, shutting_down: Callable[[], bool]) -> None:
     @app.get("/metrics")
     async def metrics() -> Any:
-        return Response(relay.metrics.exposition(), content_type=CONTENT_TYPE)
+        return Response(m.exposition(), content_type=CONTENT_TYPE)
 
     @app.get("/status.json")
     async def status_json() -> Any:
-        response = jsonify(status(relay))
+        response = jsonify(status(m, shutting_down()))
         response.headers["Cache-Control"] = "no-store"
         return response
 

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import json
 import os
+import random
 import sys
 import time
 from collections import Counter
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 import trio
@@ -15,7 +19,16 @@ import trio
 from tests.relayclient import connect, decode, encode, make_token
 from tests.test_protocol_frames import client_frame
 
-from .httpnode import Node, Prober, during, relay_node
+from .httpnode import (
+    Node,
+    Prober,
+    during,
+    error_of,
+    exchange,
+    parse_response,
+    relay_node,
+    request,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
 import fuzz_hostile
@@ -221,3 +234,107 @@ async def test_hostile_requests_against_a_relay_fail_alone(tmp_path, database_ur
     # handlers and storage (NotMember, FutureCursor, ok, ...).
     assert replies["InvalidRequest"] > 500, replies
     assert sum(replies.values()) - replies["InvalidRequest"] > 30, replies
+
+
+def _http_sweep(conversation: bytes) -> list[tuple[str, str, bytes, str | None]]:
+    """(method, path, body, content type): every hostile text and number in
+    the claim body's fields and in every path and query parameter."""
+    out: list[tuple[str, str, bytes, str | None]] = []
+    claim = "/v1/keypackages/claim"
+    for v in [*fuzz_hostile.HOSTILE_TEXT, *fuzz_hostile.HOSTILE_NUMBERS]:
+        if isinstance(v, fuzz_hostile.Tag):
+            continue  # no JSON or path form
+        raw = (
+            v.data
+            if isinstance(v, fuzz_hostile.RawText)
+            else str(v).encode("utf-8", "surrogatepass")
+        )
+        plain = v if isinstance(v, str | int | float | None) else raw.decode("latin-1")
+        for body in ({"users": [plain], "cipher_suite": 1},
+                     {"users": ["did:example:bob"], "cipher_suite": plain}):  # fmt: skip
+            out.append(("POST", claim, json.dumps(body).encode(), "application/json"))
+        part = quote(raw, safe="")
+        hexconv = conversation.hex()
+        for path in (
+            f"/v1/conversations/{part}/groupinfo",
+            f"/v1/conversations/{part}/blobs",
+            f"/v1/conversations/{hexconv}/blobs/{part}",
+            f"/v1/keypackages?last_resort={part}",
+        ):
+            method = "POST" if path.endswith("/blobs") or "keypackages?" in path else "GET"
+            out.append((method, path, b"x", "message/mls"))
+    return out
+
+
+@pytest.mark.timeout(120)
+async def test_hostile_http_fields_get_json_answers_below_500(tmp_path, database_url) -> None:
+    """Every hostile text and number in the claim body and in every path and
+    query parameter of the HTTP routes: a JSON answer below 500 each, no
+    incident, no traceback (both backends)."""
+    answers: Counter[tuple[int, str]] = Counter()
+    with trio.fail_after(110):
+        async with relay_node(
+            tmp_path, database_url, RELAY_HTTP_REQUESTS_PER_USER="0", RELAY_BLOB_URL=""
+        ) as node:
+            url = f"ws://127.0.0.1:{node.port}/v1/ws"
+            async with connect(url, ALICE, "a1") as alice:
+                await alice.ok("#createConversation", conversation=CONV, members=[BOB])
+            for method, path, body, ctype in _http_sweep(CONV):
+                raw = request(method, path, make_token(ALICE, "a1"), body, content_type=ctype)
+                status, headers, answer = await exchange(node.port, raw)
+                if status >= 400:
+                    answers[error_of((status, headers, answer))] += 1
+                else:
+                    answers[(status, "ok")] += 1
+            log = node.log_text()
+    print(f"hostile HTTP fields: {sum(answers.values())} requests, {dict(answers)}")
+    assert all(status < 500 for status, _ in answers), answers
+    assert "Traceback" not in log and "incident" not in log, log[-3000:]
+
+
+@pytest.mark.timeout(120)
+async def test_hostile_sse_cursors_get_400_or_a_stream(tmp_path, database_url) -> None:
+    """Every hostile value in a cursor entry's conversation and seq, and 300
+    generated cursors (scripts/fuzz_hostile.py cursor_input), on
+    GET /v1/events: 400 JSON InvalidRequest / FutureCursor or a stream (200),
+    never a 500, an incident or a traceback (both backends)."""
+    rng = random.Random(7)
+    cursors = [fuzz_hostile.cursor_input(rng) for _ in range(300)]
+    for v in [*fuzz_hostile.HOSTILE_TEXT, *fuzz_hostile.HOSTILE_NUMBERS]:
+        for entry in ([v, 1], [CONV, v]):
+            raw = fuzz_hostile.cbor([entry])
+            cursors.append("v1." + base64.urlsafe_b64encode(raw).rstrip(b"=").decode())
+    answers: Counter[tuple[int, str]] = Counter()
+    with trio.fail_after(110):
+        async with relay_node(tmp_path, database_url) as node:
+            url = f"ws://127.0.0.1:{node.port}/v1/ws"
+            async with connect(url, ALICE, "a1") as alice:
+                await alice.ok("#createConversation", conversation=CONV, members=[BOB])
+                await alice.send(CONV, b"one")
+            for cursor in cursors:
+                path = (
+                    f"/v1/events?cursor={quote(cursor.encode('utf-8', 'surrogatepass'), safe='')}"
+                )
+                raw = request("GET", path, make_token(BOB, "sse"))
+                with trio.fail_after(10):
+                    stream = await trio.open_tcp_stream("127.0.0.1", node.port)
+                    async with stream:
+                        await stream.send_all(raw)
+                        data = b""
+                        while b"\r\n\r\n" not in data:
+                            data += await stream.receive_some(65536)
+                        status = int(data.split()[1])
+                        if status == 200:
+                            answers[(200, "stream")] += 1
+                            continue
+                        with contextlib.suppress(trio.BrokenResourceError):
+                            while chunk := await stream.receive_some(65536):
+                                data += chunk
+                answers[error_of(parse_response(data))] += 1
+            log = node.log_text()
+    print(f"hostile SSE cursors: {len(cursors)} requests, {dict(answers)}")
+    assert set(answers) <= {(200, "stream"), (400, "InvalidRequest"), (400, "FutureCursor")}, (
+        answers
+    )
+    assert answers[(400, "InvalidRequest")] > len(cursors) // 2, answers
+    assert "Traceback" not in log and "incident" not in log, log[-3000:]

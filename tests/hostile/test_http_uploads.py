@@ -15,7 +15,17 @@ import trio
 
 from tests.relayclient import connect, make_token
 
-from .httpnode import Node, Prober, during, error_of, exchange, open_from, relay_node, request
+from .httpnode import (
+    Node,
+    Prober,
+    check_live,
+    during,
+    error_of,
+    exchange,
+    open_from,
+    relay_node,
+    request,
+)
 
 ALICE, BOB = "did:example:alice", "did:example:bob"
 CONV = b"upload-conv"
@@ -148,7 +158,7 @@ async def test_oversized_uploads_cost_no_memory(tmp_path) -> None:
                 assert answers == [expected] * 20, answers
                 assert growth < 50, f"RSS grew {growth:.0f} MB"
             print(f"uploads: /health/live worst {prober.worst_ms:.1f} ms, {prober.failures} failed")
-            assert prober.failures == 0 and prober.worst_ms < 250, prober.worst_ms
+            check_live(prober, min_samples=1)
             assert "Traceback" not in node.log_text()
 
 

@@ -40,7 +40,9 @@ async def available(port: int, user: str, device: str) -> int:
 
 @pytest.mark.timeout(60)
 async def test_key_packages_per_device(database_url: str) -> None:
-    async with running_relay(database_url, max_keypackages_per_device=5) as r:
+    async with running_relay(
+        database_url, max_keypackages_per_device=5, max_keypackage_devices_per_user=3
+    ) as r:
         assert (await upload(r.port, BOB, "b1", [make_key_package(BOB) for _ in range(3)]))[
             0
         ] == 200
@@ -74,6 +76,10 @@ async def test_key_packages_per_device(database_url: str) -> None:
                 nursery.start_soon(one, kps)
         assert sorted(statuses) == [200, 403, 403, 403]
         assert await available(r.port, BOB, "b3") == 3
+        # Devices per user (default 100, here 3: b1, b2, b3): a fourth device is
+        # refused before validation (broken signatures: still the quota error).
+        status, body = await upload(r.port, BOB, "b4", bad)
+        assert (status, body["error"], body["limit"]) == (403, "TooManyDevices", 3)
         assert r.relay.metrics.errors["TooManyKeyPackages"] == 6
 
 

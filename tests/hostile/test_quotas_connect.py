@@ -136,6 +136,7 @@ def test_bucket_table_is_bounded_and_cannot_be_reset() -> None:
         "RELAY_CONNECT_RATE_PER_ADDRESS",
         "RELAY_CONNECT_BURST_PER_ADDRESS",
         "RELAY_MAX_KEYPACKAGES_PER_DEVICE",
+        "RELAY_MAX_KEYPACKAGE_DEVICES_PER_USER",
         "RELAY_BLOB_QUOTA_BYTES",
         "RELAY_MAX_CONVERSATIONS_PER_USER",
         "RELAY_MAX_MEMBERS",
@@ -151,6 +152,6 @@ def test_quota_settings_are_validated(name: str) -> None:
     defaults = from_env({"RELAY_DEV_MODE": "1"})
     assert (
         defaults.connect_rate_per_address, defaults.connect_burst_per_address,
-        defaults.max_keypackages_per_device, defaults.blob_quota_bytes,
-        defaults.max_conversations_per_user, defaults.max_members,
-    ) == (20.0, 40, 1000, 1024**3, 10000, 1000)  # fmt: skip
+        defaults.max_keypackages_per_device, defaults.max_keypackage_devices_per_user,
+        defaults.blob_quota_bytes, defaults.max_conversations_per_user, defaults.max_members,
+    ) == (20.0, 40, 1000, 100, 1024**3, 10000, 1000)  # fmt: skip

@@ -17,13 +17,14 @@ from protocol.errors import (
     BlobQuotaExceeded,
     QuotaExceeded,
     TooManyConversations,
+    TooManyDevices,
     TooManyKeyPackages,
     TooManyMembers,
 )
 from storage import open_storage
 from storage.base import NewKeyPackage, Storage
 
-ALICE, BOB = "did:example:alice", "did:example:bob"
+ALICE, BOB, CAROL = "did:example:alice", "did:example:bob", "did:example:carol"
 NOW_MS = 1_700_000_000_000
 NOW_S = NOW_MS // 1000
 #: Concurrent requests per race, and races per test (each a fresh user).
@@ -216,3 +217,25 @@ async def test_external_joins_and_swaps_at_the_member_bound(database_url: str) -
         )
         assert not isinstance(out, Exception), out
         assert await storage.members(g) == sorted([ALICE, "did:example:eve"])
+
+
+@pytest.mark.timeout(60)
+async def test_key_package_devices_per_user_race(database_url: str) -> None:
+    async with opened(database_url) as storage:
+        jobs = [
+            lambda i=i: storage.put_key_packages(CAROL, f"c{i}", packages(1), NOW_MS, max_devices=3)
+            for i in range(RACERS)
+        ]
+        ok, refused = await race(jobs)
+        assert (ok, len(refused)) == (3, RACERS - 3)
+        assert all(isinstance(e, TooManyDevices) for e in refused)
+        assert await storage.key_package_devices(CAROL, "new") == (False, 3)
+        # A known device is never refused; its packages all claimed, it still counts.
+        devices = [d for d in (f"c{i}" for i in range(RACERS))
+                   if (await storage.key_package_devices(CAROL, d))[0]]  # fmt: skip
+        await storage.put_key_packages(CAROL, devices[0], packages(2), NOW_MS, max_devices=3)
+        await storage.claim_key_packages(ALICE, [CAROL], 1, NOW_S, NOW_MS)
+        await storage.claim_key_packages(ALICE, [CAROL], 1, NOW_S, NOW_MS)
+        await storage.claim_key_packages(ALICE, [CAROL], 1, NOW_S, NOW_MS)
+        with pytest.raises(TooManyDevices):
+            await storage.put_key_packages(CAROL, "another", packages(1), NOW_MS, max_devices=3)

@@ -321,6 +321,11 @@ class Honest:
                     got = await b.messages(len(self.seqs), self.conversation)
                 self.delivered = [m["seq"] for m in got]
 
+    def busy(self, at_least: int = 12) -> bool:
+        """Fewer than ``at_least`` honest sends so far: an attack loop goes on
+        until there are enough to judge by (a loaded machine sends fewer)."""
+        return len(self.seqs) < at_least
+
     def check(self, at_least: int = 10) -> None:
         assert self.errors == [], self.errors
         assert len(self.seqs) >= at_least, f"only {len(self.seqs)} honest sends"

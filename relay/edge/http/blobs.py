@@ -25,7 +25,7 @@ from storage.blobstore import BlobReader
 
 if TYPE_CHECKING:
     from relay.edge.http.limits import HttpLimits
-    from relay.node import Relay
+    from storage.base import Storage
 
 log = logging.getLogger("relay.blobs")
 
@@ -40,9 +40,12 @@ def _conversation(text: str) -> bytes:
     return conv
 
 
-def blueprint(relay: Relay, blobs: Blobs, limits: HttpLimits) -> Blueprint:
+def blueprint(
+    blobs: Blobs, storage: Storage, limits: HttpLimits, *, max_blob: int, idle_timeout: float
+) -> Blueprint:
+    """``max_blob``: RELAY_MAX_BLOB; ``idle_timeout``: longest wait for a body's bytes."""
     bp = Blueprint("blobs", __name__)
-    timeout = relay.config.handshake_timeout_s
+    timeout = idle_timeout
 
     @bp.post("/v1/conversations/<conversation>/blobs")
     async def upload(conversation: str) -> Any:
@@ -51,7 +54,7 @@ def blueprint(relay: Relay, blobs: Blobs, limits: HttpLimits) -> Blueprint:
         # membership with the storage model (the registration).
         who = limits.admit()
         conv = _conversation(conversation)
-        size = check_length(relay.config.max_blob, required=True)
+        size = check_length(max_blob, required=True)
         if not size:
             raise InvalidRequest("a blob needs a non-empty body")
         limits.transfer(who)
@@ -73,7 +76,7 @@ def blueprint(relay: Relay, blobs: Blobs, limits: HttpLimits) -> Blueprint:
             key = blob_key(key)
         except InvalidRequest:  # docs/PROTOCOL.md: 404 unless readable; never a shape hint
             raise BlobNotFound("no such blob") from None
-        info = await relay.storage.blob_for_reader(conv, key, who.user)
+        info = await storage.blob_for_reader(conv, key, who.user)
         limits.transfer(who)
         reader = await blobs.store.open(store_path(conv, key))
         on_exit(reader.aclose)  # however the exchange ends

@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import base64
 import logging
+import os
 import secrets
 import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -32,7 +35,10 @@ from relay.edge.http.keypackages import blueprint as keypackages_blueprint
 from relay.edge.http.limits import HttpLimits, run_cleanup
 
 if TYPE_CHECKING:
-    from relay.node import Relay
+    from relay.base.config import Config
+    from relay.mls.service import DeliveryService
+    from relay.offline.blobs import Blobs
+    from storage.base import Storage
 
 log = logging.getLogger("relay.http")
 
@@ -78,10 +84,27 @@ def _shielded(app: Any) -> Any:
     return asgi
 
 
+@dataclass(frozen=True, slots=True)
+class AppParts:
+    """What the HTTP app serves from (built by relay/node.py)."""
+
+    config: Config
+    storage: Storage
+    limits: HttpLimits
+    mls: DeliveryService
+    blobs: Blobs
+    #: Counts an error reply by its protocol name (relay_errors_total{type}).
+    count_error: Callable[[str], None]
+    shutting_down: Callable[[], bool]
+    #: The cross-node fan-out's health; None: one node (no Redis).
+    fanout_healthy: Callable[[], bool] | None
+    #: More routes, registered last (the status pages, the SSE stream).
+    routes: Sequence[Callable[[QuartTrio], None]] = ()
+
+
 class HttpFrontend:
-    def __init__(self, relay: Relay) -> None:
-        self.relay = relay
-        self.app = create_app(relay)
+    def __init__(self, app: QuartTrio) -> None:
+        self.app = app
         self.config = HypercornConfig()
         self.config.keep_alive_timeout = 5
         self.config.access_log_format = ""
@@ -136,16 +159,35 @@ def _http_error(exc: HTTPException) -> Any:
     return _close_if_unread(response)
 
 
-def create_app(relay: Relay) -> QuartTrio:
+def create_app(parts: AppParts) -> QuartTrio:
     app = QuartTrio("mls-relay")
-    limits = HttpLimits(relay)
-    app.register_blueprint(keypackages_blueprint(relay, limits))  # MLS DS routes
-    app.register_blueprint(blobs_blueprint(relay, relay.blobs, limits))  # out-of-line ciphertext
+    cfg, limits, storage = parts.config, parts.limits, parts.storage
+    kp_routes = keypackages_blueprint(
+        parts.mls,
+        storage,
+        limits,
+        max_upload=cfg.keypackage_max_upload,
+        max_per_device=cfg.max_keypackages_per_device,
+        max_devices=cfg.max_keypackage_devices_per_user,
+        idle_timeout=cfg.handshake_timeout_s,
+    )
+    app.register_blueprint(kp_routes)  # MLS DS routes
+    blob_routes = blobs_blueprint(
+        parts.blobs, storage, limits, max_blob=cfg.max_blob, idle_timeout=cfg.handshake_timeout_s
+    )
+    app.register_blueprint(blob_routes)  # out-of-line ciphertext
+    _error_handlers(app, parts.count_error)
+    _health_routes(app, parts)
+    for register in parts.routes:  # observability and SSE routes live in their own modules
+        register(app)
+    return app
 
+
+def _error_handlers(app: QuartTrio, count_error: Callable[[str], None]) -> None:
     @app.errorhandler(RelayError)
     async def relay_error(exc: RelayError) -> Any:
         if isinstance(exc, QuotaExceeded):  # relay_errors_total{type}, as over the WebSocket
-            relay.metrics.error(exc.error)
+            count_error(exc.error)
         return _error(exc)
 
     @app.errorhandler(HTTPException)
@@ -157,7 +199,7 @@ def create_app(relay: Relay) -> QuartTrio:
         # A bug: JSON like every other error, and an id to find it in the log.
         incident = secrets.token_hex(6)
         log.error("HTTP request failed", exc_info=exc, extra={"incident": incident})
-        relay.metrics.error("InternalError")
+        count_error("InternalError")
         body = {"error": "InternalError", "message": "internal error", "incident": incident}
         response = jsonify(body)
         response.status_code = 500
@@ -171,30 +213,33 @@ def create_app(relay: Relay) -> QuartTrio:
     async def not_allowed(exc: Exception) -> Any:
         return jsonify({"error": "MethodNotAllowed", "message": "method not allowed"}), 405
 
+
+def _health_routes(app: QuartTrio, parts: AppParts) -> None:
     @app.get("/health/live")
     async def live() -> Any:
         return jsonify({"status": "alive", "timestamp": int(time.time())})
 
     @app.get("/health/ready")
     async def ready() -> Any:
-        checks = await _checks(relay)
-        ok = checks["database"] == "healthy" and not relay.state.shutting_down
+        checks = await _checks(parts)
+        shutting_down = parts.shutting_down()
+        ok = checks["database"] == "healthy" and not shutting_down
         body = {
             "status": "ready" if ok else "not_ready",
             "timestamp": int(time.time()),
             "checks": checks,
-            "shutting_down": relay.state.shutting_down,
+            "shutting_down": shutting_down,
         }
         return jsonify(body), 200 if ok else 503
 
     @app.get("/health")
     async def health() -> Any:
-        checks = await _checks(relay)
-        if relay.config.redis_url:
+        checks = await _checks(parts)
+        if parts.fanout_healthy is not None:
             # Several nodes: a broken fan-out must not look green (a known
             # failure of other relays).  "degraded", not "unhealthy": this node
             # still serves its own clients and repairs from the database later.
-            checks["fanout"] = "healthy" if relay.fanout.healthy else "degraded"
+            checks["fanout"] = "healthy" if parts.fanout_healthy() else "degraded"
         ok = all(v == "healthy" for v in checks.values())
         degraded = not ok and all(v in ("healthy", "degraded") for v in checks.values())
         body = {
@@ -205,26 +250,18 @@ def create_app(relay: Relay) -> QuartTrio:
         }
         return jsonify(body), 200 if ok or degraded else 503
 
-    import relay.edge.sse as sse
-    import relay.ops.status as status  # observability and SSE routes live in their own modules
 
-    status.register(app, relay)
-    sse.register(app, relay)
-    return app
-
-
-async def _checks(relay: Relay) -> dict[str, str]:
+async def _checks(parts: AppParts) -> dict[str, str]:
     database = "healthy"
     try:
         with trio.fail_after(2):
-            await relay.storage.ping()
+            await parts.storage.ping()
     except (RelayError, trio.TooSlowError):
         database = "unhealthy"
-    return {"database": database, "memory": _memory_check(relay)}
+    return {"database": database, "memory": _memory_check(parts.config.memory_limit_mb)}
 
 
-def _memory_check(relay: Relay) -> str:
-    limit = relay.config.memory_limit_mb
+def _memory_check(limit: int) -> str:
     if not limit:
         return "healthy"
     try:
@@ -232,7 +269,5 @@ def _memory_check(relay: Relay) -> str:
             rss_pages = int(fh.read().split()[1])
     except (OSError, ValueError, IndexError):
         return "healthy"
-    import os
-
     rss_mb = rss_pages * os.sysconf("SC_PAGE_SIZE") / (1024 * 1024)
     return "healthy" if rss_mb < limit else "unhealthy"

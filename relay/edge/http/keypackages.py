@@ -17,7 +17,6 @@ from __future__ import annotations
 import base64
 import json
 import time
-import weakref
 from typing import TYPE_CHECKING, Any
 
 import cbor2
@@ -25,16 +24,22 @@ import trio
 from quart import Blueprint, Response, jsonify, request
 
 from protocol import text
-from protocol.errors import InvalidRequest, PayloadTooLarge, RelayError, TooManyKeyPackages
+from protocol.errors import (
+    InvalidRequest,
+    PayloadTooLarge,
+    RelayError,
+    TooManyDevices,
+    TooManyKeyPackages,
+)
 from relay.cluster.sharedlimits import MAX_USERS_PER_CLAIM
 from relay.edge.auth import Identity, token_from_request
 from relay.edge.http.body import read_body
-from relay.mls.service import for_relay
 
 if TYPE_CHECKING:
+    from relay.edge.auth import Authenticator
     from relay.edge.http.limits import HttpLimits
-    from relay.node import Relay
-    from storage.base import NewKeyPackage
+    from relay.mls.service import DeliveryService
+    from storage.base import NewKeyPackage, Storage
 
 #: Largest KeyPackage upload body: 200 KeyPackages of 5 KiB each (classic
 #: suites make ~300-byte ones).  Read whole (the CBOR list is parsed at once),
@@ -48,10 +53,10 @@ VALIDATE_SLICE_S = 0.002
 VALIDATE_PAUSE_S = 0.001
 
 
-def request_identity(relay: Relay) -> Identity:
+def request_identity(authenticator: Authenticator) -> Identity:
     """The verified identity of the current HTTP request's bearer token."""
     headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in request.headers.items()]
-    return relay.authenticator.verify(token_from_request(headers, request.query_string))
+    return authenticator.verify(token_from_request(headers, request.query_string))
 
 
 def _items(content_type: str, body: bytes, last_resort: bool) -> list[tuple[bytes, bool]]:
@@ -80,16 +85,15 @@ def _items(content_type: str, body: bytes, last_resort: bool) -> list[tuple[byte
 
 
 async def _validate(
-    relay: Relay, items: list[tuple[bytes, bool]], user: str
+    ds: DeliveryService, turn: trio.Lock, items: list[tuple[bytes, bool]], user: str
 ) -> list[NewKeyPackage]:
     """Check every KeyPackage without stalling the node: signature checks cost
     ~0.4 ms each (84 ms for 200, once run inline while every socket of the
     node waited).  One upload validates at a time per node, in slices of at
     most VALIDATE_SLICE_S, sleeping between slices so that the event loop
-    serves everyone else."""
-    ds = for_relay(relay)
+    serves everyone else.  ``turn``: the node's one lock for validations."""
     packages: list[NewKeyPackage] = []
-    async with _validation_turn(relay):
+    async with turn:
         started = time.perf_counter()
         for i, (data, lr) in enumerate(items):
             if time.perf_counter() - started > VALIDATE_SLICE_S:
@@ -103,32 +107,38 @@ async def _validate(
     return packages
 
 
-_turns: weakref.WeakKeyDictionary[Relay, trio.Lock] = weakref.WeakKeyDictionary()
-
-
-def _validation_turn(relay: Relay) -> trio.Lock:
-    lock = _turns.get(relay)
-    if lock is None:
-        lock = _turns[relay] = trio.Lock()
-    return lock
-
-
-async def _check_room(relay: Relay, who: Identity, items: int) -> None:
+async def _check_room(
+    ds: DeliveryService, storage: Storage, limit: int, max_devices: int, who: Identity, items: int
+) -> None:
     """Refuse an upload that cannot fit the device's KeyPackage quota before
     its signatures are checked (the costly part).  Every item counts here,
     even one already stored; the storing transaction counts exactly
     (storage/quotas.py) and is what makes the bound hold under concurrency."""
-    limit = relay.config.max_keypackages_per_device
+    await _check_device(storage, max_devices, who)
     if not limit:
         return
-    now = int(for_relay(relay).clock())
-    counts = await relay.storage.key_package_counts(who.user, who.device, now)
+    now = int(ds.clock())
+    counts = await storage.key_package_counts(who.user, who.device, now)
     stored = sum(c.available + int(c.last_resort) for c in counts)
     if stored + items > limit:
         raise TooManyKeyPackages(
             f"a device keeps at most {limit} unclaimed KeyPackages; it has {stored}",
             limit=limit,
             used=stored,
+        )
+
+
+async def _check_device(storage: Storage, limit: int, who: Identity) -> None:
+    """A new device beyond the user's device bound, refused before validation
+    too (the storing transaction checks again, race-free)."""
+    if not limit:
+        return
+    known, devices = await storage.key_package_devices(who.user, who.device)
+    if not known and devices >= limit:
+        raise TooManyDevices(
+            f"a user may upload KeyPackages from at most {limit} devices",
+            limit=limit,
+            used=devices,
         )
 
 
@@ -150,9 +160,23 @@ def _claim_body(raw: bytes) -> tuple[list[str], int]:
     return dids, suite
 
 
-def blueprint(relay: Relay, limits: HttpLimits) -> Blueprint:
+def blueprint(
+    ds: DeliveryService,
+    storage: Storage,
+    limits: HttpLimits,
+    *,
+    max_upload: int,
+    max_per_device: int,
+    max_devices: int,
+    idle_timeout: float,
+) -> Blueprint:
+    """``max_upload``: KeyPackages per upload; ``max_per_device``: unclaimed
+    ones a device keeps; ``max_devices``: devices of a user holding some (0:
+    no cap, both); ``idle_timeout``: longest wait for body bytes."""
     bp = Blueprint("keypackages", __name__)
-    timeout = relay.config.handshake_timeout_s
+    timeout = idle_timeout
+    #: One upload validates at a time on this node (see _validate).
+    turn = trio.Lock()
 
     @bp.post("/v1/keypackages")
     async def upload() -> Any:
@@ -162,17 +186,18 @@ def blueprint(relay: Relay, limits: HttpLimits) -> Blueprint:
         content_type = (request.content_type or "").split(";")[0].strip().lower()
         items = _items(content_type, body, last_resort)
         del body
-        if len(items) > relay.config.keypackage_max_upload:
-            raise PayloadTooLarge(f"at most {relay.config.keypackage_max_upload} per upload")
-        await _check_room(relay, who, len(items))
-        packages = await _validate(relay, items, who.user)
-        now_ms = int(for_relay(relay).clock() * 1000)
-        stored = await relay.storage.put_key_packages(
+        if len(items) > max_upload:
+            raise PayloadTooLarge(f"at most {max_upload} per upload")
+        await _check_room(ds, storage, max_per_device, max_devices, who, len(items))
+        packages = await _validate(ds, turn, items, who.user)
+        now_ms = int(ds.clock() * 1000)
+        stored = await storage.put_key_packages(
             who.user,
             who.device,
             packages,
             now_ms,
-            max_stored=relay.config.max_keypackages_per_device,
+            max_stored=max_per_device,
+            max_devices=max_devices,
         )
         return jsonify(
             {
@@ -187,8 +212,8 @@ def blueprint(relay: Relay, limits: HttpLimits) -> Blueprint:
     @bp.get("/v1/keypackages/count")
     async def count() -> Any:
         who = limits.admit()
-        now = int(for_relay(relay).clock())
-        counts = await relay.storage.key_package_counts(who.user, who.device, now)
+        now = int(ds.clock())
+        counts = await storage.key_package_counts(who.user, who.device, now)
         return jsonify(
             {
                 "user": who.user,
@@ -209,7 +234,7 @@ def blueprint(relay: Relay, limits: HttpLimits) -> Blueprint:
     async def claim() -> Any:
         who = limits.admit()
         users, suite = _claim_body(await read_body(MAX_CLAIM_BYTES, timeout))
-        result = await for_relay(relay).claim(who.user, users, suite)
+        result = await ds.claim(who.user, users, suite)
         return jsonify(
             {
                 "key_packages": [
@@ -233,7 +258,7 @@ def blueprint(relay: Relay, limits: HttpLimits) -> Blueprint:
             conv = bytes.fromhex(conversation)
         except ValueError:
             raise InvalidRequest("the conversation id in the path is hex") from None
-        epoch, data = await relay.storage.latest_group_info(conv, who.user)
+        epoch, data = await storage.latest_group_info(conv, who.user)
         return Response(data, content_type="message/mls", headers={"MLS-Epoch": str(epoch)})
 
     return bp

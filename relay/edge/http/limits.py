@@ -29,7 +29,9 @@ from protocol.errors import NodeBusy, TooManyRequests
 from relay.edge.auth import Identity, token_from_request
 
 if TYPE_CHECKING:
-    from relay.node import Relay
+    from prometheus_client import CollectorRegistry
+
+    from relay.edge.auth import Authenticator
 
 #: ASGI scope key: callbacks run once the request's exchange is over.
 CLEANUP_KEY = "mls_relay.cleanup"
@@ -62,19 +64,29 @@ class Slots:
 
 
 class HttpLimits:
-    def __init__(self, relay: Relay) -> None:
-        cfg = relay.config
-        self.relay = relay
-        self.requests = Slots(cfg.http_requests_per_user)
-        self.transfers = Slots(cfg.transfers_per_user, cfg.transfers)
+    def __init__(
+        self,
+        authenticator: Authenticator,
+        count_error: Callable[[str], None],
+        registry: CollectorRegistry,
+        *,
+        requests_per_user: int,
+        transfers_per_user: int,
+        transfers: int,
+    ) -> None:
+        self.authenticator = authenticator
+        #: Counts a refusal by its protocol name (relay_errors_total{type}).
+        self._count_error = count_error
+        self.requests = Slots(requests_per_user)
+        self.transfers = Slots(transfers_per_user, transfers)
         self.refused: Counter[str] = Counter()
-        relay.metrics.registry.register(_Collector(self))
+        registry.register(_Collector(self))
 
     def admit(self) -> Identity:
         """The verified identity of the current request, holding one of its
         user's request slots until the exchange is over."""
         headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in request.headers.items()]
-        who = self.relay.authenticator.verify(token_from_request(headers, request.query_string))
+        who = self.authenticator.verify(token_from_request(headers, request.query_string))
         self._hold(self.requests, who.user, "requests")
         return who
 
@@ -86,7 +98,7 @@ class HttpLimits:
         refused = slots.take(user)
         if refused == "user":
             self.refused[f"{what}_per_user"] += 1
-            self.relay.metrics.error("TooManyRequests")
+            self._count_error("TooManyRequests")
             limit = slots.per_key
             raise TooManyRequests(
                 f"at most {limit} {what} at once per user; retry when one is done",
@@ -94,7 +106,7 @@ class HttpLimits:
             )
         if refused == "node":
             self.refused[f"{what}_per_node"] += 1
-            self.relay.metrics.error("NodeBusy")
+            self._count_error("NodeBusy")
             raise NodeBusy(f"this node has {slots.total} {what} in progress; retry later")
         on_exit(lambda: slots.release(user))
 
