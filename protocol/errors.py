@@ -251,7 +251,16 @@ class ConfigError(RelayError):
 
 
 class StorageError(RelayError):
-    """A storage failure that is not an outage (a bug or a constraint we did not expect)."""
+    """The store failed in a way that is not an outage: a database error we did
+    not expect (a constraint the edge should have checked first), a damaged blob."""
+
+    error = "InternalError"
+
+
+class InternalBug(RelayError):
+    """The relay's own code broke a rule it relies on (a driver answering with a
+    wrong number of rows, a state that cannot happen): a bug, not a storage
+    failure.  Like every InternalError it reaches the client as an Incident."""
 
     error = "InternalError"
 

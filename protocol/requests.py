@@ -23,7 +23,10 @@ MAX_MEMBERS_PER_REQUEST = 1000
 
 
 @dataclass(frozen=True, slots=True)
-class Limits:
+class RequestLimits:
+    """Sizes :func:`parse_request` accepts in one request (the node's rate
+    limits are :class:`relay.base.ratelimits.RateLimits`)."""
+
     max_ciphertext: int = 256 * 1024
 
 
@@ -170,7 +173,7 @@ def request_id(frame: Frame) -> int | None:
     return None
 
 
-def parse_request(frame: Frame, limits: Limits) -> Request:
+def parse_request(frame: Frame, limits: RequestLimits) -> Request:
     """Validate a client frame; raises InvalidRequest / UnknownRequest."""
     rid = request_id(frame)
     if rid is None:
@@ -225,7 +228,7 @@ def blob_key(value: object) -> str:
     return value
 
 
-def _send(rid: int, body: dict[str, Any], limits: Limits) -> Send:
+def _send(rid: int, body: dict[str, Any], limits: RequestLimits) -> Send:
     conversation = _conversation(body)
     blob = blob_key(body["blob"]) if "blob" in body else ""
     ciphertext = body.get("ciphertext", b"" if blob else None)
@@ -262,7 +265,7 @@ def _optional_bytes(body: dict[str, Any], key: str, max_len: int) -> bytes:
     return _bytes(body, key, max_len)
 
 
-def _create(rid: int, body: dict[str, Any], limits: Limits) -> CreateConversation:
+def _create(rid: int, body: dict[str, Any], limits: RequestLimits) -> CreateConversation:
     conversation = _conversation(body)
     mls = body.get("mls", False)
     external_join = body.get("external_join", False)
@@ -279,7 +282,7 @@ def _create(rid: int, body: dict[str, Any], limits: Limits) -> CreateConversatio
     return CreateConversation(rid, conversation, _members(body), group_id, external_join, storage)
 
 
-def _claim(rid: int, body: dict[str, Any], limits: Limits) -> ClaimKeyPackages:
+def _claim(rid: int, body: dict[str, Any], limits: RequestLimits) -> ClaimKeyPackages:
     suite = body.get("cipher_suite")
     if type(suite) is not int or not 0 < suite < 65536:
         raise InvalidRequest("cipher_suite must be an MLS cipher suite number")
@@ -289,23 +292,23 @@ def _claim(rid: int, body: dict[str, Any], limits: Limits) -> ClaimKeyPackages:
     return ClaimKeyPackages(rid, users, suite)
 
 
-def _add(rid: int, body: dict[str, Any], limits: Limits) -> AddMembers:
+def _add(rid: int, body: dict[str, Any], limits: RequestLimits) -> AddMembers:
     return AddMembers(rid, _conversation(body), _members(body))
 
 
-def _remove(rid: int, body: dict[str, Any], limits: Limits) -> RemoveMembers:
+def _remove(rid: int, body: dict[str, Any], limits: RequestLimits) -> RemoveMembers:
     return RemoveMembers(rid, _conversation(body), _members(body))
 
 
-def _leave(rid: int, body: dict[str, Any], limits: Limits) -> Leave:
+def _leave(rid: int, body: dict[str, Any], limits: RequestLimits) -> Leave:
     return Leave(rid, _conversation(body))
 
 
-def _list(rid: int, body: dict[str, Any], limits: Limits) -> ListConversations:
+def _list(rid: int, body: dict[str, Any], limits: RequestLimits) -> ListConversations:
     return ListConversations(rid)
 
 
-def _subscribe(rid: int, body: dict[str, Any], limits: Limits) -> Subscribe:
+def _subscribe(rid: int, body: dict[str, Any], limits: RequestLimits) -> Subscribe:
     raw = body.get("cursors", [])
     if not isinstance(raw, list):
         raise InvalidRequest("cursors must be a list of {conversation, seq}", field="cursors")
@@ -326,26 +329,26 @@ def _subscribe(rid: int, body: dict[str, Any], limits: Limits) -> Subscribe:
     return Subscribe(rid, cursors)
 
 
-def _ack(rid: int, body: dict[str, Any], limits: Limits) -> Ack:
+def _ack(rid: int, body: dict[str, Any], limits: RequestLimits) -> Ack:
     return Ack(rid, _conversation(body), _seq(body.get("seq"), "seq"))
 
 
-def _delete(rid: int, body: dict[str, Any], limits: Limits) -> DeleteConversation:
+def _delete(rid: int, body: dict[str, Any], limits: RequestLimits) -> DeleteConversation:
     return DeleteConversation(rid, _conversation(body))
 
 
-def _delivery_state(rid: int, body: dict[str, Any], limits: Limits) -> DeliveryStateRequest:
+def _delivery_state(rid: int, body: dict[str, Any], limits: RequestLimits) -> DeliveryStateRequest:
     seqs = body.get("seqs")
     if not isinstance(seqs, list) or not 0 < len(seqs) <= MAX_SEQS_PER_REQUEST:
         raise InvalidRequest(f"seqs must list 1..{MAX_SEQS_PER_REQUEST} seqs", field="seqs")
     return DeliveryStateRequest(rid, _conversation(body), tuple(_seq(s, "seqs[]") for s in seqs))
 
 
-def _mark_read(rid: int, body: dict[str, Any], limits: Limits) -> MarkRead:
+def _mark_read(rid: int, body: dict[str, Any], limits: RequestLimits) -> MarkRead:
     return MarkRead(rid, _conversation(body), _seq(body.get("seq"), "seq"))
 
 
-def _read_positions(rid: int, body: dict[str, Any], limits: Limits) -> ReadPositions:
+def _read_positions(rid: int, body: dict[str, Any], limits: RequestLimits) -> ReadPositions:
     return ReadPositions(rid, _conversation(body))
 
 
@@ -353,7 +356,7 @@ def _text(body: dict[str, Any], key: str, max_len: int) -> str:
     return text.storable(body.get(key, ""), key, max_len)
 
 
-def _register_push(rid: int, body: dict[str, Any], limits: Limits) -> RegisterPush:
+def _register_push(rid: int, body: dict[str, Any], limits: RequestLimits) -> RegisterPush:
     provider = _text(body, "provider", 64)
     token = _text(body, "token", MAX_PUSH_FIELD)
     if provider and not token:
@@ -361,7 +364,7 @@ def _register_push(rid: int, body: dict[str, Any], limits: Limits) -> RegisterPu
     return RegisterPush(rid, provider, _text(body, "zone", 64), token)
 
 
-_PARSERS: dict[str, Callable[[int, dict[str, Any], Limits], Request]] = {
+_PARSERS: dict[str, Callable[[int, dict[str, Any], RequestLimits], Request]] = {
     "#send": _send,
     "#createConversation": _create,
     "#addMembers": _add,

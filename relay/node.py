@@ -23,11 +23,11 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from protocol.closecodes import CloseCode, CloseReason
-from protocol.requests import Limits
+from protocol.requests import RequestLimits
 from relay import __version__
 from relay.base.config import Config
 from relay.base.incidents import Incidents
-from relay.base.ratelimits import Limits as NodeLimits
+from relay.base.ratelimits import RateLimits
 from relay.cluster.presence import Presence
 from relay.cluster.sharedlimits import ClaimLimits, SharedRedis
 from relay.delivery.committer import Committer
@@ -66,8 +66,8 @@ class Relay:
         self.config = config
         self.server_name = f"mls-relay/{__version__}"
         self.node_id = config.node_id or f"{socket.gethostname()}-{os.getpid()}"
-        self.limits = Limits(max_ciphertext=config.max_ciphertext)
-        self.node_limits = NodeLimits(
+        self.limits = RequestLimits(max_ciphertext=config.max_ciphertext)
+        self.node_limits = RateLimits(
             connections_per_user=config.connections_per_user,
             requests_per_connection=config.requests_per_connection,
             requests_per_user=config.requests_per_user,

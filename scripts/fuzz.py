@@ -43,12 +43,12 @@ from protocol import events  # noqa: E402
 from protocol.errors import RelayError  # noqa: E402
 from protocol.frames import decode_frame, encode_frame  # noqa: E402
 from protocol.mls import parse_key_package, parse_mls_message  # noqa: E402
-from protocol.requests import Limits, parse_request  # noqa: E402
+from protocol.requests import RequestLimits, parse_request  # noqa: E402
 from protocol.websocket import ServerConnection  # noqa: E402
 
 
 def frame_target(data: bytes) -> None:
-    parse_request(decode_frame(data), Limits())
+    parse_request(decode_frame(data), RequestLimits())
 
 
 def ws_target(data: bytes) -> None:

@@ -33,7 +33,7 @@ from typing import Any, NamedTuple
 from protocol import ssecursor
 from protocol.errors import RelayError
 from protocol.frames import decode_frame
-from protocol.requests import Limits, parse_request
+from protocol.requests import RequestLimits, parse_request
 from relay.edge.auth import AuthConfig, Authenticator
 from relay.edge.http.keypackages import _claim_body
 
@@ -370,7 +370,7 @@ def _check_value(value: object, name: str) -> None:
 
 
 def request_oracle(data: bytes) -> bool:
-    request = parse_request(decode_frame(data), Limits())
+    request = parse_request(decode_frame(data), RequestLimits())
     for f in dataclasses.fields(request):  # type: ignore[arg-type]
         _check_value(getattr(request, f.name), f.name)
     return True

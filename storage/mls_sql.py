@@ -9,7 +9,6 @@ PostgreSQL transaction holding the conversation row locks.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Protocol
 
 from protocol.errors import (
     ConversationNotFound,
@@ -33,14 +32,11 @@ from storage.base import (
     NewMessage,
     PendingWelcome,
 )
+from storage.shared_sql import Exec, is_member
 
 #: not_after values are clamped to fit a signed 64-bit column.
 MAX_NOT_AFTER = 2**63 - 1
 COMMIT_KINDS = ("commit", "external_commit")
-
-
-class Exec(Protocol):
-    def __call__(self, sql: str, params: Sequence[Any] = ()) -> Any: ...
 
 
 def status_error(status: str, epoch: int | None) -> RelayError:
@@ -197,11 +193,7 @@ def append_mls_sqlite(ex: Exec, msg: NewMessage) -> Appended | RelayError:
         (msg.conversation,),
     ).fetchone()
     member = conv is not None and (
-        ex(
-            "SELECT 1 FROM members WHERE conversation_id = ? AND user_did = ?",
-            (msg.conversation, msg.sender),
-        ).fetchone()
-        is not None
+        is_member(ex, msg.conversation, msg.sender)
         or (msg.kind == "external_commit" and bool(conv[3]))
     )
     if conv is None or not member:

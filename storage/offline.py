@@ -1,7 +1,7 @@
 """The parts of the storage contract whose SQL is shared by both backends.
 
 A mixin: each backend supplies ``_offline_read`` and ``_offline_write``, which
-run a job with an :class:`~storage.mls_sql.Exec` and a
+run a job with an :class:`~storage.shared_sql.Exec` and a
 :class:`~storage.offline_sql.Many` on a connection (writes in one
 transaction).  The SQL lives in :mod:`storage.offline_sql` (offline devices
 and blobs), :mod:`storage.retention_sql` and :mod:`storage.mls_sql`; methods
@@ -24,7 +24,7 @@ from storage.base import (
     PendingWelcome,
     PushRegistration,
 )
-from storage.mls_sql import Exec
+from storage.shared_sql import Exec
 
 T = TypeVar("T")
 Job = Callable[[Exec, q.Many], T]

@@ -21,8 +21,8 @@ from protocol.errors import (
     NotMember,
 )
 from storage.base import BlobInfo, ConversationKind, DeliveryState, NewMessage, PushRegistration
-from storage.mls_sql import Exec
 from storage.quotas import check_blob_bytes
+from storage.shared_sql import Exec, member_info
 
 #: Largest IN (...) list in one statement.
 _CHUNK = 500
@@ -38,14 +38,8 @@ def _in(n: int) -> str:
 
 def _member(ex: Exec, conversation: bytes, user: str) -> tuple[int, int]:
     """(joined_seq, last_seq) of a member; NotMember otherwise."""
-    row = ex(
-        "SELECT m.joined_seq, c.last_seq FROM members m JOIN conversations c"
-        " ON c.id = m.conversation_id WHERE m.conversation_id = ? AND m.user_did = ?",
-        (conversation, user),
-    ).fetchone()
-    if row is None:
-        raise NotMember("not a member of this conversation")
-    return int(row[0]), int(row[1])
+    info = member_info(ex, conversation, user)
+    return info.joined_seq, info.last_seq
 
 
 # --- conversations ------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""PostgreSQL connections for the pool (storage/pgpool.py): psycopg 3, sync.
+"""PostgreSQL connections for the pool (storage/connpool.py): psycopg 3, sync.
 
 Each connection is bounded three ways (:class:`PgTimeouts`; the relay's
 RELAY_DB_* settings), so that a silent network partition -- packets dropped,
@@ -29,7 +29,9 @@ from psycopg.conninfo import conninfo_to_dict
 from psycopg.pq import TransactionStatus
 
 from protocol.errors import RelayError, StorageError, Unavailable
-from storage.pgpool import STOP_GRACE_S, ConnectionPool, Driver, PgConn
+from storage.connpool import STOP_GRACE_S, ConnectionPool, Driver
+
+PgConn = psycopg.Connection[Any]
 
 
 def translate_pg_error(exc: Exception) -> RelayError | None:

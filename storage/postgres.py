@@ -1,4 +1,4 @@
-"""PostgreSQL backend: sync psycopg 3 on Trio worker threads (see pgpool).
+"""PostgreSQL backend: sync psycopg 3 on Trio worker threads (see storage/connpool.py).
 
 Every write that touches a conversation first locks its ``conversations``
 row (``FOR UPDATE``); that row's ``last_seq`` is the only source of seqs, so
@@ -15,14 +15,12 @@ from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 from protocol.errors import (
-    ConversationExists,
-    FutureCursor,
+    InternalBug,
     InvalidRequest,
     NotMember,
     RelayError,
-    StorageError,
 )
-from storage import mls_sql, offline_sql, quotas, retention_sql
+from storage import mls_sql, offline_sql, quotas, retention_sql, shared_sql
 from storage.base import (
     AddedMember,
     Appended,
@@ -34,8 +32,7 @@ from storage.base import (
     StoredMessage,
 )
 from storage.migrate import migrate_postgres
-from storage.pgconn import NO_STATEMENT_BOUNDS, PgTimeouts, pg_pool
-from storage.pgpool import PgConn
+from storage.pgconn import NO_STATEMENT_BOUNDS, PgConn, PgTimeouts, pg_pool
 from storage.postgres_mls import append_mls, append_plain, append_plain_batch, pg_exec
 from storage.postgres_offline import PgOfflineStorage
 
@@ -43,15 +40,6 @@ T = TypeVar("T")
 
 #: The retention prune runs this many times the usual deadline (one job, many statements).
 PRUNE_DEADLINE_FACTOR = 20
-
-_INFO_SQL = """
-SELECT c.id, c.last_seq, m.joined_seq, c.first_seq
-  FROM members m JOIN conversations c ON c.id = m.conversation_id
-"""
-
-
-def _info(row: tuple[bytes, int, int, int]) -> ConversationInfo:
-    return ConversationInfo(bytes(row[0]), row[1], row[2], row[3])
 
 
 def _lock_for_member(conn: PgConn, conversation: bytes, actor: str) -> int:
@@ -152,14 +140,9 @@ class PostgresStorage(PgOfflineStorage, Storage):
             if max_created:  # one creator's creations one at a time: the count holds
                 quotas.lock(ex, quotas.PG_LOCK_SQL, f"conversations:{creator}")
                 quotas.check_conversations(ex, creator, max_created, now_ms)
-            created = conn.execute(
-                "INSERT INTO conversations (id, creator, created_ms, mls_group_id, external_join,"
-                " storage_model) VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (id) DO NOTHING"
-                " RETURNING id",
-                (conversation, creator, now_ms, mls_group_id, external_join, storage_model),
-            ).fetchone()
-            if created is None:
-                raise ConversationExists("conversation already exists")
+            shared_sql.insert_conversation(
+                ex, conversation, creator, now_ms, mls_group_id, external_join, storage_model
+            )
             conn.execute(
                 "INSERT INTO members (conversation_id, user_did, joined_seq, added_ms)"
                 " SELECT %s, u, 0, %s FROM unnest(%s::text[]) AS u",
@@ -222,32 +205,21 @@ class PostgresStorage(PgOfflineStorage, Storage):
 
     async def list_conversations(self, user: str) -> list[ConversationInfo]:
         def job(conn: PgConn) -> list[ConversationInfo]:
-            rows = conn.execute(_INFO_SQL + " WHERE m.user_did = %s ORDER BY c.id", (user,))
-            return [_info(r) for r in rows]
+            return shared_sql.conversations_of(pg_exec(conn), user)
 
         return await self._pool.run(job)
 
     async def conversation_for_member(self, conversation: bytes, user: str) -> ConversationInfo:
         def job(conn: PgConn) -> ConversationInfo:
-            row = conn.execute(
-                _INFO_SQL + " WHERE c.id = %s AND m.user_did = %s", (conversation, user)
-            ).fetchone()
-            if row is None:
-                raise NotMember("not a member of this conversation")
-            return _info(row)
+            return shared_sql.member_info(pg_exec(conn), conversation, user)
 
         return await self._pool.run(job)
 
     async def members(self, conversation: bytes) -> list[str]:
         def job(conn: PgConn) -> list[str]:
-            rows = conn.execute(
-                "SELECT user_did FROM members WHERE conversation_id = %s", (conversation,)
-            )
-            return [r[0] for r in rows]
+            return shared_sql.member_users(pg_exec(conn), conversation)
 
-        # Sorted in Python: identical (code point) order on both backends,
-        # whatever the database collation.
-        return sorted(await self._pool.run(job))
+        return await self._pool.run(job)
 
     # --- messages -------------------------------------------------------------
 
@@ -284,7 +256,7 @@ class PostgresStorage(PgOfflineStorage, Storage):
 
         results = await self._tx(job)
         if len(results) != len(items):
-            raise StorageError("append returned a wrong number of results")
+            raise InternalBug("append returned a wrong number of results")
         return results
 
     async def read_messages(
@@ -353,11 +325,7 @@ class PostgresStorage(PgOfflineStorage, Storage):
 
     async def get_cursors(self, user: str, device: str) -> dict[bytes, int]:
         def job(conn: PgConn) -> dict[bytes, int]:
-            rows = conn.execute(
-                "SELECT conversation_id, seq FROM cursors WHERE user_did = %s AND device_id = %s",
-                (user, device),
-            )
-            return {bytes(r[0]): r[1] for r in rows}
+            return shared_sql.cursors_of(pg_exec(conn), user, device)
 
         return await self._pool.run(job)
 
@@ -366,23 +334,10 @@ class PostgresStorage(PgOfflineStorage, Storage):
             raise InvalidRequest("cursor seq must not be negative")
 
         def job(conn: PgConn) -> int:
-            row = conn.execute(
-                _INFO_SQL + " WHERE c.id = %s AND m.user_did = %s", (conversation, user)
-            ).fetchone()
-            if row is None:
-                raise NotMember("not a member of this conversation")
-            if seq > row[1]:
-                raise FutureCursor("cursor beyond the last message", last_seq=row[1])
-            stored = conn.execute(
-                "INSERT INTO cursors (user_did, device_id, conversation_id, seq, updated_ms)"
-                " VALUES (%s, %s, %s, %s, %s) ON CONFLICT (user_did, device_id, conversation_id)"
-                " DO UPDATE SET seq = greatest(cursors.seq, excluded.seq),"
-                " updated_ms = excluded.updated_ms RETURNING seq",
-                (user, device, conversation, seq, time.time_ns() // 1_000_000),
-            ).fetchone()
-            assert stored is not None  # an upsert always returns its row
-            mls_sql.ack_welcomes(pg_exec(conn), user, device, conversation, seq)
-            return int(stored[0])
+            ex, now_ms = pg_exec(conn), time.time_ns() // 1_000_000
+            stored = shared_sql.set_cursor(ex, user, device, conversation, seq, now_ms)
+            mls_sql.ack_welcomes(ex, user, device, conversation, seq)
+            return stored
 
         return await self._tx(job)
 
@@ -390,12 +345,7 @@ class PostgresStorage(PgOfflineStorage, Storage):
 
     async def mls_group(self, conversation: bytes) -> tuple[bool, bytes | None]:
         def job(conn: PgConn) -> tuple[bool, bytes | None]:
-            row = conn.execute(
-                "SELECT mls_group_id FROM conversations WHERE id = %s", (conversation,)
-            ).fetchone()
-            if row is None:
-                return False, None
-            return True, None if row[0] is None else bytes(row[0])
+            return shared_sql.mls_group(pg_exec(conn), conversation)
 
         return await self._pool.run(job)
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from protocol.errors import MLSValidationError, NotMember, RelayError, StorageError
-from storage import mls_sql, quotas
+from protocol.errors import InternalBug, MLSValidationError, NotMember, RelayError
+from storage import mls_sql, quotas, shared_sql
 from storage.base import Appended, NewMessage
-from storage.pgpool import PgConn
+from storage.pgconn import PgConn
 
 # %b: parameters in binary format.  psycopg's text dumping of a bytea[] of
 # 1 KiB ciphertexts (escaping every byte, holding the GIL) took 5 ms per batch
@@ -38,7 +38,7 @@ def append_plain_batch(conn: PgConn, msgs: list[NewMessage]) -> list[Appended | 
     )
     rows = conn.execute(_APPEND_PLAIN_SQL, params, binary=True).fetchall()
     if len(rows) != len(msgs):
-        raise StorageError("append returned a wrong number of results")
+        raise InternalBug("append returned a wrong number of results")
     out: list[Appended | RelayError] = []
     for (_, status, seq, created_ms), msg in zip(rows, msgs, strict=True):
         if status == "mls":
@@ -54,7 +54,7 @@ def append_plain_batch(conn: PgConn, msgs: list[NewMessage]) -> list[Appended | 
     return out
 
 
-def pg_exec(conn: PgConn) -> mls_sql.Exec:
+def pg_exec(conn: PgConn) -> shared_sql.Exec:
     def ex(sql: str, params: Sequence[Any] = ()) -> Any:
         return conn.execute(sql.replace("?", "%s"), params)
 
@@ -69,7 +69,7 @@ def append_plain(
         out[i] = result
 
 
-def append_mls(conn: PgConn, ex: mls_sql.Exec, m: NewMessage) -> Appended | RelayError:
+def append_mls(conn: PgConn, ex: shared_sql.Exec, m: NewMessage) -> Appended | RelayError:
     """One MLS item (or opaque bytes sent to an MLS conversation), checks in
     mls_sql.CHECK_ORDER.  The Welcome refs are resolved first, in the same
     transaction, but only reported where the order puts them: the function

@@ -14,8 +14,9 @@ from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 from storage import offline_sql
+from storage.connpool import ConnectionPool
 from storage.offline import Job, OfflineStorage
-from storage.pgpool import ConnectionPool, PgConn
+from storage.pgconn import PgConn
 from storage.postgres_mls import pg_exec
 from storage.quotas import PG_LOCK_SQL
 

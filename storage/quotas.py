@@ -24,10 +24,11 @@ from protocol.errors import (
     TooManyKeyPackages,
     TooManyMembers,
 )
+from storage.shared_sql import is_member
 
 if TYPE_CHECKING:
     from storage.base import NewMessage
-    from storage.mls_sql import Exec
+    from storage.shared_sql import Exec
 
 #: PostgreSQL: serializes every transaction taking the same key until commit.
 PG_LOCK_SQL = "SELECT pg_advisory_xact_lock(hashtext(?))"
@@ -175,14 +176,8 @@ def commit_members(
         return None  # removing only never passes a bound
     conv = msg.conversation
 
-    def member(user: str) -> bool:
-        row = ex(
-            "SELECT 1 FROM members WHERE conversation_id = ? AND user_did = ?", (conv, user)
-        ).fetchone()
-        return row is not None
-
-    new = [u for u in dict.fromkeys(joiners) if not member(u)]
-    gone = [u for u in dict.fromkeys(msg.removes) if u not in new and member(u)]
+    new = [u for u in dict.fromkeys(joiners) if not is_member(ex, conv, u)]
+    gone = [u for u in dict.fromkeys(msg.removes) if u not in new and is_member(ex, conv, u)]
     (count,) = ex("SELECT count(*) FROM members WHERE conversation_id = ?", (conv,)).fetchone()
     after = int(count) + len(new) - len(gone)
     if after > msg.max_members:

@@ -1,6 +1,6 @@
 """Retention and single-use token SQL shared by both backends (blocking; worker thread).
 
-Written once with ``?`` placeholders and run through :class:`storage.mls_sql.Exec`,
+Written once with ``?`` placeholders and run through :class:`storage.shared_sql.Exec`,
 inside the caller's transaction (SQLite ``BEGIN IMMEDIATE``; PostgreSQL after the
 candidate conversations' rows were locked in id order, like appends).
 
@@ -29,7 +29,7 @@ removal, never by age.
 
 from __future__ import annotations
 
-from storage.mls_sql import Exec
+from storage.shared_sql import Exec
 
 
 def prune_candidates(ex: Exec, older_than_ms: int) -> list[bytes]:

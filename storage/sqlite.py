@@ -1,6 +1,6 @@
 """SQLite backend (the embedded default), stdlib sqlite3 on Trio worker threads.
 
-Same pool machinery as PostgreSQL (:mod:`storage.pgpool`): a one-connection
+Same pool machinery as PostgreSQL (:mod:`storage.connpool`): a one-connection
 writer pool serializes writers in Trio (a cancelled waiter never runs), and a
 small reader pool serves reads concurrently thanks to WAL.  A running
 statement is stopped with ``Connection.interrupt()``.  Every write is a
@@ -19,15 +19,12 @@ from pathlib import Path
 from typing import TypeVar
 
 from protocol.errors import (
-    ConversationExists,
-    FutureCursor,
     InvalidRequest,
-    NotMember,
     RelayError,
     StorageError,
     Unavailable,
 )
-from storage import mls_sql, offline_sql, quotas, retention_sql
+from storage import mls_sql, offline_sql, quotas, retention_sql, shared_sql
 from storage.base import (
     AddedMember,
     Appended,
@@ -39,19 +36,14 @@ from storage.base import (
     StoredMessage,
     within_bytes,
 )
+from storage.connpool import ConnectionPool, Driver
 from storage.migrate import migrate_sqlite
 from storage.offline import Job, OfflineStorage
-from storage.pgpool import ConnectionPool, Driver
 from storage.sqlite_append import append_blob_aware, ex_for, many_for
 
 T = TypeVar("T")
 Conn = sqlite3.Connection
 
-_INFO_SQL = """
-SELECT c.id, c.last_seq, m.joined_seq, c.first_seq
-  FROM members m JOIN conversations c ON c.id = m.conversation_id
-"""
-_MEMBER_INFO_SQL = _INFO_SQL + " WHERE c.id = ? AND m.user_did = ?"
 
 # Error classes that mean "the database cannot be used right now" (locked for
 # longer than busy_timeout, disk trouble): retryable, like a PostgreSQL outage.
@@ -140,10 +132,7 @@ def _transaction(begin: str, job: Callable[[Conn], T], conn: Conn) -> T:
 
 
 def _member_info(conn: Conn, conversation: bytes, user: str) -> ConversationInfo:
-    row = conn.execute(_MEMBER_INFO_SQL, (conversation, user)).fetchone()
-    if row is None:
-        raise NotMember("not a member of this conversation")
-    return ConversationInfo(bytes(row[0]), row[1], row[2], row[3])
+    return shared_sql.member_info(ex_for(conn), conversation, user)
 
 
 class SqliteStorage(OfflineStorage, Storage):
@@ -198,18 +187,12 @@ class SqliteStorage(OfflineStorage, Storage):
         quotas.check_member_count(len(users), max_members)
 
         def job(conn: Conn) -> ConversationInfo:
-            offline_sql.check_not_deleted(ex_for(conn), conversation)
-            quotas.check_conversations(ex_for(conn), creator, max_created, now_ms)
-            if (
-                conn.execute(
-                    "INSERT INTO conversations (id, creator, created_ms, mls_group_id,"
-                    " external_join, storage_model) VALUES (?, ?, ?, ?, ?, ?)"
-                    " ON CONFLICT (id) DO NOTHING RETURNING id",
-                    (conversation, creator, now_ms, mls_group_id, external_join, storage_model),
-                ).fetchone()
-                is None
-            ):
-                raise ConversationExists("conversation already exists")
+            ex = ex_for(conn)
+            offline_sql.check_not_deleted(ex, conversation)
+            quotas.check_conversations(ex, creator, max_created, now_ms)
+            shared_sql.insert_conversation(
+                ex, conversation, creator, now_ms, mls_group_id, external_join, storage_model
+            )
             conn.executemany(
                 "INSERT INTO members (conversation_id, user_did, joined_seq, added_ms)"
                 " VALUES (?, ?, 0, ?)",
@@ -269,8 +252,7 @@ class SqliteStorage(OfflineStorage, Storage):
 
     async def list_conversations(self, user: str) -> list[ConversationInfo]:
         def job(conn: Conn) -> list[ConversationInfo]:
-            rows = conn.execute(_INFO_SQL + " WHERE m.user_did = ? ORDER BY c.id", (user,))
-            return [ConversationInfo(bytes(r[0]), r[1], r[2], r[3]) for r in rows]
+            return shared_sql.conversations_of(ex_for(conn), user)
 
         return await self._read(job)
 
@@ -280,12 +262,9 @@ class SqliteStorage(OfflineStorage, Storage):
 
     async def members(self, conversation: bytes) -> list[str]:
         def job(conn: Conn) -> list[str]:
-            rows = conn.execute(
-                "SELECT user_did FROM members WHERE conversation_id = ?", (conversation,)
-            )
-            return [r[0] for r in rows]
+            return shared_sql.member_users(ex_for(conn), conversation)
 
-        return sorted(await self._read(job))
+        return await self._read(job)
 
     # --- messages -------------------------------------------------------------
 
@@ -335,11 +314,7 @@ class SqliteStorage(OfflineStorage, Storage):
 
     async def get_cursors(self, user: str, device: str) -> dict[bytes, int]:
         def job(conn: Conn) -> dict[bytes, int]:
-            rows = conn.execute(
-                "SELECT conversation_id, seq FROM cursors WHERE user_did = ? AND device_id = ?",
-                (user, device),
-            )
-            return {bytes(r[0]): r[1] for r in rows}
+            return shared_sql.cursors_of(ex_for(conn), user, device)
 
         return await self._read(job)
 
@@ -348,18 +323,10 @@ class SqliteStorage(OfflineStorage, Storage):
             raise InvalidRequest("cursor seq must not be negative")
 
         def job(conn: Conn) -> int:
-            last_seq = _member_info(conn, conversation, user).last_seq
-            if seq > last_seq:
-                raise FutureCursor("cursor beyond the last message", last_seq=last_seq)
-            (stored,) = conn.execute(
-                "INSERT INTO cursors (user_did, device_id, conversation_id, seq, updated_ms)"
-                " VALUES (?, ?, ?, ?, ?) ON CONFLICT (user_did, device_id, conversation_id)"
-                " DO UPDATE SET seq = max(cursors.seq, excluded.seq),"
-                " updated_ms = excluded.updated_ms RETURNING seq",
-                (user, device, conversation, seq, time.time_ns() // 1_000_000),
-            ).fetchone()
-            mls_sql.ack_welcomes(ex_for(conn), user, device, conversation, seq)
-            return int(stored)
+            ex, now_ms = ex_for(conn), time.time_ns() // 1_000_000
+            stored = shared_sql.set_cursor(ex, user, device, conversation, seq, now_ms)
+            mls_sql.ack_welcomes(ex, user, device, conversation, seq)
+            return stored
 
         return await self._write(job)
 
@@ -367,12 +334,7 @@ class SqliteStorage(OfflineStorage, Storage):
 
     async def mls_group(self, conversation: bytes) -> tuple[bool, bytes | None]:
         def job(conn: Conn) -> tuple[bool, bytes | None]:
-            row = conn.execute(
-                "SELECT mls_group_id FROM conversations WHERE id = ?", (conversation,)
-            ).fetchone()
-            if row is None:
-                return False, None
-            return True, None if row[0] is None else bytes(row[0])
+            return shared_sql.mls_group(ex_for(conn), conversation)
 
         return await self._read(job)
 

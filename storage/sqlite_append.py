@@ -11,13 +11,13 @@ from collections.abc import Sequence
 from typing import Any
 
 from protocol.errors import MLSValidationError, NotMember, RelayError
-from storage import mls_sql, offline_sql
+from storage import mls_sql, offline_sql, shared_sql
 from storage.base import Appended, NewMessage
 
 Conn = sqlite3.Connection
 
 
-def ex_for(conn: Conn) -> mls_sql.Exec:
+def ex_for(conn: Conn) -> shared_sql.Exec:
     def ex(sql: str, params: Sequence[Any] = ()) -> Any:
         return conn.execute(sql, params)
 

@@ -20,7 +20,7 @@ import psycopg
 from psycopg import sql
 
 from storage.base import Storage
-from storage.pgpool import ConnectionPool
+from storage.connpool import ConnectionPool
 from storage.postgres import PostgresStorage
 from storage.sqlite import SqliteStorage
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from protocol.errors import RateLimited
-from relay.base.ratelimits import Limits, TokenBucket
+from relay.base.ratelimits import RateLimits, TokenBucket
 
 
 class Clock:
@@ -27,7 +27,7 @@ def test_bucket_allows_burst_then_rate():
 
 
 def test_connections_per_user_are_counted_and_released():
-    limits = Limits(connections_per_user=2)
+    limits = RateLimits(connections_per_user=2)
     assert limits.connect("did:a") and limits.connect("did:a")
     assert not limits.connect("did:a")
     assert limits.connect("did:b")
@@ -37,7 +37,7 @@ def test_connections_per_user_are_counted_and_released():
 
 
 def test_per_connection_rate():
-    limits = Limits(requests_per_connection=5, requests_per_user=0, clock=Clock())
+    limits = RateLimits(requests_per_connection=5, requests_per_user=0, clock=Clock())
     a, b = limits.connection_bucket(), limits.connection_bucket()
     for _ in range(10):  # the burst is twice the rate
         limits.check_request("did:a", a)
@@ -49,7 +49,7 @@ def test_per_connection_rate():
 
 def test_per_user_rate_spans_connections():
     clock = Clock()
-    limits = Limits(requests_per_connection=100, requests_per_user=5, clock=clock)
+    limits = RateLimits(requests_per_connection=100, requests_per_user=5, clock=clock)
     a, b = limits.connection_bucket(), limits.connection_bucket()
     for _ in range(10):
         limits.check_request("did:a", a)

@@ -16,7 +16,7 @@ from typing import Any
 import trio
 from trio_websocket import ConnectionRejected
 
-from relay.base.ratelimits import Limits
+from relay.base.ratelimits import RateLimits
 from relay.node import Relay
 from storage import open_storage
 
@@ -97,7 +97,7 @@ def _scrape(r: Running) -> str:
 
 
 def test_a_device_reconnecting_replaces_itself_in_the_local_count():
-    limits = Limits(connections_per_user=2)
+    limits = RateLimits(connections_per_user=2)
     assert limits.connect(ALICE, "d1") and limits.connect(ALICE, "d2")
     assert not limits.connect(ALICE, "d3")
     assert limits.connect(ALICE, "d1")  # the relay closes the older d1 connection

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from protocol import events
 from protocol.errors import FrameTooLarge, InvalidRequest, MalformedFrame, UnknownRequest
 from protocol.frames import decode_frame, encode_frame
-from protocol.requests import Limits, Send, Subscribe, parse_request
+from protocol.requests import RequestLimits, Send, Subscribe, parse_request
 from protocol.strictcbor import MAX_ITEMS
 from protocol.websocket import (
     Closed,
@@ -130,11 +130,11 @@ def test_random_bytes_never_crash_the_decoder(data):
     except MalformedFrame:
         return
     with contextlib.suppress(InvalidRequest):
-        parse_request(frame, Limits())
+        parse_request(frame, RequestLimits())
 
 
 def test_requests_validate_fields():
-    limits = Limits(max_ciphertext=4)
+    limits = RequestLimits(max_ciphertext=4)
     frame = decode_frame(
         encode_frame(
             "#send",

@@ -79,7 +79,7 @@ class Incidents:
 
     def reply(self, exc: RelayError, where: str, what: str = "") -> RelayError:
         """The error to send for ``exc``: an InternalError without an incident id
-        (a StorageError) becomes a logged Incident; anything else is sent as is."""
+        (StorageError, InternalBug) becomes a logged Incident; anything else is sent as is."""
         if exc.error == "InternalError" and not isinstance(exc, Incident):
             return self.report(where, exc, what)
         return exc

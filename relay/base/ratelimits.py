@@ -87,7 +87,7 @@ class _User:
 
 
 @dataclass
-class Limits:
+class RateLimits:
     """Limits of one node.  A rate of 0 disables that limit."""
 
     connections_per_user: int = 20

@@ -13,7 +13,7 @@ connections close.  A node that dies without closing leaves leases that
 expire after ``lease_ttl``; a node that stops cleanly removes its own.
 
 Without Redis, and while it is unreachable, admission is this node's own count
-(:class:`relay.base.ratelimits.Limits`): a Redis outage never stops a node from serving.
+(:class:`relay.base.ratelimits.RateLimits`): a Redis outage never stops a node from serving.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from coredis.commands import Script
 from protocol import text
 from protocol.errors import TooManyConnections
 from relay.base.incidents import Incidents
-from relay.base.ratelimits import Limits
+from relay.base.ratelimits import RateLimits
 from relay.cluster.sharedlimits import LUA_NOW, SharedRedis, script_call
 
 log = logging.getLogger("relay.presence")
@@ -131,7 +131,7 @@ class Presence:
 
     def __init__(
         self,
-        limits: Limits,
+        limits: RateLimits,
         redis: SharedRedis,
         node_id: str,
         *,

@@ -46,11 +46,12 @@ from storage.base import Appended, NewMessage, Storage
 @dataclass(slots=True)
 class PendingSend:
     message: NewMessage
-    #: Called exactly once, after the commit (or its failure).
-    on_done: Callable[[Appended | RelayError], None]
+    #: Answers the sender (writes its #result or error, Session._commit):
+    #: called exactly once, after the commit (or its failure).
+    answer: Callable[[Appended | RelayError], None]
     #: Returns True when the submitter is gone: its send is then never stored.
     abandoned: Callable[[], bool]
-    #: Set when on_done was called (the committer answers each send once).
+    #: Set when answer was called (the committer answers each send once).
     answered: bool = False
 
 
@@ -111,9 +112,9 @@ class Committer:
         """Queue a send (synchronous).  Refused, retryably, when draining or full:
         it was never stored, so the client resends with the same id."""
         if self._closed:
-            item.on_done(ShuttingDown("relay is shutting down; send again elsewhere"))
+            item.answer(ShuttingDown("relay is shutting down; send again elsewhere"))
         elif self.full:
-            item.on_done(Unavailable("the commit queue is full; retry shortly"))
+            item.answer(Unavailable("the commit queue is full; retry shortly"))
         else:
             queue = self._queue
             if not queue:
@@ -193,16 +194,10 @@ class Committer:
         committed_at = time.time()
         self.batches += 1
         try:
-            self._publish(batch, results)
-        except Exception as exc:
-            incident = self.incidents.report(
-                "committer", exc, f"publishing a committed batch of {len(batch)}"
-            )
-            results = [incident if isinstance(r, Appended) else r for r in results]
-        for pending, outcome in zip(batch, results, strict=True):
-            self._answer(pending, outcome)
-        try:
-            self._flusher.flush()
+            # One flush for the batch: the fan-out's frames, membership events
+            # and every sender's #result leave in one send per connection.
+            with self._flusher.batch():
+                self._publish_and_answer(batch, results)
             if self.observer is not None:
                 self.observer(batch, committed_at)
         except Exception as exc:
@@ -220,7 +215,7 @@ class Committer:
             results = await self._storage.append_messages([p.message for p in batch])
         except Unavailable as exc:
             return [exc] * len(batch)
-        except Exception as exc:  # StorageError, or a bug below us: not an outage
+        except Exception as exc:  # StorageError, InternalBug, any bug below: not an outage
             if len(batch) == 1:
                 return [self.incidents.report("committer", exc, "a send storage refused")]
             self.splits += 1
@@ -233,6 +228,19 @@ class Committer:
             )
             return [incident] * len(batch)
         return results
+
+    def _publish_and_answer(
+        self, batch: list[PendingSend], results: list[Appended | RelayError]
+    ) -> None:
+        try:
+            self._publish(batch, results)
+        except Exception as exc:
+            incident = self.incidents.report(
+                "committer", exc, f"publishing a committed batch of {len(batch)}"
+            )
+            results = [incident if isinstance(r, Appended) else r for r in results]
+        for pending, outcome in zip(batch, results, strict=True):
+            self._answer(pending, outcome)
 
     def _publish(self, batch: list[PendingSend], results: list[Appended | RelayError]) -> None:
         fresh: list[Published] = []
@@ -271,13 +279,13 @@ class Committer:
                 )
 
     def _answer(self, pending: PendingSend, outcome: Appended | RelayError) -> None:
-        """Call the sender's on_done once; a callback that raises is an incident
+        """Call the sender's answer once; a callback that raises is an incident
         of its own and does not keep the batch's other senders waiting."""
         if pending.answered:
             return
         pending.answered = True
         try:
-            pending.on_done(outcome)
+            pending.answer(outcome)
         except Exception as exc:
             self.incidents.report("committer", exc, "a sender's callback")
 

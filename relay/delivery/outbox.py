@@ -27,8 +27,9 @@ full speed either (TCP backpressure does the rest).
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import trio
 
@@ -225,15 +226,32 @@ def _ignore_flag(flag: bool) -> None:
 
 
 class Flusher:
-    """Collects the outboxes written during a batch and flushes each once."""
+    """Collects the outboxes written during a batch and flushes each once.
+
+    Inside :meth:`batch` a ``flush()`` is deferred to the batch's end, so a
+    committed batch (fan-out, membership events, every sender's ``#result``)
+    leaves in one ``send`` per connection whoever asked to flush meanwhile."""
 
     def __init__(self) -> None:
         self._dirty: list[Outbox] = []
+        self._holding = 0
 
     def mark(self, outbox: Outbox) -> None:
         self._dirty.append(outbox)
 
     def flush(self) -> None:
+        if self._holding:
+            return  # the enclosing batch flushes on its way out
         dirty, self._dirty = self._dirty, []
         for outbox in dirty:
             outbox.flush()
+
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        """Synchronous code only (no await inside): nothing waits unflushed."""
+        self._holding += 1
+        try:
+            yield
+        finally:
+            self._holding -= 1
+            self.flush()

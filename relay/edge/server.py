@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from protocol.closecodes import CloseCode, CloseReason
-from protocol.errors import AuthError, ProtocolError, RelayError
+from protocol.errors import AuthError, ProtocolError, RelayError, ShuttingDown
 from protocol.websocket import (
     RequestHead,
     accept_response,
@@ -126,7 +126,7 @@ async def handle_connection(
             await stream.aclose()
             return
     except ProtocolError as exc:
-        await _refuse(stream, 400, exc)
+        await _refuse(stream, exc)
         return
     except (trio.BrokenResourceError, trio.ClosedResourceError):
         return
@@ -137,7 +137,7 @@ async def handle_connection(
             refusal = gate.admit_forwarded(client)
             if refusal is not None:
                 relay.metrics.error(refusal.error)
-                await _refuse(stream, refusal.http_status, refusal)
+                await _refuse(stream, refusal)
                 return
             if forwarded is not None:
                 forwarded.append(client)
@@ -149,10 +149,10 @@ async def handle_connection(
 
 async def _websocket(relay: Relay, stream: trio.SocketStream, head: RequestHead) -> None:
     if not head.is_websocket:
-        await _refuse(stream, 400, ProtocolError("this path only accepts WebSocket upgrades"))
+        await _refuse(stream, ProtocolError("this path only accepts WebSocket upgrades"))
         return
     if relay.state.shutting_down:
-        await _refuse(stream, 503, RelayError("relay is shutting down"), error="ShuttingDown")
+        await _refuse(stream, ShuttingDown("relay is shutting down"))
         return
     incidents = relay.metrics.incidents
     # Every refusal below is an HTTP JSON answer, whatever failed, and leaves
@@ -165,13 +165,13 @@ async def _websocket(relay: Relay, stream: trio.SocketStream, head: RequestHead)
         response = accept_response(head)
     except AuthError as exc:
         relay.metrics.error(exc.error)
-        await _refuse(stream, 401, exc)
+        await _refuse(stream, exc)
         return
     except ProtocolError as exc:
-        await _refuse(stream, 400, exc)
+        await _refuse(stream, exc)
         return
     except Exception as exc:
-        await _refuse(stream, 500, incidents.report("handshake", exc, "verifying the token"))
+        await _refuse(stream, incidents.report("handshake", exc, "verifying the token"))
         return
     # A lease across all nodes (relay/cluster/presence.py); this node's count alone
     # when there is no Redis or it is unreachable.
@@ -180,7 +180,7 @@ async def _websocket(relay: Relay, stream: trio.SocketStream, head: RequestHead)
     except Exception as exc:  # TooManyConnections (429); anything else is answered too
         refusal = _refusal(incidents, exc)
         relay.metrics.error(refusal.error)
-        await _refuse(stream, refusal.http_status, refusal)
+        await _refuse(stream, refusal)
         return
     try:
         session = await _start_session(relay, stream, identity)
@@ -210,7 +210,7 @@ async def _start_session(
         if session is not None and relay.sessions.get((identity.user, identity.device)) is session:
             relay.forget(session)
         refusal = _refusal(relay.metrics.incidents, exc)
-        await _refuse(stream, refusal.http_status, refusal)
+        await _refuse(stream, refusal)
         return None
     if isinstance(previous, Session):
         previous.close(CloseCode.REPLACED, CloseReason.REPLACED)
@@ -225,10 +225,10 @@ def _refusal(incidents: Incidents, exc: Exception) -> RelayError:
     return incidents.report("handshake", exc, "admitting a connection")
 
 
-async def _refuse(
-    stream: trio.SocketStream, status: int, exc: RelayError, error: str | None = None
-) -> None:
-    body: dict[str, object] = {"error": error or exc.error, "message": exc.message}
+async def _refuse(stream: trio.SocketStream, exc: RelayError) -> None:
+    """Answer the handshake with ``exc`` as JSON, at its own HTTP status, and close."""
+    status = exc.http_status
+    body: dict[str, object] = {"error": exc.error, "message": exc.message}
     # Details that say which claim failed, or the incident id of an InternalError.
     body.update({k: v for k, v in exc.details.items() if isinstance(v, str | int)})
     try:

@@ -421,8 +421,9 @@ class Session:
         self.outbox.write_control(binary_frame(events.error(exc, req.id)))
 
     def _commit(self, req: Send, message: NewMessage) -> None:
-        def on_done(outcome: Appended | RelayError) -> None:
-            # Runs in the committer after the commit; it flushes once per batch.
+        def answer(outcome: Appended | RelayError) -> None:
+            # Runs in the committer after the commit, inside its Flusher.batch():
+            # the #result leaves with the batch's fan-out, in one send.
             if isinstance(outcome, Appended):
                 self._release_slot()
                 blob = message.blob_key if not outcome.duplicate else ""  # relay/offline/blobs.py
@@ -433,7 +434,7 @@ class Session:
             else:
                 self._reply_failed(req, outcome)
 
-        self.relay.committer.submit(PendingSend(message, on_done, lambda: self._done))
+        self.relay.committer.submit(PendingSend(message, answer, lambda: self._done))
 
     async def _handle(self, req: Request) -> None:
         try:

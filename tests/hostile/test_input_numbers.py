@@ -17,7 +17,7 @@ from protocol.mls import ContentType
 from protocol.requests import (
     MAX_CURSORS_PER_REQUEST,
     MAX_SEQ,
-    Limits,
+    RequestLimits,
     Subscribe,
     parse_request,
 )
@@ -59,7 +59,7 @@ def test_bad_numbers_are_refused_naming_the_field(
     t: str, body: dict[str, Any], field: str | None
 ) -> None:
     with pytest.raises(InvalidRequest) as refused:
-        parse_request(Frame(1, t, {"id": 1, **body}), Limits())
+        parse_request(Frame(1, t, {"id": 1, **body}), RequestLimits())
     assert type(refused.value) is InvalidRequest
     assert refused.value.details.get("field") == field, refused.value
 
@@ -67,19 +67,21 @@ def test_bad_numbers_are_refused_naming_the_field(
 @pytest.mark.parametrize("rid", [True, False, -1, 2**53, 1.0, "1", None])
 def test_request_ids_are_integers_below_2_to_53(rid: Any) -> None:
     with pytest.raises(InvalidRequest, match="integer id"):
-        parse_request(Frame(1, "#listConversations", {"id": rid}), Limits())
+        parse_request(Frame(1, "#listConversations", {"id": rid}), RequestLimits())
 
 
 @pytest.mark.parametrize("suite", [True, 0, 65536, -1, 1.0])
 def test_cipher_suites_are_uint16_numbers(suite: Any) -> None:
     body = {"id": 1, "users": ["did:plc:a"], "cipher_suite": suite}
     with pytest.raises(InvalidRequest, match="cipher_suite"):
-        parse_request(Frame(1, "#claimKeyPackages", body), Limits())
+        parse_request(Frame(1, "#claimKeyPackages", body), RequestLimits())
 
 
 def test_the_largest_values_are_accepted() -> None:
     cursors = [{"conversation": i.to_bytes(4, "big"), "seq": MAX_SEQ} for i in range(10_000)]
-    parsed = parse_request(Frame(1, "#subscribe", {"id": 2**53 - 1, "cursors": cursors}), Limits())
+    parsed = parse_request(
+        Frame(1, "#subscribe", {"id": 2**53 - 1, "cursors": cursors}), RequestLimits()
+    )
     assert isinstance(parsed, Subscribe) and len(parsed.cursors) == MAX_CURSORS_PER_REQUEST
 
 

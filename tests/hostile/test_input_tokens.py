@@ -144,10 +144,10 @@ async def test_presence_refuses_text_redis_cannot_hold_before_counting(redis_url
     """The backstop behind the token checks: admission refuses a name Redis
     cannot encode before it takes a slot, and a lease that could never be
     released (built around admission) is dropped and counted, not queued."""
-    from relay.base.ratelimits import Limits
+    from relay.base.ratelimits import RateLimits
 
     prefix = f"{redis_url.prefix}{secrets.token_hex(4)}:"
-    limits = Limits(connections_per_user=2)
+    limits = RateLimits(connections_per_user=2)
     presence = Presence(limits, SharedRedis(redis_url.url, prefix), "node")
     with trio.fail_after(20):
         async with trio.open_nursery() as nursery:
@@ -180,7 +180,7 @@ async def test_lease_releases_are_not_retried_past_the_lease_expiry(redis_url):
     """Releases that Redis cannot take (here: unreachable) stay queued only
     until their lease would have expired in Redis anyway, then go: the queue
     is never retried forever.  Before, they stayed until the node stopped."""
-    from relay.base.ratelimits import Limits
+    from relay.base.ratelimits import RateLimits
 
     from ..nodes import RedisProxy
 
@@ -188,7 +188,7 @@ async def test_lease_releases_are_not_retried_past_the_lease_expiry(redis_url):
     ttl = 0.9
     with trio.fail_after(20):
         async with RedisProxy(redis_url.url).running() as proxy, trio.open_nursery() as nursery:
-            presence = Presence(Limits(), SharedRedis(proxy.url, prefix), "node", lease_ttl=ttl)
+            presence = Presence(RateLimits(), SharedRedis(proxy.url, prefix), "node", lease_ttl=ttl)
             await nursery.start(presence.run)
             leases = [await presence.admit(ALICE, f"d{i}") for i in range(3)]
             assert presence.redis.fallbacks == {}

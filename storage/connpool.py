@@ -1,4 +1,4 @@
-"""A Trio-native pool of blocking database connections.
+"""A Trio-native pool of blocking database connections, for both backends.
 
 psycopg's async API and asyncpg are asyncio-only, so the relay drives sync
 psycopg 3 connections from Trio worker threads.  The rules:
@@ -35,18 +35,15 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Generic, TypeVar
 
 import outcome
-import psycopg
 import trio
 
 from protocol.errors import RelayError, Unavailable
 
 C = TypeVar("C")
 T = TypeVar("T")
-
-PgConn = psycopg.Connection[Any]
 
 #: After a cancel request, how long a job may still run before its connection
 #: is killed (the request may never arrive: a silent partition).
