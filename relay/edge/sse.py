@@ -35,7 +35,7 @@ import secrets
 import time
 from collections import deque
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 import trio
 from quart import Response, request
@@ -54,7 +54,7 @@ from relay.base.logs import user_hash
 from relay.delivery.outbox import Flusher, Outbox
 from relay.delivery.streams import Streams
 from relay.edge.auth import token_from_request
-from relay.edge.handlers import Handlers
+from relay.edge.handlers import node_handlers
 from relay.offline.retention import consume_jti
 
 if TYPE_CHECKING:
@@ -62,7 +62,6 @@ if TYPE_CHECKING:
 
     from relay.cluster.presence import Lease
     from relay.edge.auth import Identity
-    from relay.edge.session import Session
     from relay.node import Relay
 
 log = logging.getLogger("relay.sse")
@@ -151,7 +150,9 @@ def _jsonable(value: Any) -> Any:
 
 
 class SseStream:
-    """One SSE client.  Exposes what Handlers.subscribe needs of a session."""
+    """One SSE client: a receive-only
+    :class:`~relay.delivery.connection.Connection` (the #subscribe handler
+    sets it up exactly as a WebSocket's)."""
 
     #: Where request handlers start follow-up tasks (a session's nursery).
     nursery: trio.Nursery
@@ -177,11 +178,21 @@ class SseStream:
         #: Set once the body has ended (after its last event) or the stream failed.
         self.finished = trio.Event()
 
-    # --- the session surface used by Handlers.subscribe ---------------------
+    # --- the Connection interface (relay/delivery/connection.py) ------------
 
     def send_frame(self, payload: bytes) -> None:
         self.sink.write_control(binary_frame(payload))
         self.relay.flusher.flush()
+
+    def close(self, code: int, reason: str) -> None:
+        """End the stream: what is pending, then an ``info`` event named
+        ``reason`` (an event stream has no close code)."""
+        self._end(reason)
+
+    def tick(self, now: float, wall: float) -> None:
+        """Nothing to sweep: the token's expiry is timed by the stream's own
+        task (_background) and keep-alives by the body, and the stream is
+        not in the node's session registry (it displaces no one)."""
 
     def _unfollow(self, conversation: bytes) -> None:
         self.relay.hub.unsubscribe(self.streams, conversation)
@@ -208,7 +219,7 @@ class SseStream:
         for attempt in range(3):
             cursors = await self._valid_cursors()
             try:
-                await Handlers(cast("Session", self)).subscribe(Subscribe(0, cursors))
+                await node_handlers(self, self.relay).subscribe(Subscribe(0, cursors))
                 break
             except NotMember:
                 # Membership changed between our check and the subscription.
@@ -253,7 +264,7 @@ class SseStream:
         ``info`` event (ServiceRestart), then ends the response properly."""
         self._end(CloseReason.SERVICE_RESTART)
 
-    def close(self) -> None:
+    def release(self) -> None:
         """Synchronous cleanup (runs in the body's finally, possibly cancelled)."""
         self.relay.event_streams.discard(self)
         self.finished.set()
@@ -290,7 +301,7 @@ class SseStream:
                 self.sink.bytes_out += len(chunk)
                 yield chunk
         finally:
-            self.close()
+            self.release()
             log.info("sse stream closed", extra={"session": self.id, "reason": reason})
 
     def _render_slice(self) -> bytes:
@@ -356,7 +367,7 @@ def register(app: QuartTrio, relay: Relay) -> None:
             )
             await stream.start()
         except BaseException:
-            stream.close()
+            stream.release()
             raise
         response = Response(
             stream.body(),

@@ -80,15 +80,11 @@ class DeliveryTracker:
     async def _moved(self) -> tuple[list[Row], dict[Device, dict[bytes, Stream]]]:
         """The positions past what was written, and the devices walked (with
         their streams)."""
-        from relay.edge.session import Session
-
         moved: list[Row] = []
         live: dict[Device, dict[bytes, Stream]] = {}
         started = time.perf_counter()
         self.walked = 0
-        for session in list(self.relay.sessions.values()):
-            if not isinstance(session, Session):
-                continue
+        for session in list(self.relay.registry.sessions.values()):
             user, device = session.user, session.device
             streams = live[(user, device)] = session.streams.by_conversation
             recorded = self._recorded.get((user, device), {})

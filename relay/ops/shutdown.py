@@ -48,8 +48,6 @@ async def graceful_shutdown(relay: Relay, hurry: trio.Event | None = None) -> No
     Returns by the deadline even if a client never reads (its close frame
     cannot be written); the caller then cancels what is left, and each
     session's own bounded close finishes the job."""
-    from relay.edge.session import Session
-
     relay.state.shutting_down = True
     start = trio.current_time()
     deadline = start + relay.config.shutdown_deadline_s
@@ -60,11 +58,10 @@ async def graceful_shutdown(relay: Relay, hurry: trio.Event | None = None) -> No
     with trio.move_on_at(deadline):
         relay.committer.close()
         await relay.committer.drained.wait()
-    for session in list(relay.sessions.values()):
-        if isinstance(session, Session):
-            session.close(CloseCode.SERVICE_RESTART, CloseReason.SERVICE_RESTART)
+    for session in list(relay.registry.sessions.values()):
+        session.close(CloseCode.SERVICE_RESTART, CloseReason.SERVICE_RESTART)
     with trio.move_on_at(deadline):
-        await relay.all_sessions_closed()
+        await relay.registry.all_closed()
         for stream in streams:
             await stream.finished.wait()
         if streams:
