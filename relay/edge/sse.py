@@ -167,9 +167,9 @@ class SseStream:
         self.device = identity.device
         self.id = secrets.token_hex(8)
         self.positions = positions
-        self.sink = SseSink(relay.flusher, relay.config.outbox_limit)
+        self.outbox = SseSink(relay.flusher, relay.config.outbox_limit)
         self.streams = Streams(
-            self.user, self.device, self.sink, relay.flusher, relay.storage, self._unfollow
+            self.user, self.device, self.outbox, relay.flusher, relay.storage, self._unfollow
         )
         self.subscribed = False
         self._announced = False
@@ -181,7 +181,7 @@ class SseStream:
     # --- the Connection interface (relay/delivery/connection.py) ------------
 
     def send_frame(self, payload: bytes) -> None:
-        self.sink.write_control(binary_frame(payload))
+        self.outbox.write_control(binary_frame(payload))
         self.relay.flusher.flush()
 
     def close(self, code: int, reason: str) -> None:
@@ -206,7 +206,7 @@ class SseStream:
 
     async def start(self) -> None:
         self.relay.event_streams.add(self)
-        self.relay.metrics.opened(self.sink, "sse")
+        self.relay.metrics.opened(self.outbox, "sse")
         self.send_frame(
             events.hello(
                 self.user, self.device, self.relay.server_name, self.id, self.relay.node_id
@@ -257,7 +257,7 @@ class SseStream:
     def _end(self, reason: str) -> None:
         if self._ended is None:
             self._ended = reason
-        self.sink.ready.set()
+        self.outbox.ready.set()
 
     def going_away(self) -> None:
         """Graceful shutdown: the body sends what is pending, then a last
@@ -270,7 +270,7 @@ class SseStream:
         self.finished.set()
         self._cancel.cancel()
         self.relay.hub.remove(self.streams, list(self.streams.by_conversation))
-        self.relay.metrics.closed(self.sink)
+        self.relay.metrics.closed(self.outbox)
         self.relay.presence.release(self.lease)  # idempotent
 
     # --- the response body ---------------------------------------------------
@@ -282,12 +282,12 @@ class SseStream:
             yield b"retry: 2000\n\n"
             while True:
                 with trio.move_on_after(keepalive):
-                    await self.sink.ready.wait()
-                if self.sink.has_failed:
-                    self._end(CloseReason.CONSUMER_TOO_SLOW if self.sink.overflowed else "closed")
+                    await self.outbox.ready.wait()
+                if self.outbox.has_failed:
+                    self._end(CloseReason.CONSUMER_TOO_SLOW if self.outbox.overflowed else "closed")
                 if self.relay.state.shutting_down:
                     self._end(CloseReason.SERVICE_RESTART)
-                chunk = self._render_slice() if self.sink.ready.is_set() else b""
+                chunk = self._render_slice() if self.outbox.ready.is_set() else b""
                 if self._ended is not None:
                     reason = self._ended
                     if reason == CloseReason.CONSUMER_TOO_SLOW:
@@ -298,7 +298,7 @@ class SseStream:
                     yield chunk + self._render([binary_frame(info)])
                     return
                 chunk = chunk or b": keep-alive\n\n"
-                self.sink.bytes_out += len(chunk)
+                self.outbox.bytes_out += len(chunk)
                 yield chunk
         finally:
             self.release()
@@ -308,11 +308,11 @@ class SseStream:
         """Render pending frames until RENDER_SLICE bytes of text (or none left)."""
         out: list[bytes] = []
         size = 0
-        while size < RENDER_SLICE and (wire := self.sink.pop()) is not None:
+        while size < RENDER_SLICE and (wire := self.outbox.pop()) is not None:
             piece = self._render([wire])
             out.append(piece)
             size += len(piece)
-        self.sink.taken()
+        self.outbox.taken()
         return b"".join(out)
 
     def _render(self, frames: list[bytes]) -> bytes:
