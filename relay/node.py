@@ -12,7 +12,7 @@ import os
 import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -97,8 +97,6 @@ class Relay:
             self.fanout.observe_lag = self.metrics.observe_fanout_lag
         #: The relay's task nursery once running (SSE streams start tasks in it).
         self.nursery: trio.Nursery | None = None
-        #: Open SSE streams (relay/edge/sse.py), ended one by one by a graceful shutdown.
-        self.event_streams: set[Any] = set()
         #: Retention and used-token purge (relay/offline/retention.py).
         self.retention = Retention(self)
         #: Connection leases and claim limits across nodes (relay/cluster/presence.py).

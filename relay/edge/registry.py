@@ -1,4 +1,6 @@
-"""The node's session registry: at most one connection per (user, device).
+"""The node's session registry: at most one WebSocket per (user, device).
+
+SSE streams are listed beside them, not by device.
 
 A device that connects again displaces its older connection (1000 Replaced),
 on this node directly and on other nodes through the fan-out
@@ -12,7 +14,7 @@ connection were a third of an idle connection's memory.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 import trio
 
@@ -36,6 +38,10 @@ class SessionRegistry:
         #: Wall-clock registration time per device, to order displacements.
         self._registered_at: dict[Device, float] = {}
         self._empty = trio.Event()
+        #: Open SSE streams (relay/edge/sse.py).  Not by device: a stream
+        #: displaces no one and is not swept (it times its token itself).
+        self.event_streams: set[Connection] = set()
+        self._stream_ended = trio.Event()
 
     def register(self, conn: Connection) -> Connection | None:
         """Register a device's connection; returns the one it displaces, if any."""
@@ -70,6 +76,20 @@ class SessionRegistry:
         while self.sessions:
             self._empty = trio.Event()
             await self._empty.wait()
+
+    def stream_opened(self, conn: Connection) -> None:
+        self.event_streams.add(conn)
+
+    def stream_ended(self, conn: Connection) -> None:
+        """An SSE stream's response ended (idempotent)."""
+        self.event_streams.discard(conn)
+        self._stream_ended.set()
+
+    async def streams_ended(self, streams: Collection[Connection]) -> None:
+        """Until each of ``streams`` has ended."""
+        while any(conn in self.event_streams for conn in streams):
+            self._stream_ended = trio.Event()
+            await self._stream_ended.wait()
 
     async def sweep(self) -> None:
         """Heartbeats and token expiry for every connection, from one task."""

@@ -175,8 +175,6 @@ class SseStream:
         self._announced = False
         self._cancel = trio.CancelScope()
         self._ended: str | None = None
-        #: Set once the body has ended (after its last event) or the stream failed.
-        self.finished = trio.Event()
 
     # --- the Connection interface (relay/delivery/connection.py) ------------
 
@@ -185,8 +183,9 @@ class SseStream:
         self.relay.flusher.flush()
 
     def close(self, code: int, reason: str) -> None:
-        """End the stream: what is pending, then an ``info`` event named
-        ``reason`` (an event stream has no close code)."""
+        """End the stream: the body sends what is pending, then a last
+        ``info`` event named ``reason`` (an event stream has no close
+        code), then ends the response properly."""
         self._end(reason)
 
     def tick(self, now: float, wall: float) -> None:
@@ -205,7 +204,7 @@ class SseStream:
     # --- lifecycle -----------------------------------------------------------
 
     async def start(self) -> None:
-        self.relay.event_streams.add(self)
+        self.relay.registry.stream_opened(self)
         self.relay.metrics.opened(self.outbox, "sse")
         self.send_frame(
             events.hello(
@@ -259,15 +258,9 @@ class SseStream:
             self._ended = reason
         self.outbox.ready.set()
 
-    def going_away(self) -> None:
-        """Graceful shutdown: the body sends what is pending, then a last
-        ``info`` event (ServiceRestart), then ends the response properly."""
-        self._end(CloseReason.SERVICE_RESTART)
-
     def release(self) -> None:
         """Synchronous cleanup (runs in the body's finally, possibly cancelled)."""
-        self.relay.event_streams.discard(self)
-        self.finished.set()
+        self.relay.registry.stream_ended(self)
         self._cancel.cancel()
         self.relay.hub.remove(self.streams, list(self.streams.by_conversation))
         self.relay.metrics.closed(self.outbox)

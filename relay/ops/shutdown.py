@@ -52,9 +52,9 @@ async def graceful_shutdown(relay: Relay, hurry: trio.Event | None = None) -> No
     start = trio.current_time()
     deadline = start + relay.config.shutdown_deadline_s
     grace_end = start + min(relay.config.drain_grace_s, relay.config.shutdown_deadline_s)
-    streams = list(relay.event_streams)
+    streams = list(relay.registry.event_streams)
     for stream in streams:
-        stream.going_away()
+        stream.close(CloseCode.SERVICE_RESTART, CloseReason.SERVICE_RESTART)
     with trio.move_on_at(deadline):
         relay.committer.close()
         await relay.committer.drained.wait()
@@ -62,8 +62,7 @@ async def graceful_shutdown(relay: Relay, hurry: trio.Event | None = None) -> No
         session.close(CloseCode.SERVICE_RESTART, CloseReason.SERVICE_RESTART)
     with trio.move_on_at(deadline):
         await relay.registry.all_closed()
-        for stream in streams:
-            await stream.finished.wait()
+        await relay.registry.streams_ended(streams)
         if streams:
             await trio.sleep(SSE_FLUSH_S)
     with trio.move_on_at(min(grace_end, deadline)):
