@@ -26,8 +26,10 @@ from relay.delivery.fanout import FanOut, LocalFanOut
 from relay.delivery.hub import Hub, Published
 from relay.delivery.outbox import Flusher
 from relay.edge.auth import AuthConfig, Authenticator
+from relay.edge.handlers import HandlerParts
 from relay.edge.reader import NodeReader
 from relay.edge.registry import SessionRegistry
+from relay.mls.service import for_relay
 from relay.offline.retention import Retention
 from relay.ops.metrics import RelayMetrics
 from storage import open_storage
@@ -45,6 +47,9 @@ class State:
 
 
 class Relay:
+    #: What request handlers use (relay/edge/handlers.py), once running.
+    handler_parts: HandlerParts
+
     def __init__(self, config: Config, storage: Storage | None = None) -> None:
         self.config = config
         self.server_name = f"mls-relay/{__version__}"
@@ -180,6 +185,15 @@ class Relay:
         self._committer.observer = self.metrics.observe_batch
         self._committer.on_published = self._on_published
         self.reader.committer = self._committer
+        self.handler_parts = HandlerParts(
+            self.storage,
+            for_relay(self),
+            self.hub,
+            self.fanout,
+            self.blobs,
+            self.config,
+            self.push_providers,
+        )
         http = HttpFrontend(self)
         try:
             async with trio.open_nursery() as nursery:

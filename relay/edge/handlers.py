@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Container
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from protocol import events, text
@@ -33,14 +34,13 @@ from protocol.requests import (
     Subscribe,
 )
 from relay.delivery.hub import Ephemeral, Hub, MembershipChange, ReadMark
-from relay.mls.service import DeliveryService, for_relay
+from relay.mls.service import DeliveryService
 from storage.base import ConversationInfo, NewMessage, Storage
 
 if TYPE_CHECKING:
     from relay.base.config import Config
     from relay.delivery.connection import Connection
     from relay.delivery.fanout import FanOut
-    from relay.node import Relay
     from relay.offline.blobs import Blobs
 
 log = logging.getLogger("relay.mls_ds")
@@ -50,34 +50,36 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
+@dataclass(frozen=True, slots=True)
+class HandlerParts:
+    """The node's parts request handlers use: built once per node (relay/node.py)."""
+
+    storage: Storage
+    mls: DeliveryService
+    hub: Hub
+    fanout: FanOut
+    blobs: Blobs
+    config: Config
+    push_providers: Container[str]
+
+
 class Handlers:
     """One connection's request handlers, with the node's parts they use.
 
-    Slotted: one per connection, and idle connections are counted in tens
-    of thousands."""
+    Slotted, the parts copied in (no indirection on every request): one per
+    connection, and idle connections are counted in tens of thousands."""
 
     __slots__ = ("blobs", "config", "conn", "fanout", "hub", "mls", "push_providers", "storage")
 
-    def __init__(
-        self,
-        conn: Connection,
-        *,
-        storage: Storage,
-        mls: DeliveryService,
-        hub: Hub,
-        fanout: FanOut,
-        blobs: Blobs,
-        config: Config,
-        push_providers: Container[str],
-    ) -> None:
+    def __init__(self, conn: Connection, parts: HandlerParts) -> None:
         self.conn = conn
-        self.storage = storage
-        self.mls = mls
-        self.hub = hub
-        self.fanout = fanout
-        self.blobs = blobs
-        self.config = config
-        self.push_providers = push_providers
+        self.storage = parts.storage
+        self.mls = parts.mls
+        self.hub = parts.hub
+        self.fanout = parts.fanout
+        self.blobs = parts.blobs
+        self.config = parts.config
+        self.push_providers = parts.push_providers
 
     async def handle(self, req: Request) -> bytes:
         match req:
@@ -349,17 +351,3 @@ def _check_cursors(cursors: dict[bytes, int], by_id: dict[bytes, ConversationInf
                 conversation=conv,
                 last_seq=info.last_seq,
             )
-
-
-def node_handlers(conn: Connection, relay: Relay) -> Handlers:
-    """The handlers of one of ``relay``'s connections (started, so its storage is open)."""
-    return Handlers(
-        conn,
-        storage=relay.storage,
-        mls=for_relay(relay),
-        hub=relay.hub,
-        fanout=relay.fanout,
-        blobs=relay.blobs,
-        config=relay.config,
-        push_providers=relay.push_providers,
-    )

@@ -54,7 +54,7 @@ from relay.base.ratelimits import NESTED_BYTES, request_cost
 from relay.delivery.committer import PendingSend
 from relay.delivery.outbox import Outbox
 from relay.delivery.streams import Streams
-from relay.edge.handlers import node_handlers
+from relay.edge.handlers import Handlers
 from relay.edge.http.body import MIN_BODY_RATE
 from storage.base import Appended, NewMessage
 
@@ -116,7 +116,7 @@ class Session:
         self.subscribed = False
         self._last_heard = trio.current_time()
         self._announced_caught_up = False
-        self.handlers = node_handlers(self, relay)
+        self.handlers = Handlers(self, relay.handler_parts)
         self.streams.on_joined = self.handlers.on_joined  # MLS Welcome delivery
 
     # --- lifecycle ------------------------------------------------------------

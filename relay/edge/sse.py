@@ -54,7 +54,7 @@ from relay.base.logs import user_hash
 from relay.delivery.outbox import Flusher, Outbox
 from relay.delivery.streams import Streams
 from relay.edge.auth import token_from_request
-from relay.edge.handlers import node_handlers
+from relay.edge.handlers import Handlers
 from relay.offline.retention import consume_jti
 
 if TYPE_CHECKING:
@@ -218,7 +218,7 @@ class SseStream:
         for attempt in range(3):
             cursors = await self._valid_cursors()
             try:
-                await node_handlers(self, self.relay).subscribe(Subscribe(0, cursors))
+                await Handlers(self, self.relay.handler_parts).subscribe(Subscribe(0, cursors))
                 break
             except NotMember:
                 # Membership changed between our check and the subscription.
