@@ -15,14 +15,12 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import trio
 
-from protocol.closecodes import CloseCode, CloseReason
 from protocol.requests import RequestLimits
 from relay import __version__
 from relay.base.config import Config
@@ -35,7 +33,9 @@ from relay.delivery.fanout import FanOut, LocalFanOut
 from relay.delivery.hub import Hub, Published
 from relay.delivery.outbox import Flusher
 from relay.edge.auth import AuthConfig, Authenticator
+from relay.edge.handlers import HandlerParts
 from relay.edge.reader import NodeReader
+from relay.edge.registry import SessionRegistry
 from relay.mls.service import DeliveryService
 from relay.offline.blobs import Blobs
 from relay.offline.delivery_state import DeliveryTracker
@@ -62,6 +62,9 @@ class State:
 class Relay:
     """One node: builds every part with the collaborators it uses, runs them."""
 
+    #: What request handlers use (relay/edge/handlers.py), once running.
+    handler_parts: HandlerParts
+
     def __init__(self, config: Config, storage: Storage | None = None) -> None:
         self.config = config
         self.server_name = f"mls-relay/{__version__}"
@@ -76,6 +79,8 @@ class Relay:
         self.flusher = Flusher()
         self.reader = NodeReader(self.flusher)
         self.hub = Hub(self.flusher)
+        #: The node's connections by device: displacement, heartbeats, token expiry.
+        self.registry = SessionRegistry(self.hub, config.ping_interval_s, self._registered)
         self.fanout: FanOut = LocalFanOut(self.hub)
         if config.redis_url:  # several nodes: fan out through Redis (relay.redisbus)
             from relay.cluster.redisbus import RedisFanOut
@@ -85,10 +90,8 @@ class Relay:
                 config.redis_url,
                 config.redis_prefix,
                 node_id=self.node_id,
-                on_displaced=self._displaced_elsewhere,
+                on_displaced=self.registry.displaced_elsewhere,
             )
-        #: Wall-clock registration time per (user, device), to order displacements.
-        self._registered_at: dict[tuple[str, str], float] = {}
         #: Built here, connected on first use; the embedded default migrates in run().
         self._own_storage = storage is None
         if storage is None:
@@ -109,17 +112,13 @@ class Relay:
             )
         )
         self.state = State()
-        self.sessions: dict[tuple[str, str], object] = {}
         self.metrics_slow_consumers = 0
-        self._sessions_empty = trio.Event()
         #: Closes the port, answering what was already accepted (set by
         #: relay.server once listening; relay/ops/shutdown.py).
         self.stop_accepting: Callable[[], Awaitable[None]] = trio.lowlevel.checkpoint
         self._committer: Committer | None = None
         #: The relay's task nursery once running (SSE streams start tasks in it).
         self.nursery: trio.Nursery | None = None
-        #: Open SSE streams (relay/edge/sse.py), ended one by one by a graceful shutdown.
-        self.event_streams: set[Any] = set()
         self._build_services()
 
     def _build_services(self) -> None:
@@ -136,7 +135,10 @@ class Relay:
             orphan_ttl_s=cfg.blob_orphan_ttl_s,
         )
         self.delivery = DeliveryTracker(
-            storage, lambda: self.sessions.values(), incidents, flush_s=cfg.delivery_flush_s
+            storage,
+            lambda: self.registry.sessions.values(),
+            incidents,
+            flush_s=cfg.delivery_flush_s,
         )
         #: Retention and used-token purge (relay/offline/retention.py).
         self.retention = Retention(
@@ -253,6 +255,15 @@ class Relay:
             on_published=self._on_published,
         )
         self.reader.committer = self._committer
+        self.handler_parts = HandlerParts(
+            self.storage,
+            self.mls,
+            self.hub,
+            self.fanout,
+            self.blobs,
+            self.config,
+            self.push_providers,
+        )
         http = HttpFrontend(self.http_app())
         try:
             async with trio.open_nursery() as nursery:
@@ -262,7 +273,7 @@ class Relay:
                 nursery.start_soon(self.metrics.run_sampler)
                 if self.retention.enabled:
                     nursery.start_soon(self.retention.run)
-                nursery.start_soon(self._sweep)
+                nursery.start_soon(self.registry.sweep)
                 nursery.start_soon(self.delivery.run)
                 nursery.start_soon(self.blobs.run)
                 if self.pusher is not None:
@@ -330,48 +341,7 @@ class Relay:
 
     # --- sessions -------------------------------------------------------------
 
-    def register(self, session: object, user: str, device: str) -> object | None:
-        """Register a device's session; returns the one it displaces, if any."""
-        previous = self.sessions.get((user, device))
-        self.sessions[(user, device)] = session
-        self._registered_at[(user, device)] = now = time.time()
+    def _registered(self, user: str, device: str, at: float) -> None:
+        """A device connected here: count it, and displace it on other nodes."""
         self.delivery.connected(user, device)
-        self.fanout.displace(user, device, now)
-        return previous
-
-    def _displaced_elsewhere(self, user: str, device: str, registered_at: float) -> None:
-        """Another node registered this device: close ours unless it is newer."""
-        from relay.edge.session import Session
-
-        session = self.sessions.get((user, device))
-        if isinstance(session, Session) and self._registered_at[(user, device)] < registered_at:
-            session.close(CloseCode.REPLACED, CloseReason.REPLACED)
-
-    async def all_sessions_closed(self) -> None:
-        while self.sessions:
-            self._sessions_empty = trio.Event()
-            await self._sessions_empty.wait()
-
-    async def _sweep(self) -> None:
-        """Heartbeats and token expiry for every connection, from one task."""
-        from relay.edge.session import Session
-
-        period = min(5.0, self.config.ping_interval_s / 2)
-        while True:
-            await trio.sleep(period)
-            now, wall = trio.current_time(), time.time()
-            for session in list(self.sessions.values()):
-                if isinstance(session, Session):
-                    session.tick(now, wall)
-
-    def forget(self, session: object) -> None:
-        from relay.edge.session import Session
-
-        assert isinstance(session, Session)
-        key = (session.user, session.device)
-        if self.sessions.get(key) is session:
-            del self.sessions[key]
-            self._registered_at.pop(key, None)
-            if not self.sessions:
-                self._sessions_empty.set()
-        self.hub.remove(session.streams, list(session.streams.by_conversation))
+        self.fanout.displace(user, device, at)

@@ -298,7 +298,7 @@ async def test_a_bug_in_one_connection_closes_only_that_connection(tmp_path):
             def broken(data: bytes) -> None:
                 raise RuntimeError("injected fault")
 
-            r.relay.sessions[(BOB, "bad")]._on_message = broken  # type: ignore[attr-defined]
+            r.relay.registry.sessions[(BOB, "bad")]._on_message = broken  # type: ignore[attr-defined]
             await bad.send_raw(encode("#listConversations", {"id": 99}))
             with trio.fail_after(5):
                 await bad.closed.wait()

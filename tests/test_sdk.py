@@ -91,7 +91,7 @@ async def test_forced_disconnects_lose_and_duplicate_nothing(database_url):
                     acked.append(await alice.send(CONV, b"m-%d" % i, f"cmid-{i}"))
                     if i == total // 2:
                         # Mid-send: the relay drops Alice; in-flight sends are re-sent.
-                        r.relay.sessions[(ALICE, "a1")].close(1012, "test")  # type: ignore[attr-defined]
+                        r.relay.registry.sessions[(ALICE, "a1")].close(1012, "test")
                     await trio.sleep(0.005)
 
             received: list[Message] = []
@@ -103,7 +103,7 @@ async def test_forced_disconnects_lose_and_duplicate_nothing(database_url):
                     received.append(event)
                     if len(received) in (15, 40):
                         # Mid-stream: the relay drops Bob, twice.
-                        r.relay.sessions[(BOB, "b1")].close(1012, "test")  # type: ignore[attr-defined]
+                        r.relay.registry.sessions[(BOB, "b1")].close(1012, "test")
                     if len(received) == total:
                         break
             assert [m.seq for m in received] == list(range(1, total + 1))

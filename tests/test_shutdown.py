@@ -108,7 +108,7 @@ async def test_drain_acknowledges_or_drops_sends_and_closes_with_1012(database_u
                         await c.closed.wait()
                     assert c.close_code == 1012, (c.device, c.close_code)
             assert took < 15
-            assert relay.sessions == {}
+            assert relay.registry.sessions == {}
             assert len(acked) > 40  # the flood really was under way
             # The only refusal while draining says where to go: elsewhere.
             assert set(refusals) <= {"ShuttingDown"}, refusals
@@ -141,7 +141,7 @@ async def test_deadline_holds_with_a_client_that_never_reads(database_url):
                 chunk = os.urandom(200_000)
                 for i in range(80):  # ~16 MB towards a reader that never reads
                     await a.send(CONV, chunk, f"big-{i}")
-                session = r.relay.sessions[(BOB, "b1")]
+                session = r.relay.registry.sessions[(BOB, "b1")]
                 assert session.outbox.pending_bytes > 0  # type: ignore[attr-defined]
                 t0 = trio.current_time()
                 await graceful_shutdown(r.relay)

@@ -62,7 +62,7 @@ async def test_slow_consumer_is_cut_off_and_resumes_without_loss(database_url):
                 got = await carol.messages(n)
                 assert [m["seq"] for m in got] == list(range(1, n + 1))
             assert r.relay.metrics_slow_consumers == 1
-            assert (BOB, "b1") not in r.relay.sessions
+            assert (BOB, "b1") not in r.relay.registry.sessions
             await stalled.aclose()
             # Bob resumes from his (never acknowledged) cursor: nothing lost.
             async with connect(r.ws_url, BOB, "b1", subscribe=True) as bob:
@@ -101,7 +101,7 @@ async def test_silent_connection_is_closed_by_heartbeat(tmp_path):
                 received = b""
                 while chunk := await stalled.receive_some(65536):  # to the relay's EOF
                     received += chunk
-                assert (BOB, "b1") not in r.relay.sessions
+                assert (BOB, "b1") not in r.relay.registry.sessions
             frames = server_frames(received)
             opcodes = [opcode for opcode, _ in frames]
             assert opcodes.count(0x9) >= 1  # pinged before being given up
@@ -109,5 +109,5 @@ async def test_silent_connection_is_closed_by_heartbeat(tmp_path):
             close = frames[-1][1]
             assert (int.from_bytes(close[:2], "big"), close[2:]) == (1001, b"PingTimeout")
             # Silent as long (longer: it connected first), but it answered the pings.
-            assert (CAROL, "c1") in r.relay.sessions and not answering.closed.is_set()
+            assert (CAROL, "c1") in r.relay.registry.sessions and not answering.closed.is_set()
             assert (await answering.ok("#listConversations"))["conversations"] == []

@@ -146,7 +146,7 @@ async def test_sdk_reconnects_need_a_token_provider(database_url):
                 async with RelayClient.connect(r.ws_url, mint, initial_backoff=0.05) as bob:
                     events = bob.events()
                     first = await _next_message(events)
-                    r.relay.sessions[(BOB, "b1")].close(1012, "test")  # type: ignore[attr-defined]
+                    r.relay.registry.sessions[(BOB, "b1")].close(1012, "test")
                     for _ in range(400):  # until the SDK is back, with a fresh token
                         if bob.connections == 2:
                             break
@@ -158,7 +158,7 @@ async def test_sdk_reconnects_need_a_token_provider(database_url):
             # A plain string works once: the reconnect is refused as a replay.
             once = make_token(BOB, "b2")
             async with RelayClient.connect(r.ws_url, once, initial_backoff=0.05) as bob:
-                r.relay.sessions[(BOB, "b2")].close(1012, "test")  # type: ignore[attr-defined]
+                r.relay.registry.sessions[(BOB, "b2")].close(1012, "test")
                 with pytest.raises(RequestFailed) as failed:
                     await bob.list_conversations()
                 assert failed.value.error == "AuthRejected"

@@ -11,6 +11,8 @@
   the same interface in :mod:`relay.cluster.redisbus`).
 * :mod:`.outbox` -- a connection's byte-bounded send queue and the flusher
   that sends once per connection per batch.
+* :mod:`.connection` -- the interface of one client connection (a
+  WebSocket session or an SSE stream) that everything else depends on.
 
 May use: :mod:`relay.base`, :mod:`storage`, :mod:`protocol`.
 """

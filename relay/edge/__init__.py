@@ -6,7 +6,9 @@
   relay's own hot path, everything else goes to the HTTP app.
 * :mod:`.auth` -- bearer tokens (HS256 / JWKS) and their claims.
 * :mod:`.session` -- one WebSocket connection; :mod:`.reader` reads all of a
-  node's sockets from one task; :mod:`.handlers` answers requests.
+  node's sockets from one task; :mod:`.handlers` answers requests;
+  :mod:`.registry` holds the node's sessions by device (displacement, the
+  heartbeat and token-expiry sweep).
 * :mod:`.sse` -- the Server-Sent Events stream (the same events over HTTP).
 * :mod:`.http` -- the HTTP app: bodies, per-user limits and the routes.
 

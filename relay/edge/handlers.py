@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Container
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from protocol import events, text
@@ -31,11 +33,15 @@ from protocol.requests import (
     Send,
     Subscribe,
 )
-from relay.delivery.hub import Ephemeral, MembershipChange, ReadMark
-from storage.base import ConversationInfo, NewMessage
+from relay.delivery.hub import Ephemeral, Hub, MembershipChange, ReadMark
+from relay.mls.service import DeliveryService
+from storage.base import ConversationInfo, NewMessage, Storage
 
 if TYPE_CHECKING:
-    from relay.edge.session import Session
+    from relay.base.config import Config
+    from relay.delivery.connection import Connection
+    from relay.delivery.fanout import FanOut
+    from relay.offline.blobs import Blobs
 
 log = logging.getLogger("relay.mls_ds")
 
@@ -44,10 +50,36 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
+@dataclass(frozen=True, slots=True)
+class HandlerParts:
+    """The node's parts request handlers use: built once per node (relay/node.py)."""
+
+    storage: Storage
+    mls: DeliveryService
+    hub: Hub
+    fanout: FanOut
+    blobs: Blobs
+    config: Config
+    push_providers: Container[str]
+
+
 class Handlers:
-    def __init__(self, session: Session) -> None:
-        self.s = session
-        self.storage = session.relay.storage
+    """One connection's request handlers, with the node's parts they use.
+
+    Slotted, the parts copied in (no indirection on every request): one per
+    connection, and idle connections are counted in tens of thousands."""
+
+    __slots__ = ("blobs", "config", "conn", "fanout", "hub", "mls", "push_providers", "storage")
+
+    def __init__(self, conn: Connection, parts: HandlerParts) -> None:
+        self.conn = conn
+        self.storage = parts.storage
+        self.mls = parts.mls
+        self.hub = parts.hub
+        self.fanout = parts.fanout
+        self.blobs = parts.blobs
+        self.config = parts.config
+        self.push_providers = parts.push_providers
 
     async def handle(self, req: Request) -> bytes:
         match req:
@@ -60,7 +92,7 @@ class Handlers:
             case RemoveMembers():
                 return await self.remove(req.id, req.conversation, list(req.members))
             case Leave():
-                return await self.remove(req.id, req.conversation, [self.s.user])
+                return await self.remove(req.id, req.conversation, [self.conn.user])
             case ListConversations():
                 return await self.list(req)
             case Subscribe():
@@ -83,17 +115,19 @@ class Handlers:
     # --- offline devices and blobs (relay/offline/)
 
     async def delete(self, req: DeleteConversation) -> bytes:
-        members = await self.storage.delete_conversation(req.conversation, self.s.user, _now_ms())
-        self.s.relay.mls.forget(req.conversation)
-        self.s.relay.fanout.publish_membership(
-            MembershipChange(req.conversation, self.s.user, (), tuple(members), 0)
+        members = await self.storage.delete_conversation(
+            req.conversation, self.conn.user, _now_ms()
+        )
+        self.mls.forget(req.conversation)
+        self.fanout.publish_membership(
+            MembershipChange(req.conversation, self.conn.user, (), tuple(members), 0)
         )
         # Its blobs go in the background (relay/offline/blobs.py): there may be any number.
-        self.s.relay.blobs.wake()
+        self.blobs.wake()
         return events.result(req.id, conversation=req.conversation, deleted=True)
 
     async def delivery_state(self, req: DeliveryStateRequest) -> bytes:
-        states = await self.storage.delivery_state(req.conversation, self.s.user, req.seqs)
+        states = await self.storage.delivery_state(req.conversation, self.conn.user, req.seqs)
         return events.result(
             req.id,
             conversation=req.conversation,
@@ -105,13 +139,13 @@ class Handlers:
         )  # fmt: skip
 
     async def mark_read(self, req: MarkRead) -> bytes:
-        s = self.s
+        s = self.conn
         seq = await self.storage.set_read(req.conversation, s.user, req.seq, _now_ms())
-        s.relay.fanout.publish_read(ReadMark(req.conversation, s.user, s.device, seq))
+        self.fanout.publish_read(ReadMark(req.conversation, s.user, s.device, seq))
         return events.result(req.id, conversation=req.conversation, seq=seq)
 
     async def read_positions(self, req: ReadPositions) -> bytes:
-        reads = await self.storage.read_positions(req.conversation, self.s.user)
+        reads = await self.storage.read_positions(req.conversation, self.conn.user)
         return events.result(
             req.id,
             conversation=req.conversation,
@@ -119,10 +153,10 @@ class Handlers:
         )
 
     async def register_push(self, req: RegisterPush) -> bytes:
-        if req.provider and req.provider not in self.s.relay.push_providers:
+        if req.provider and req.provider not in self.push_providers:
             raise UnknownPushProvider(f"no push provider named {text.excerpt(req.provider)} here")
         await self.storage.register_push(
-            self.s.user, self.s.device, req.provider, req.zone, req.token, _now_ms()
+            self.conn.user, self.conn.device, req.provider, req.zone, req.token, _now_ms()
         )
         return events.result(req.id, provider=req.provider)
 
@@ -130,15 +164,15 @@ class Handlers:
 
     async def new_message(self, req: Send) -> NewMessage:
         """The stored form of a durable send (MLS sends are parsed and checked)."""
-        return await self.s.relay.mls.new_message(req, self.s.user, self.s.device, _now_ms())
+        return await self.mls.new_message(req, self.conn.user, self.conn.device, _now_ms())
 
     def new_message_nowait(self, req: Send) -> NewMessage | None:
         """The same without I/O; None when the conversation's kind is not cached."""
-        ds = self.s.relay.mls
-        return ds.new_message_nowait(req, self.s.user, self.s.device, _now_ms())
+        ds = self.mls
+        return ds.new_message_nowait(req, self.conn.user, self.conn.device, _now_ms())
 
     async def claim(self, req: ClaimKeyPackages) -> bytes:
-        result = await self.s.relay.mls.claim(self.s.user, req.users, req.cipher_suite)
+        result = await self.mls.claim(self.conn.user, req.users, req.cipher_suite)
         return events.result(
             req.id,
             key_packages=[
@@ -151,58 +185,60 @@ class Handlers:
 
     def on_joined(self, conversation: bytes) -> None:
         """Streams hook: this device became a member (any node); send its Welcome."""
-        self.s.nursery.start_soon(self.send_welcomes, conversation)
+        self.conn.nursery.start_soon(self.send_welcomes, conversation)
 
     async def send_welcomes(self, conversation: bytes | None = None) -> None:
         """Push the device's Welcome inbox (at least once; acking seq removes one)."""
         try:
-            inbox = await self.storage.welcomes_for(self.s.user, self.s.device)
+            inbox = await self.storage.welcomes_for(self.conn.user, self.conn.device)
         except RelayError:  # a task: must not fail the session; the next #subscribe retries
             log.warning("could not read the Welcome inbox", exc_info=True)
             return
         for w in inbox:
             if conversation is None or w.conversation == conversation:
-                self.s.send_frame(events.welcome(w.conversation, w.seq, w.epoch, w.welcome))
+                self.conn.send_frame(events.welcome(w.conversation, w.seq, w.epoch, w.welcome))
 
     async def ephemeral(self, req: Send) -> bytes:
-        await self.storage.conversation_for_member(req.conversation, self.s.user)
-        self.s.relay.fanout.publish_ephemeral(
-            Ephemeral(req.conversation, self.s.user, self.s.device, _now_ms(), req.ciphertext)
+        await self.storage.conversation_for_member(req.conversation, self.conn.user)
+        self.fanout.publish_ephemeral(
+            Ephemeral(req.conversation, self.conn.user, self.conn.device, _now_ms(), req.ciphertext)
         )
         return events.result(req.id)
 
     async def create(self, req: CreateConversation) -> bytes:
         info = await self.storage.create_conversation(
             req.conversation,
-            self.s.user,
+            self.conn.user,
             req.members,
             _now_ms(),
             mls_group_id=req.mls_group_id,
             external_join=req.external_join,
-            storage_model=req.storage or self.s.relay.config.storage_model,
-            max_created=self.s.relay.config.max_conversations_per_user,
-            max_members=self.s.relay.config.max_members,
+            storage_model=req.storage or self.config.storage_model,
+            max_created=self.config.max_conversations_per_user,
+            max_members=self.config.max_members,
         )
         members = await self.storage.members(req.conversation)
-        self.s.relay.fanout.publish_membership(
-            MembershipChange(req.conversation, self.s.user, tuple((m, 0) for m in members), (), 0)
+        self.fanout.publish_membership(
+            MembershipChange(
+                req.conversation, self.conn.user, tuple((m, 0) for m in members), (), 0
+            )
         )
         return events.result(req.id, members=members, seq=info.last_seq)
 
     async def add(self, req: AddMembers) -> bytes:
         added = await self.storage.add_members(
             req.conversation,
-            self.s.user,
+            self.conn.user,
             req.members,
             _now_ms(),
-            max_members=self.s.relay.config.max_members,
+            max_members=self.config.max_members,
         )
         last_seq = added[0].joined_seq if added else 0
         if added:
-            self.s.relay.fanout.publish_membership(
+            self.fanout.publish_membership(
                 MembershipChange(
                     req.conversation,
-                    self.s.user,
+                    self.conn.user,
                     tuple((a.user, a.joined_seq) for a in added),
                     (),
                     last_seq,
@@ -211,16 +247,16 @@ class Handlers:
         return events.result(req.id, added=[a.user for a in added])
 
     async def remove(self, rid: int, conversation: bytes, users: list[str]) -> bytes:
-        info = await self.storage.conversation_for_member(conversation, self.s.user)
-        removed = await self.storage.remove_members(conversation, self.s.user, users)
+        info = await self.storage.conversation_for_member(conversation, self.conn.user)
+        removed = await self.storage.remove_members(conversation, self.conn.user, users)
         if removed:
-            self.s.relay.fanout.publish_membership(
-                MembershipChange(conversation, self.s.user, (), tuple(removed), info.last_seq)
+            self.fanout.publish_membership(
+                MembershipChange(conversation, self.conn.user, (), tuple(removed), info.last_seq)
             )
         return events.result(rid, removed=removed)
 
     async def list(self, req: ListConversations) -> bytes:
-        convs = await self.storage.list_conversations(self.s.user)
+        convs = await self.storage.list_conversations(self.conn.user)
         return events.result(
             req.id,
             conversations=[
@@ -235,7 +271,9 @@ class Handlers:
         )
 
     async def ack(self, req: Ack) -> bytes:
-        seq = await self.storage.set_cursor(self.s.user, self.s.device, req.conversation, req.seq)
+        seq = await self.storage.set_cursor(
+            self.conn.user, self.conn.device, req.conversation, req.seq
+        )
         return events.result(req.id, conversation=req.conversation, seq=seq)
 
     async def subscribe(self, req: Subscribe) -> bytes:
@@ -244,11 +282,11 @@ class Handlers:
         Order matters: the hub starts recording published seqs (watch) and
         stashing membership changes BEFORE the storage snapshot, and the
         streams are registered after it; see Hub.watch."""
-        s = self.s
+        s = self.conn
         if s.subscribed:
             raise AlreadySubscribed("already subscribed on this connection")
         stash = s.streams.start_stash()  # refuses one already being set up
-        hub = s.relay.hub
+        hub = self.hub
         seen = hub.watch()
         hub.add_user(s.streams)
         try:

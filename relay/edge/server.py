@@ -189,7 +189,7 @@ async def _websocket(relay: Relay, stream: trio.SocketStream, head: RequestHead)
         try:
             await stream.send_all(response)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
-            relay.forget(session)
+            relay.registry.forget(session)
             return
         await session.run(head.rest)
     finally:
@@ -205,14 +205,14 @@ async def _start_session(
         # single-use tokens: spend the jti in the shared database (relay/offline/retention.py)
         await relay.tokens.consume(identity)
         session = Session(relay, identity, stream)
-        previous = relay.register(session, identity.user, identity.device)
+        previous = relay.registry.register(session)
     except Exception as exc:  # TokenReplayed (401), Unavailable (503), or a bug (500)
-        if session is not None and relay.sessions.get((identity.user, identity.device)) is session:
-            relay.forget(session)
+        if session is not None and relay.registry.is_registered(session):
+            relay.registry.forget(session)
         refusal = _refusal(relay.metrics.incidents, exc)
         await _refuse(stream, refusal)
         return None
-    if isinstance(previous, Session):
+    if previous is not None:
         previous.close(CloseCode.REPLACED, CloseReason.REPLACED)
     return session
 

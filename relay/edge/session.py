@@ -76,6 +76,11 @@ _DISCARD_ON = frozenset({CloseCode.CONSUMER_TOO_SLOW, RateLimitIgnored.close_cod
 
 
 class Session:
+    """A :class:`~relay.delivery.connection.Connection` over a WebSocket."""
+
+    #: The connection's task nursery while it runs (request handlers use it).
+    nursery: trio.Nursery
+
     def __init__(self, relay: Relay, identity: Identity, stream: trio.SocketStream) -> None:
         self.relay = relay
         self.identity = identity
@@ -111,7 +116,7 @@ class Session:
         self.subscribed = False
         self._last_heard = trio.current_time()
         self._announced_caught_up = False
-        self.handlers = Handlers(self)
+        self.handlers = Handlers(self, relay.handler_parts)
         self.streams.on_joined = self.handlers.on_joined  # MLS Welcome delivery
 
     # --- lifecycle ------------------------------------------------------------
@@ -156,7 +161,7 @@ class Session:
         finally:
             self.outbox.nursery = None
             self._done = True
-            self.relay.forget(self)
+            self.relay.registry.forget(self)
             await self._finish()
 
     def close(self, code: int, reason: str) -> None:
@@ -204,7 +209,7 @@ class Session:
             self._resume(_BACKLOG)
 
     def tick(self, now: float, wall: float) -> None:
-        """Called by the node's sweeper (Relay.sweep) every few seconds.
+        """Called by the node's sweep (SessionRegistry.sweep) every few seconds.
 
         Token expiry and heartbeats are checked here rather than by timer
         tasks of each connection: three sleeping tasks per socket were a

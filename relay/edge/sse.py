@@ -35,7 +35,7 @@ import secrets
 import time
 from collections import deque
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 import trio
 from quart import Response, request
@@ -61,7 +61,6 @@ if TYPE_CHECKING:
 
     from relay.cluster.presence import Lease
     from relay.edge.auth import Identity
-    from relay.edge.session import Session
     from relay.node import Relay
 
 log = logging.getLogger("relay.sse")
@@ -150,7 +149,9 @@ def _jsonable(value: Any) -> Any:
 
 
 class SseStream:
-    """One SSE client.  Exposes what Handlers.subscribe needs of a session."""
+    """One SSE client: a receive-only
+    :class:`~relay.delivery.connection.Connection` (the #subscribe handler
+    sets it up exactly as a WebSocket's)."""
 
     #: Where request handlers start follow-up tasks (a session's nursery).
     nursery: trio.Nursery
@@ -165,22 +166,31 @@ class SseStream:
         self.device = identity.device
         self.id = secrets.token_hex(8)
         self.positions = positions
-        self.sink = SseSink(relay.flusher, relay.config.outbox_limit)
+        self.outbox = SseSink(relay.flusher, relay.config.outbox_limit)
         self.streams = Streams(
-            self.user, self.device, self.sink, relay.flusher, relay.storage, self._unfollow
+            self.user, self.device, self.outbox, relay.flusher, relay.storage, self._unfollow
         )
         self.subscribed = False
         self._announced = False
         self._cancel = trio.CancelScope()
         self._ended: str | None = None
-        #: Set once the body has ended (after its last event) or the stream failed.
-        self.finished = trio.Event()
 
-    # --- the session surface used by Handlers.subscribe ---------------------
+    # --- the Connection interface (relay/delivery/connection.py) ------------
 
     def send_frame(self, payload: bytes) -> None:
-        self.sink.write_control(binary_frame(payload))
+        self.outbox.write_control(binary_frame(payload))
         self.relay.flusher.flush()
+
+    def close(self, code: int, reason: str) -> None:
+        """End the stream: the body sends what is pending, then a last
+        ``info`` event named ``reason`` (an event stream has no close
+        code), then ends the response properly."""
+        self._end(reason)
+
+    def tick(self, now: float, wall: float) -> None:
+        """Nothing to sweep: the token's expiry is timed by the stream's own
+        task (_background) and keep-alives by the body, and the stream is
+        not in the node's session registry (it displaces no one)."""
 
     def _unfollow(self, conversation: bytes) -> None:
         self.relay.hub.unsubscribe(self.streams, conversation)
@@ -193,8 +203,8 @@ class SseStream:
     # --- lifecycle -----------------------------------------------------------
 
     async def start(self) -> None:
-        self.relay.event_streams.add(self)
-        self.relay.metrics.opened(self.sink, "sse")
+        self.relay.registry.stream_opened(self)
+        self.relay.metrics.opened(self.outbox, "sse")
         self.send_frame(
             events.hello(
                 self.user, self.device, self.relay.server_name, self.id, self.relay.node_id
@@ -207,7 +217,7 @@ class SseStream:
         for attempt in range(3):
             cursors = await self._valid_cursors()
             try:
-                await Handlers(cast("Session", self)).subscribe(Subscribe(0, cursors))
+                await Handlers(self, self.relay.handler_parts).subscribe(Subscribe(0, cursors))
                 break
             except NotMember:
                 # Membership changed between our check and the subscription.
@@ -245,20 +255,14 @@ class SseStream:
     def _end(self, reason: str) -> None:
         if self._ended is None:
             self._ended = reason
-        self.sink.ready.set()
+        self.outbox.ready.set()
 
-    def going_away(self) -> None:
-        """Graceful shutdown: the body sends what is pending, then a last
-        ``info`` event (ServiceRestart), then ends the response properly."""
-        self._end(CloseReason.SERVICE_RESTART)
-
-    def close(self) -> None:
+    def release(self) -> None:
         """Synchronous cleanup (runs in the body's finally, possibly cancelled)."""
-        self.relay.event_streams.discard(self)
-        self.finished.set()
+        self.relay.registry.stream_ended(self)
         self._cancel.cancel()
         self.relay.hub.remove(self.streams, list(self.streams.by_conversation))
-        self.relay.metrics.closed(self.sink)
+        self.relay.metrics.closed(self.outbox)
         self.relay.presence.release(self.lease)  # idempotent
 
     # --- the response body ---------------------------------------------------
@@ -270,12 +274,12 @@ class SseStream:
             yield b"retry: 2000\n\n"
             while True:
                 with trio.move_on_after(keepalive):
-                    await self.sink.ready.wait()
-                if self.sink.has_failed:
-                    self._end(CloseReason.CONSUMER_TOO_SLOW if self.sink.overflowed else "closed")
+                    await self.outbox.ready.wait()
+                if self.outbox.has_failed:
+                    self._end(CloseReason.CONSUMER_TOO_SLOW if self.outbox.overflowed else "closed")
                 if self.relay.state.shutting_down:
                     self._end(CloseReason.SERVICE_RESTART)
-                chunk = self._render_slice() if self.sink.ready.is_set() else b""
+                chunk = self._render_slice() if self.outbox.ready.is_set() else b""
                 if self._ended is not None:
                     reason = self._ended
                     if reason == CloseReason.CONSUMER_TOO_SLOW:
@@ -286,21 +290,21 @@ class SseStream:
                     yield chunk + self._render([binary_frame(info)])
                     return
                 chunk = chunk or b": keep-alive\n\n"
-                self.sink.bytes_out += len(chunk)
+                self.outbox.bytes_out += len(chunk)
                 yield chunk
         finally:
-            self.close()
+            self.release()
             log.info("sse stream closed", extra={"session": self.id, "reason": reason})
 
     def _render_slice(self) -> bytes:
         """Render pending frames until RENDER_SLICE bytes of text (or none left)."""
         out: list[bytes] = []
         size = 0
-        while size < RENDER_SLICE and (wire := self.sink.pop()) is not None:
+        while size < RENDER_SLICE and (wire := self.outbox.pop()) is not None:
             piece = self._render([wire])
             out.append(piece)
             size += len(piece)
-        self.sink.taken()
+        self.outbox.taken()
         return b"".join(out)
 
     def _render(self, frames: list[bytes]) -> bytes:
@@ -355,7 +359,7 @@ def register(app: QuartTrio, relay: Relay) -> None:
             )
             await stream.start()
         except BaseException:
-            stream.close()
+            stream.release()
             raise
         response = Response(
             stream.body(),

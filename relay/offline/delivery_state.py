@@ -38,6 +38,7 @@ from relay.base.logs import user_hash
 
 if TYPE_CHECKING:
     from relay.base.incidents import Incidents
+    from relay.delivery.connection import Connection
     from relay.delivery.streams import Stream
     from storage.base import Storage
 
@@ -79,7 +80,7 @@ class DeliveryTracker:
     def __init__(
         self,
         storage: Storage,
-        sessions: Callable[[], Iterable[object]],
+        sessions: Callable[[], Iterable[Connection]],
         incidents: Incidents,
         *,
         flush_s: float,
@@ -109,16 +110,12 @@ class DeliveryTracker:
     async def _moved(self) -> tuple[list[Row], dict[Device, dict[bytes, Stream]]]:
         """The positions past what was written, and the devices walked (with
         their streams)."""
-        from relay.edge.session import Session
-
         moved: list[Row] = []
         live: dict[Device, dict[bytes, Stream]] = {}
         poisoned = self._poisoned
         slices = _Slices()
         self.walked = 0
         for session in list(self._sessions()):
-            if not isinstance(session, Session):
-                continue
             user, device = session.user, session.device
             streams = live[(user, device)] = session.streams.by_conversation
             recorded = self._recorded.get((user, device), {})

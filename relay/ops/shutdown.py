@@ -47,25 +47,21 @@ async def graceful_shutdown(relay: Relay, hurry: trio.Event | None = None) -> No
     Returns by the deadline even if a client never reads (its close frame
     cannot be written); the caller then cancels what is left, and each
     session's own bounded close finishes the job."""
-    from relay.edge.session import Session
-
     relay.state.shutting_down = True
     start = trio.current_time()
     deadline = start + relay.config.shutdown_deadline_s
     grace_end = start + min(relay.config.drain_grace_s, relay.config.shutdown_deadline_s)
-    streams = list(relay.event_streams)
+    streams = list(relay.registry.event_streams)
     for stream in streams:
-        stream.going_away()
+        stream.close(CloseCode.SERVICE_RESTART, CloseReason.SERVICE_RESTART)
     with trio.move_on_at(deadline):
         relay.committer.close()
         await relay.committer.drained.wait()
-    for session in list(relay.sessions.values()):
-        if isinstance(session, Session):
-            session.close(CloseCode.SERVICE_RESTART, CloseReason.SERVICE_RESTART)
+    for session in list(relay.registry.sessions.values()):
+        session.close(CloseCode.SERVICE_RESTART, CloseReason.SERVICE_RESTART)
     with trio.move_on_at(deadline):
-        await relay.all_sessions_closed()
-        for stream in streams:
-            await stream.finished.wait()
+        await relay.registry.all_closed()
+        await relay.registry.streams_ended(streams)
         if streams:
             await trio.sleep(SSE_FLUSH_S)
     with trio.move_on_at(min(grace_end, deadline)):

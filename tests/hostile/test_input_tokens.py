@@ -98,7 +98,7 @@ def _nothing_held(r: Running) -> None:
     assert relay.node_limits._users == {}, "a connection slot was left behind"
     assert relay.presence._leases == {}, "a lease was left behind"
     assert relay.presence._released == [], "a lease release is queued"
-    assert relay.sessions == {}
+    assert relay.registry.sessions == {}
     assert relay.presence.redis.up and relay.presence.redis.outages == 0
     assert relay.presence.redis.fallbacks == {}  # every admission asked Redis
     assert relay.metrics.incidents.counts == {}  # refusals, not incidents

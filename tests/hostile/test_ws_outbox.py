@@ -142,16 +142,16 @@ async def test_a_result_lost_to_the_bound_is_durable_and_its_retry_gets_the_same
                 for i in range(40):  # 2.6 MB of history: more than the kernel buffers hold
                     await a.send(conv, b"%02d" % i + b"h" * 65536, f"m{i}")
             stalled = await _stalled_subscriber(r.port, BOB, "b1")
-            while (BOB, "b1") not in r.relay.sessions:  # noqa: ASYNC110 (polling the relay)
+            while (BOB, "b1") not in r.relay.registry.sessions:  # noqa: ASYNC110 (polling the relay)
                 await trio.sleep(0.01)
-            outbox = r.relay.sessions[(BOB, "b1")].outbox
+            outbox = r.relay.registry.sessions[(BOB, "b1")].outbox
             while outbox.pending_bytes < 65536:  # noqa: ASYNC110 (the replay is stuck)
                 await trio.sleep(0.01)
             outbox.limit = outbox.pending_bytes  # at the bound: nothing more fits
             send = {"id": 2, "conversation": conv, "ciphertext": b"lost", "client_message_id": "x"}
             await stalled.send_all(client_frame(encode("#send", send)))
             with trio.fail_after(10):
-                while (BOB, "b1") in r.relay.sessions:  # noqa: ASYNC110
+                while (BOB, "b1") in r.relay.registry.sessions:  # noqa: ASYNC110
                     await trio.sleep(0.02)
             assert r.relay.metrics_slow_consumers == 1
             await stalled.aclose()
