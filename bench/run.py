@@ -126,11 +126,6 @@ def start_relay(database_url: str, workers: int = 1, redis_url: str = "") -> Ser
         RELAY_SERVICE_ID=AUDIENCE,
         RELAY_DEV_MODE="1",
         RELAY_LOG_LEVEL="WARNING",
-        # The generator is one address standing for 1,000 users: the
-        # per-address caps (docs/SECURITY.md) would refuse all but 256 of them.
-        # They still count every connection; only the refusal is off.
-        RELAY_CONNECTIONS_PER_ADDRESS="0",
-        RELAY_CONNECT_RATE_PER_ADDRESS="0",
     )
     cmd = [sys.executable, "-m", "relay.cli", "serve", "--host", LOOPBACK, "--port", str(port)]
     if workers > 1:
