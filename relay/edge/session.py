@@ -61,7 +61,7 @@ from storage.base import Appended, NewMessage
 if TYPE_CHECKING:
     from relay.base.config import Config
     from relay.edge.auth import Identity
-    from relay.node import Relay
+    from relay.edge.parts import EdgeParts
 
 log = logging.getLogger("relay.session")
 
@@ -81,17 +81,19 @@ class Session:
     #: The connection's task nursery while it runs (request handlers use it).
     nursery: trio.Nursery
 
-    def __init__(self, relay: Relay, identity: Identity, stream: trio.SocketStream) -> None:
-        self.relay = relay
+    def __init__(self, parts: EdgeParts, identity: Identity, stream: trio.SocketStream) -> None:
+        self.parts = parts
+        #: The node's committer, looked up once (every #send uses it).
+        self._committer = parts.committer()
         self.identity = identity
         self.user = identity.user
         self.device = identity.device
         self.id = secrets.token_hex(8)
         self._stream = stream
-        cfg = relay.config
-        self.outbox = Outbox(stream.socket.fileno(), relay.flusher, cfg.outbox_limit)
+        cfg = parts.config
+        self.outbox = Outbox(stream.socket.fileno(), parts.flusher, cfg.outbox_limit)
         self.streams = Streams(
-            self.user, self.device, self.outbox, relay.flusher, relay.storage, self._unfollow
+            self.user, self.device, self.outbox, parts.flusher, parts.storage, self._unfollow
         )
         self._conn = ServerConnection(cfg.max_frame)
         # Requests in flight on this connection (bounded by max_in_flight; the
@@ -108,23 +110,23 @@ class Session:
         #: in progress has been waited for (None: none in progress).
         self._messages_at_tick = 0
         self._message_since: float | None = None
-        self._requests = relay.node_limits.connection_bucket()
-        self._strikes = relay.node_limits.strike_bucket()
+        self._requests = parts.node_limits.connection_bucket()
+        self._strikes = parts.node_limits.strike_bucket()
         self._closing: tuple[int, str] | None = None
         self._done = False
         self._cancel = trio.CancelScope()
         self.subscribed = False
         self._last_heard = trio.current_time()
         self._announced_caught_up = False
-        self.handlers = Handlers(self, relay.handler_parts)
+        self.handlers = Handlers(self, parts.handlers)
         self.streams.on_joined = self.handlers.on_joined  # MLS Welcome delivery
 
     # --- lifecycle ------------------------------------------------------------
 
     async def run(self, early: bytes) -> None:
-        metrics = self.relay.metrics
+        metrics = self.parts.metrics
         metrics.opened(self.outbox, "websocket")
-        with connection_context(self.id, self.relay.node_id, self.user, self.device):
+        with connection_context(self.id, self.parts.node_id, self.user, self.device):
             log.info("connection opened", extra={"transport": "websocket"})
             try:
                 await self._run(early)
@@ -139,7 +141,7 @@ class Session:
     async def _run(self, early: bytes) -> None:
         self.send_frame(
             events.hello(
-                self.user, self.device, self.relay.server_name, self.id, self.relay.node_id
+                self.user, self.device, self.parts.server_name, self.id, self.parts.node_id
             )
         )
         try:
@@ -148,20 +150,20 @@ class Session:
                     self.nursery = nursery
                     self.outbox.nursery = nursery
                     self.streams.attach(nursery, self._caught_up)
-                    self.relay.reader.add(self._fd, self)
+                    self.parts.reader.add(self._fd, self)
                     if self._paused_for:  # the hello alone filled the queue (tiny bound)
-                        self.relay.reader.pause(self._fd)
+                        self.parts.reader.pause(self._fd)
                     try:
                         if early:
                             self.feed(early)
-                            self.relay.flusher.flush()
+                            self.parts.flusher.flush()
                         await trio.sleep_forever()  # until close() cancels us
                     finally:
-                        self.relay.reader.remove(self._fd)
+                        self.parts.reader.remove(self._fd)
         finally:
             self.outbox.nursery = None
             self._done = True
-            self.relay.registry.forget(self)
+            self.parts.registry.forget(self)
             await self._finish()
 
     def close(self, code: int, reason: str) -> None:
@@ -195,8 +197,8 @@ class Session:
 
     def _too_slow(self) -> None:
         if self._closing is None:
-            self.relay.metrics_slow_consumers += 1
-            self.relay.metrics.error(CloseReason.CONSUMER_TOO_SLOW)
+            self.parts.slow_consumer()
+            self.parts.metrics.error(CloseReason.CONSUMER_TOO_SLOW)
         self.close(CloseCode.CONSUMER_TOO_SLOW, CloseReason.CONSUMER_TOO_SLOW)
 
     def _on_backlog(self, backlogged: bool) -> None:
@@ -223,7 +225,7 @@ class Session:
         self._bytes_out_at_tick = self.outbox.bytes_out
         if self._message_too_slow(now):
             return
-        interval = self.relay.config.ping_interval_s
+        interval = self.parts.config.ping_interval_s
         silent = now - self._last_heard
         if silent >= 2 * interval:
             self.close(CloseCode.GOING_AWAY, CloseReason.PING_TIMEOUT)
@@ -238,7 +240,7 @@ class Session:
         MIN_BODY_RATE.  The clock stops while the relay does not read this
         connection (paused, or the commit queue congested): then the wait
         is ours, not the client's."""
-        conn, cfg = self._conn, self.relay.config
+        conn, cfg = self._conn, self.parts.config
         pending, done = conn.message_pending, conn.messages
         same = done == self._messages_at_tick
         self._messages_at_tick = done
@@ -248,13 +250,13 @@ class Session:
             self._message_since = now
         elif now - self._message_since > (limit := _message_time(cfg)):
             exc = MessageTimeout(f"a message took longer than {limit:g} s")
-            self.relay.metrics.error(exc.error)
+            self.parts.metrics.error(exc.error)
             self.close(exc.close_code, close_reason(exc))
             return True
         return False
 
     def _behind(self) -> bool:
-        return bool(self._paused_for) or self.relay.committer.congested
+        return bool(self._paused_for) or self._committer.congested
 
     def _caught_up(self) -> None:
         # Announced once, after the replay that #subscribe started; later gap
@@ -275,14 +277,14 @@ class Session:
         if not data:
             self.close(CloseCode.NORMAL, "")
             return
-        self.relay.metrics.bytes_in += len(data)
+        self.parts.metrics.bytes_in += len(data)
         self._last_heard = trio.current_time()
         try:
             for event in self._conn.receive(data):
                 if self._closing is not None:
                     return  # e.g. closed for its rate: the rest is not looked at
                 if isinstance(event, Message):
-                    self.relay.metrics.frames_in += 1
+                    self.parts.metrics.frames_in += 1
                     self._on_message(event.data)
                 elif isinstance(event, PingReceived):
                     # A ping beyond the rate gets no pong (it gets a strike):
@@ -300,13 +302,13 @@ class Session:
                     self.close(code, "")
                     return
         except ProtocolError as exc:  # includes a malformed frame body
-            self.relay.metrics.error(exc.error)
+            self.parts.metrics.error(exc.error)
             self.close(exc.close_code, close_reason(exc))
 
     def _admit_control(self) -> bool:
         """Pings and pongs count against the request rate like requests."""
         try:
-            self.relay.node_limits.check_request(self.user, self._requests)
+            self.parts.node_limits.check_request(self.user, self._requests)
         except RateLimited as exc:
             self._strike(exc)
             return False
@@ -317,10 +319,10 @@ class Session:
         strikes are used up (its error replies are bounded that way too).  A
         refused message takes as many strikes as it costs requests: it was
         decoded before it was refused, and that decoding is what it costs."""
-        self.relay.metrics.error(exc.error)
+        self.parts.metrics.error(exc.error)
         if self._strikes is not None and self._strikes.take(min(cost, self._strikes.burst)):
             refusal = RateLimitIgnored("the client kept sending after RateLimited")
-            self.relay.metrics.error(refusal.error)
+            self.parts.metrics.error(refusal.error)
             log.warning("closing a connection that ignores its rate limit")
             self.close(refusal.close_code, refusal.error)
 
@@ -329,15 +331,15 @@ class Session:
         cost = request_cost(len(data), len(data) > NESTED_BYTES and _nested(frame.body))
         try:
             # The rate first: unknown and invalid requests count like valid ones.
-            self.relay.node_limits.check_request(self.user, self._requests, cost)
-            req = parse_request(frame, self.relay.limits)
+            self.parts.node_limits.check_request(self.user, self._requests, cost)
+            req = parse_request(frame, self.parts.request_limits)
         except RateLimited as exc:
             self._strike(exc, cost)
             if self._closing is None:
                 self.outbox.write_control(binary_frame(events.error(exc, request_id(frame))))
             return
         except InvalidRequest as exc:
-            self.relay.metrics.error(exc.error)
+            self.parts.metrics.error(exc.error)
             self.outbox.write_control(binary_frame(events.error(exc, request_id(frame))))
             return
         self._take_slot()
@@ -353,24 +355,24 @@ class Session:
         """Backpressure: a client with max_in_flight requests pending is not
         read until replies went out (the requests already read still run)."""
         self._in_flight += 1
-        if self._in_flight >= self.relay.config.max_in_flight:
+        if self._in_flight >= self.parts.config.max_in_flight:
             self._pause(_IN_FLIGHT)
 
     def _release_slot(self) -> None:
         self._in_flight -= 1
-        if self._paused_for & _IN_FLIGHT and self._in_flight < self.relay.config.max_in_flight // 2:
+        if self._paused_for & _IN_FLIGHT and self._in_flight < self.parts.config.max_in_flight // 2:
             self._resume(_IN_FLIGHT)
 
     def _pause(self, why: int) -> None:
         if not self._paused_for:
-            self.relay.reader.pause(self._fd)
+            self.parts.reader.pause(self._fd)
         self._paused_for |= why
 
     def _resume(self, why: int) -> None:
         if self._paused_for & why:
             self._paused_for &= ~why
             if not self._paused_for:
-                self.relay.reader.resume(self._fd)
+                self.parts.reader.resume(self._fd)
 
     def _send(self, req: Send) -> None:
         """Sends enter the committer in arrival order.  One whose MLS group
@@ -382,7 +384,7 @@ class Session:
         if self._slow_sends:
             self._slow_sends.append(req)
             return
-        if self.relay.committer.full:
+        if self._committer.full:
             self._send_later(req)
             return
         try:
@@ -391,7 +393,7 @@ class Session:
             self._reply_failed(req, exc)
             return
         except Exception as exc:  # a parser bug fails this send alone
-            self._reply_failed(req, self.relay.metrics.incidents.report("send", exc))
+            self._reply_failed(req, self.parts.metrics.incidents.report("send", exc))
             return
         if message is None:
             self._send_later(req)
@@ -410,19 +412,19 @@ class Session:
             except Exception as exc:  # RelayError; anything else is an incident
                 self._slow_sends.popleft()
                 if not isinstance(exc, RelayError):
-                    exc = self.relay.metrics.incidents.report("send", exc)
+                    exc = self.parts.metrics.incidents.report("send", exc)
                 self._reply_failed(req, exc)
                 continue
             # Still first in line while waiting: later sends queue behind it.
-            await self.relay.committer.wait_room()
+            await self._committer.wait_room()
             self._slow_sends.popleft()
             self._commit(req, message)
-        self.relay.flusher.flush()
+        self.parts.flusher.flush()
 
     def _reply_failed(self, req: Send, exc: RelayError) -> None:
         self._release_slot()
-        exc = self.relay.metrics.incidents.reply(exc, "send")  # InternalError: logged, with id
-        self.relay.metrics.error(exc.error)
+        exc = self.parts.metrics.incidents.reply(exc, "send")  # InternalError: logged, with id
+        self.parts.metrics.error(exc.error)
         self.outbox.write_control(binary_frame(events.error(exc, req.id)))
 
     def _commit(self, req: Send, message: NewMessage) -> None:
@@ -439,19 +441,19 @@ class Session:
             else:
                 self._reply_failed(req, outcome)
 
-        self.relay.committer.submit(PendingSend(message, answer, lambda: self._done))
+        self._committer.submit(PendingSend(message, answer, lambda: self._done))
 
     async def _handle(self, req: Request) -> None:
         try:
             reply = await self.handlers.handle(req)
         except RelayError as exc:
             # An InternalError (StorageError) is logged with an id the reply carries.
-            exc = self.relay.metrics.incidents.reply(exc, "request", type(req).__name__)
-            self.relay.metrics.error(exc.error)
+            exc = self.parts.metrics.incidents.reply(exc, "request", type(req).__name__)
+            self.parts.metrics.error(exc.error)
             reply = events.error(exc, req.id)
         except Exception as exc:
-            self.relay.metrics.error("InternalError")
-            incident = self.relay.metrics.incidents.report("request", exc, type(req).__name__)
+            self.parts.metrics.error("InternalError")
+            incident = self.parts.metrics.incidents.report("request", exc, type(req).__name__)
             reply = events.error(incident, req.id)
         finally:
             self._release_slot()
@@ -465,10 +467,10 @@ class Session:
 
     def send_frame_raw(self, wire: bytes) -> None:
         self.outbox.write_control(wire)
-        self.relay.flusher.flush()
+        self.parts.flusher.flush()
 
     def _unfollow(self, conversation: bytes) -> None:
-        self.relay.hub.unsubscribe(self.streams, conversation)
+        self.parts.hub.unsubscribe(self.streams, conversation)
 
 
 _FLAT = frozenset({str, bytes, int, bool, float, type(None)})
