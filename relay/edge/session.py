@@ -30,7 +30,6 @@ from protocol import events
 from protocol.closecodes import CloseCode, CloseReason
 from protocol.errors import (
     InvalidRequest,
-    MessageTimeout,
     ProtocolError,
     RateLimited,
     RateLimitIgnored,
@@ -45,7 +44,6 @@ from protocol.websocket import (
     binary_frame,
     close_frame,
     close_reason,
-    ping_frame,
     pong_frame,
 )
 from protocol.wsframes import PongReceived
@@ -55,11 +53,10 @@ from relay.delivery.committer import PendingSend
 from relay.delivery.outbox import Outbox
 from relay.delivery.streams import Streams
 from relay.edge.handlers import Handlers
-from relay.edge.http.body import MIN_BODY_RATE
+from relay.edge.liveness import Liveness
 from storage.base import Appended, NewMessage
 
 if TYPE_CHECKING:
-    from relay.base.config import Config
     from relay.edge.auth import Identity
     from relay.edge.parts import EdgeParts
 
@@ -67,15 +64,13 @@ log = logging.getLogger("relay.session")
 
 RECEIVE_SIZE = 65536
 
-# Why reading is paused (bits of Session._paused_for).
-_IN_FLIGHT, _BACKLOG = 1, 2
 #: Closes after which what is still queued is dropped, not drained: the
 #: client did not read it (4008), or flooded us (1008).  Nothing is lost: a
 #: dropped #message is replayed on resume, a dropped #result's send is durable.
 _DISCARD_ON = frozenset({CloseCode.CONSUMER_TOO_SLOW, RateLimitIgnored.close_code})
 
 
-class Session:
+class Session(Liveness):
     """A :class:`~relay.delivery.connection.Connection` over a WebSocket."""
 
     #: The connection's task nursery while it runs (request handlers use it).
@@ -189,75 +184,6 @@ class Session:
         with trio.CancelScope(shield=True):
             await self._stream.aclose()
 
-    def _on_outbox_failed(self) -> None:
-        if self.outbox.overflowed:
-            self._too_slow()
-        else:
-            self.close(CloseCode.NORMAL, "")
-
-    def _too_slow(self) -> None:
-        if self._closing is None:
-            self.parts.slow_consumer()
-            self.parts.metrics.error(CloseReason.CONSUMER_TOO_SLOW)
-        self.close(CloseCode.CONSUMER_TOO_SLOW, CloseReason.CONSUMER_TOO_SLOW)
-
-    def _on_backlog(self, backlogged: bool) -> None:
-        """The outbox passed three quarters of its bound (or drained to half):
-        stop (or resume) reading, so a client that does not read is not
-        decoded at full speed, and TCP pushes back on it."""
-        if backlogged:
-            self._pause(_BACKLOG)
-        else:
-            self._resume(_BACKLOG)
-
-    def tick(self, now: float, wall: float) -> None:
-        """Called by the node's sweep (SessionRegistry.sweep) every few seconds.
-
-        Token expiry and heartbeats are checked here rather than by timer
-        tasks of each connection: three sleeping tasks per socket were a
-        third of the memory of an idle connection."""
-        if wall >= self.identity.expires_at:
-            self.close(CloseCode.TOKEN_EXPIRED, CloseReason.TOKEN_EXPIRED)
-            return
-        if self._paused_for & _BACKLOG and self.outbox.bytes_out == self._bytes_out_at_tick:
-            self._too_slow()  # paused since the last sweep, and not a byte taken
-            return
-        self._bytes_out_at_tick = self.outbox.bytes_out
-        if self._message_too_slow(now):
-            return
-        interval = self.parts.config.ping_interval_s
-        silent = now - self._last_heard
-        if silent >= 2 * interval:
-            self.close(CloseCode.GOING_AWAY, CloseReason.PING_TIMEOUT)
-        elif silent >= interval:
-            self.send_frame_raw(ping_frame())
-
-    def _message_too_slow(self, now: float) -> bool:
-        """Slowloris: a message begun and not finished in time.  A byte now
-        and then keeps a connection alive (it is not silent) and holds up to
-        RELAY_MAX_FRAME of buffer; like an HTTP body (relay/edge/http/body.py), a
-        message gets RELAY_HANDSHAKE_TIMEOUT_S plus RELAY_MAX_FRAME at
-        MIN_BODY_RATE.  The clock stops while the relay does not read this
-        connection (paused, or the commit queue congested): then the wait
-        is ours, not the client's."""
-        conn, cfg = self._conn, self.parts.config
-        pending, done = conn.message_pending, conn.messages
-        same = done == self._messages_at_tick
-        self._messages_at_tick = done
-        if not pending:
-            self._message_since = None
-        elif not same or self._message_since is None or self._behind():
-            self._message_since = now
-        elif now - self._message_since > (limit := _message_time(cfg)):
-            exc = MessageTimeout(f"a message took longer than {limit:g} s")
-            self.parts.metrics.error(exc.error)
-            self.close(exc.close_code, close_reason(exc))
-            return True
-        return False
-
-    def _behind(self) -> bool:
-        return bool(self._paused_for) or self._committer.congested
-
     def _caught_up(self) -> None:
         # Announced once, after the replay that #subscribe started; later gap
         # repairs are invisible to the client.
@@ -350,29 +276,6 @@ class Session:
 
     def fail(self) -> None:
         self.close(CloseCode.INTERNAL_ERROR, CloseReason.INTERNAL_ERROR)
-
-    def _take_slot(self) -> None:
-        """Backpressure: a client with max_in_flight requests pending is not
-        read until replies went out (the requests already read still run)."""
-        self._in_flight += 1
-        if self._in_flight >= self.parts.config.max_in_flight:
-            self._pause(_IN_FLIGHT)
-
-    def _release_slot(self) -> None:
-        self._in_flight -= 1
-        if self._paused_for & _IN_FLIGHT and self._in_flight < self.parts.config.max_in_flight // 2:
-            self._resume(_IN_FLIGHT)
-
-    def _pause(self, why: int) -> None:
-        if not self._paused_for:
-            self.parts.reader.pause(self._fd)
-        self._paused_for |= why
-
-    def _resume(self, why: int) -> None:
-        if self._paused_for & why:
-            self._paused_for &= ~why
-            if not self._paused_for:
-                self.parts.reader.resume(self._fd)
 
     def _send(self, req: Send) -> None:
         """Sends enter the committer in arrival order.  One whose MLS group
@@ -479,8 +382,3 @@ _FLAT = frozenset({str, bytes, int, bool, float, type(None)})
 def _nested(body: dict[str, object]) -> bool:
     """Whether a body holds arrays or maps (decoding those costs per item)."""
     return not _FLAT.issuperset(map(type, body.values()))
-
-
-def _message_time(cfg: Config) -> float:
-    """Seconds a WebSocket message may take to arrive, whatever its size."""
-    return cfg.handshake_timeout_s + cfg.max_frame / MIN_BODY_RATE
