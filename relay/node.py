@@ -34,6 +34,7 @@ from relay.delivery.hub import Hub, Published
 from relay.delivery.outbox import Flusher
 from relay.edge.auth import AuthConfig, Authenticator
 from relay.edge.handlers import HandlerParts
+from relay.edge.parts import EdgeParts
 from relay.edge.reader import NodeReader
 from relay.edge.registry import SessionRegistry
 from relay.mls.service import DeliveryService
@@ -61,9 +62,6 @@ class State:
 
 class Relay:
     """One node: builds every part with the collaborators it uses, runs them."""
-
-    #: What request handlers use (relay/edge/handlers.py), once running.
-    handler_parts: HandlerParts
 
     def __init__(self, config: Config, storage: Storage | None = None) -> None:
         self.config = config
@@ -114,12 +112,24 @@ class Relay:
         self.state = State()
         self.metrics_slow_consumers = 0
         #: Closes the port, answering what was already accepted (set by
-        #: relay.server once listening; relay/ops/shutdown.py).
+        #: relay.edge.server once listening; relay/ops/shutdown.py).
         self.stop_accepting: Callable[[], Awaitable[None]] = trio.lowlevel.checkpoint
         self._committer: Committer | None = None
         #: The relay's task nursery once running (SSE streams start tasks in it).
         self.nursery: trio.Nursery | None = None
         self._build_services()
+        #: What request handlers use (relay/edge/handlers.py).
+        self.handler_parts = HandlerParts(
+            self.storage,
+            self.mls,
+            self.hub,
+            self.fanout,
+            self.blobs,
+            self.config,
+            self.push_providers,
+        )
+        #: What sessions, SSE streams and the upgrade use (relay/edge/parts.py).
+        self.edge_parts = self._edge_parts()
 
     def _build_services(self) -> None:
         """Every part gets what it uses (storage, config values, incidents), never the node."""
@@ -255,15 +265,6 @@ class Relay:
             on_published=self._on_published,
         )
         self.reader.committer = self._committer
-        self.handler_parts = HandlerParts(
-            self.storage,
-            self.mls,
-            self.hub,
-            self.fanout,
-            self.blobs,
-            self.config,
-            self.push_providers,
-        )
         http = HttpFrontend(self.http_app())
         try:
             async with trio.open_nursery() as nursery:
@@ -283,7 +284,7 @@ class Relay:
                     nursery.start_soon(self._share_status)
                 self.nursery = nursery
                 await http.startup()
-                await nursery.start(serve_listeners, self, http, listeners)
+                await nursery.start(serve_listeners, self.edge_parts, http, listeners)
                 task_status.started()
         finally:
             with trio.CancelScope(shield=True):
@@ -331,13 +332,43 @@ class Relay:
                 fanout_healthy=(lambda: fanout.healthy) if cfg.redis_url else None,
                 routes=(
                     lambda app: status.register(app, metrics, self._shutting_down),
-                    lambda app: sse.register(app, self),
+                    lambda app: sse.register(app, self.edge_parts),
                 ),
             )
         )
 
     def _shutting_down(self) -> bool:
         return self.state.shutting_down
+
+    def _edge_parts(self) -> EdgeParts:
+        return EdgeParts(
+            config=self.config,
+            server_name=self.server_name,
+            node_id=self.node_id,
+            flusher=self.flusher,
+            reader=self.reader,
+            storage=self.storage,
+            hub=self.hub,
+            registry=self.registry,
+            metrics=self.metrics,
+            node_limits=self.node_limits,
+            request_limits=self.limits,
+            handlers=self.handler_parts,
+            presence=self.presence,
+            authenticator=self.authenticator,
+            tokens=self.tokens,
+            committer=lambda: self.committer,
+            nursery=lambda: self.nursery,
+            shutting_down=self._shutting_down,
+            slow_consumer=self._slow_consumer,
+            listening=self._listening,
+        )
+
+    def _slow_consumer(self) -> None:
+        self.metrics_slow_consumers += 1
+
+    def _listening(self, stop_accepting: Callable[[], Awaitable[None]]) -> None:
+        self.stop_accepting = stop_accepting
 
     # --- sessions -------------------------------------------------------------
 

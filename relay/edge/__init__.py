@@ -5,7 +5,9 @@
 * :mod:`.server` -- reads each request head; WebSocket upgrades stay on the
   relay's own hot path, everything else goes to the HTTP app.
 * :mod:`.auth` -- bearer tokens (HS256 / JWKS) and their claims.
-* :mod:`.session` -- one WebSocket connection; :mod:`.reader` reads all of a
+* :mod:`.parts` -- what sessions, SSE streams and the upgrade use of the node.
+* :mod:`.session` -- one WebSocket connection (:mod:`.liveness`: its read
+  pauses and liveness checks); :mod:`.reader` reads all of a
   node's sockets from one task; :mod:`.handlers` answers requests;
   :mod:`.registry` holds the node's sessions by device (displacement, the
   heartbeat and token-expiry sweep).
@@ -13,5 +15,6 @@
 * :mod:`.http` -- the HTTP app: bodies, per-user limits and the routes.
 
 May use: the delivery core, the MLS service, offline delivery, the
-cluster, :mod:`relay.base`, :mod:`storage`, :mod:`protocol`.
+cluster, the metrics (:mod:`relay.ops.metrics`), :mod:`relay.base`,
+:mod:`storage`, :mod:`protocol`.
 """

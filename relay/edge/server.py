@@ -37,19 +37,19 @@ if TYPE_CHECKING:
     from relay.base.incidents import Incidents
     from relay.edge.auth import Identity
     from relay.edge.http.frontend import HttpFrontend
-    from relay.node import Relay
+    from relay.edge.parts import EdgeParts
 
 log = logging.getLogger("relay.server")
 
 
 async def serve_listeners(
-    relay: Relay,
+    parts: EdgeParts,
     http: HttpFrontend,
     listeners: list[trio.SocketListener],
     *,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    cfg = relay.config
+    cfg = parts.config
     # Caps on open sockets per source address and per node (relay/edge/gate.py);
     # the soft descriptor limit is raised to the hard one first.
     gate = ConnectionGate(
@@ -60,19 +60,19 @@ async def serve_listeners(
         connect_rate=cfg.connect_rate_per_address,
         connect_burst=cfg.connect_burst_per_address,
     )
-    gate.register_metrics(relay.metrics.registry)
+    gate.register_metrics(parts.metrics.registry)
 
     async def handler(stream: trio.SocketStream) -> None:
         address = peer_address(stream)
         refusal = gate.admit(address)
         if refusal is not None:
-            relay.metrics.error(refusal.error)
+            parts.metrics.error(refusal.error)
             await gate.refuse(stream, refusal)
             return
         forwarded: list[str] = []
         # One connection's bug must never take the node (and everyone on it) down.
         try:
-            await handle_connection(relay, http, stream, gate, address, forwarded)
+            await handle_connection(parts, http, stream, gate, address, forwarded)
         except Exception:
             log.exception("connection failed")
         finally:
@@ -93,7 +93,7 @@ async def serve_listeners(
     try:
         async with trio.open_nursery() as connections:
             with trio.CancelScope() as accepting:
-                relay.stop_accepting = stop_accepting
+                parts.listening(stop_accepting)
                 async with trio.open_nursery() as acceptors:
                     for listener in listeners:
                         acceptors.start_soon(accept_loop, listener, gate, handler, connections)
@@ -104,7 +104,7 @@ async def serve_listeners(
 
 
 async def handle_connection(
-    relay: Relay,
+    parts: EdgeParts,
     http: HttpFrontend,
     stream: trio.SocketStream,
     gate: ConnectionGate | None = None,
@@ -113,7 +113,7 @@ async def handle_connection(
 ) -> None:
     buffer = b""
     try:
-        with trio.move_on_after(relay.config.handshake_timeout_s):
+        with trio.move_on_after(parts.config.handshake_timeout_s):
             head = None
             while head is None:
                 data = await stream.receive_some(16384)
@@ -136,35 +136,35 @@ async def handle_connection(
         if client is not None:
             refusal = gate.admit_forwarded(client)
             if refusal is not None:
-                relay.metrics.error(refusal.error)
+                parts.metrics.error(refusal.error)
                 await _refuse(stream, refusal)
                 return
             if forwarded is not None:
                 forwarded.append(client)
-    if head.path == relay.config.ws_path:
-        await _websocket(relay, stream, head)
+    if head.path == parts.config.ws_path:
+        await _websocket(parts, stream, head)
     else:
         await http.serve_connection(stream, buffer)
 
 
-async def _websocket(relay: Relay, stream: trio.SocketStream, head: RequestHead) -> None:
+async def _websocket(parts: EdgeParts, stream: trio.SocketStream, head: RequestHead) -> None:
     if not head.is_websocket:
         await _refuse(stream, ProtocolError("this path only accepts WebSocket upgrades"))
         return
-    if relay.state.shutting_down:
+    if parts.shutting_down():
         await _refuse(stream, ShuttingDown("relay is shutting down"))
         return
-    incidents = relay.metrics.incidents
+    incidents = parts.metrics.incidents
     # Every refusal below is an HTTP JSON answer, whatever failed, and leaves
     # nothing registered: the token's claims are checked (relay/edge/auth.py) before
     # the lease is taken, and the lease is given back on every way out.
     try:
-        identity = relay.authenticator.verify(
+        identity = parts.authenticator.verify(
             token_from_request(head.headers, head.query, from_query=True)
         )
         response = accept_response(head)
     except AuthError as exc:
-        relay.metrics.error(exc.error)
+        parts.metrics.error(exc.error)
         await _refuse(stream, exc)
         return
     except ProtocolError as exc:
@@ -176,40 +176,40 @@ async def _websocket(relay: Relay, stream: trio.SocketStream, head: RequestHead)
     # A lease across all nodes (relay/cluster/presence.py); this node's count alone
     # when there is no Redis or it is unreachable.
     try:
-        lease = await relay.presence.admit(identity.user, identity.device)
+        lease = await parts.presence.admit(identity.user, identity.device)
     except Exception as exc:  # TooManyConnections (429); anything else is answered too
         refusal = _refusal(incidents, exc)
-        relay.metrics.error(refusal.error)
+        parts.metrics.error(refusal.error)
         await _refuse(stream, refusal)
         return
     try:
-        session = await _start_session(relay, stream, identity)
+        session = await _start_session(parts, stream, identity)
         if session is None:
             return
         try:
             await stream.send_all(response)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
-            relay.registry.forget(session)
+            parts.registry.forget(session)
             return
         await session.run(head.rest)
     finally:
-        relay.presence.release(lease)
+        parts.presence.release(lease)
 
 
 async def _start_session(
-    relay: Relay, stream: trio.SocketStream, identity: Identity
+    parts: EdgeParts, stream: trio.SocketStream, identity: Identity
 ) -> Session | None:
     """Spend the jti and register the session; None (answered) when refused."""
     session: Session | None = None
     try:
         # single-use tokens: spend the jti in the shared database (relay/offline/retention.py)
-        await relay.tokens.consume(identity)
-        session = Session(relay, identity, stream)
-        previous = relay.registry.register(session)
+        await parts.tokens.consume(identity)
+        session = Session(parts, identity, stream)
+        previous = parts.registry.register(session)
     except Exception as exc:  # TokenReplayed (401), Unavailable (503), or a bug (500)
-        if session is not None and relay.registry.is_registered(session):
-            relay.registry.forget(session)
-        refusal = _refusal(relay.metrics.incidents, exc)
+        if session is not None and parts.registry.is_registered(session):
+            parts.registry.forget(session)
+        refusal = _refusal(parts.metrics.incidents, exc)
         await _refuse(stream, refusal)
         return None
     if previous is not None:

@@ -30,7 +30,6 @@ from protocol import events
 from protocol.closecodes import CloseCode, CloseReason
 from protocol.errors import (
     InvalidRequest,
-    MessageTimeout,
     ProtocolError,
     RateLimited,
     RateLimitIgnored,
@@ -45,7 +44,6 @@ from protocol.websocket import (
     binary_frame,
     close_frame,
     close_reason,
-    ping_frame,
     pong_frame,
 )
 from protocol.wsframes import PongReceived
@@ -55,43 +53,42 @@ from relay.delivery.committer import PendingSend
 from relay.delivery.outbox import Outbox
 from relay.delivery.streams import Streams
 from relay.edge.handlers import Handlers
-from relay.edge.http.body import MIN_BODY_RATE
+from relay.edge.liveness import Liveness
 from storage.base import Appended, NewMessage
 
 if TYPE_CHECKING:
-    from relay.base.config import Config
     from relay.edge.auth import Identity
-    from relay.node import Relay
+    from relay.edge.parts import EdgeParts
 
 log = logging.getLogger("relay.session")
 
 RECEIVE_SIZE = 65536
 
-# Why reading is paused (bits of Session._paused_for).
-_IN_FLIGHT, _BACKLOG = 1, 2
 #: Closes after which what is still queued is dropped, not drained: the
 #: client did not read it (4008), or flooded us (1008).  Nothing is lost: a
 #: dropped #message is replayed on resume, a dropped #result's send is durable.
 _DISCARD_ON = frozenset({CloseCode.CONSUMER_TOO_SLOW, RateLimitIgnored.close_code})
 
 
-class Session:
+class Session(Liveness):
     """A :class:`~relay.delivery.connection.Connection` over a WebSocket."""
 
     #: The connection's task nursery while it runs (request handlers use it).
     nursery: trio.Nursery
 
-    def __init__(self, relay: Relay, identity: Identity, stream: trio.SocketStream) -> None:
-        self.relay = relay
+    def __init__(self, parts: EdgeParts, identity: Identity, stream: trio.SocketStream) -> None:
+        self.parts = parts
+        #: The node's committer, looked up once (every #send uses it).
+        self._committer = parts.committer()
         self.identity = identity
         self.user = identity.user
         self.device = identity.device
         self.id = secrets.token_hex(8)
         self._stream = stream
-        cfg = relay.config
-        self.outbox = Outbox(stream.socket.fileno(), relay.flusher, cfg.outbox_limit)
+        cfg = parts.config
+        self.outbox = Outbox(stream.socket.fileno(), parts.flusher, cfg.outbox_limit)
         self.streams = Streams(
-            self.user, self.device, self.outbox, relay.flusher, relay.storage, self._unfollow
+            self.user, self.device, self.outbox, parts.flusher, parts.storage, self._unfollow
         )
         self._conn = ServerConnection(cfg.max_frame)
         # Requests in flight on this connection (bounded by max_in_flight; the
@@ -108,23 +105,23 @@ class Session:
         #: in progress has been waited for (None: none in progress).
         self._messages_at_tick = 0
         self._message_since: float | None = None
-        self._requests = relay.node_limits.connection_bucket()
-        self._strikes = relay.node_limits.strike_bucket()
+        self._requests = parts.node_limits.connection_bucket()
+        self._strikes = parts.node_limits.strike_bucket()
         self._closing: tuple[int, str] | None = None
         self._done = False
         self._cancel = trio.CancelScope()
         self.subscribed = False
         self._last_heard = trio.current_time()
         self._announced_caught_up = False
-        self.handlers = Handlers(self, relay.handler_parts)
+        self.handlers = Handlers(self, parts.handlers)
         self.streams.on_joined = self.handlers.on_joined  # MLS Welcome delivery
 
     # --- lifecycle ------------------------------------------------------------
 
     async def run(self, early: bytes) -> None:
-        metrics = self.relay.metrics
+        metrics = self.parts.metrics
         metrics.opened(self.outbox, "websocket")
-        with connection_context(self.id, self.relay.node_id, self.user, self.device):
+        with connection_context(self.id, self.parts.node_id, self.user, self.device):
             log.info("connection opened", extra={"transport": "websocket"})
             try:
                 await self._run(early)
@@ -139,7 +136,7 @@ class Session:
     async def _run(self, early: bytes) -> None:
         self.send_frame(
             events.hello(
-                self.user, self.device, self.relay.server_name, self.id, self.relay.node_id
+                self.user, self.device, self.parts.server_name, self.id, self.parts.node_id
             )
         )
         try:
@@ -148,20 +145,20 @@ class Session:
                     self.nursery = nursery
                     self.outbox.nursery = nursery
                     self.streams.attach(nursery, self._caught_up)
-                    self.relay.reader.add(self._fd, self)
+                    self.parts.reader.add(self._fd, self)
                     if self._paused_for:  # the hello alone filled the queue (tiny bound)
-                        self.relay.reader.pause(self._fd)
+                        self.parts.reader.pause(self._fd)
                     try:
                         if early:
                             self.feed(early)
-                            self.relay.flusher.flush()
+                            self.parts.flusher.flush()
                         await trio.sleep_forever()  # until close() cancels us
                     finally:
-                        self.relay.reader.remove(self._fd)
+                        self.parts.reader.remove(self._fd)
         finally:
             self.outbox.nursery = None
             self._done = True
-            self.relay.registry.forget(self)
+            self.parts.registry.forget(self)
             await self._finish()
 
     def close(self, code: int, reason: str) -> None:
@@ -187,75 +184,6 @@ class Session:
         with trio.CancelScope(shield=True):
             await self._stream.aclose()
 
-    def _on_outbox_failed(self) -> None:
-        if self.outbox.overflowed:
-            self._too_slow()
-        else:
-            self.close(CloseCode.NORMAL, "")
-
-    def _too_slow(self) -> None:
-        if self._closing is None:
-            self.relay.metrics_slow_consumers += 1
-            self.relay.metrics.error(CloseReason.CONSUMER_TOO_SLOW)
-        self.close(CloseCode.CONSUMER_TOO_SLOW, CloseReason.CONSUMER_TOO_SLOW)
-
-    def _on_backlog(self, backlogged: bool) -> None:
-        """The outbox passed three quarters of its bound (or drained to half):
-        stop (or resume) reading, so a client that does not read is not
-        decoded at full speed, and TCP pushes back on it."""
-        if backlogged:
-            self._pause(_BACKLOG)
-        else:
-            self._resume(_BACKLOG)
-
-    def tick(self, now: float, wall: float) -> None:
-        """Called by the node's sweep (SessionRegistry.sweep) every few seconds.
-
-        Token expiry and heartbeats are checked here rather than by timer
-        tasks of each connection: three sleeping tasks per socket were a
-        third of the memory of an idle connection."""
-        if wall >= self.identity.expires_at:
-            self.close(CloseCode.TOKEN_EXPIRED, CloseReason.TOKEN_EXPIRED)
-            return
-        if self._paused_for & _BACKLOG and self.outbox.bytes_out == self._bytes_out_at_tick:
-            self._too_slow()  # paused since the last sweep, and not a byte taken
-            return
-        self._bytes_out_at_tick = self.outbox.bytes_out
-        if self._message_too_slow(now):
-            return
-        interval = self.relay.config.ping_interval_s
-        silent = now - self._last_heard
-        if silent >= 2 * interval:
-            self.close(CloseCode.GOING_AWAY, CloseReason.PING_TIMEOUT)
-        elif silent >= interval:
-            self.send_frame_raw(ping_frame())
-
-    def _message_too_slow(self, now: float) -> bool:
-        """Slowloris: a message begun and not finished in time.  A byte now
-        and then keeps a connection alive (it is not silent) and holds up to
-        RELAY_MAX_FRAME of buffer; like an HTTP body (relay/edge/http/body.py), a
-        message gets RELAY_HANDSHAKE_TIMEOUT_S plus RELAY_MAX_FRAME at
-        MIN_BODY_RATE.  The clock stops while the relay does not read this
-        connection (paused, or the commit queue congested): then the wait
-        is ours, not the client's."""
-        conn, cfg = self._conn, self.relay.config
-        pending, done = conn.message_pending, conn.messages
-        same = done == self._messages_at_tick
-        self._messages_at_tick = done
-        if not pending:
-            self._message_since = None
-        elif not same or self._message_since is None or self._behind():
-            self._message_since = now
-        elif now - self._message_since > (limit := _message_time(cfg)):
-            exc = MessageTimeout(f"a message took longer than {limit:g} s")
-            self.relay.metrics.error(exc.error)
-            self.close(exc.close_code, close_reason(exc))
-            return True
-        return False
-
-    def _behind(self) -> bool:
-        return bool(self._paused_for) or self.relay.committer.congested
-
     def _caught_up(self) -> None:
         # Announced once, after the replay that #subscribe started; later gap
         # repairs are invisible to the client.
@@ -275,14 +203,14 @@ class Session:
         if not data:
             self.close(CloseCode.NORMAL, "")
             return
-        self.relay.metrics.bytes_in += len(data)
+        self.parts.metrics.bytes_in += len(data)
         self._last_heard = trio.current_time()
         try:
             for event in self._conn.receive(data):
                 if self._closing is not None:
                     return  # e.g. closed for its rate: the rest is not looked at
                 if isinstance(event, Message):
-                    self.relay.metrics.frames_in += 1
+                    self.parts.metrics.frames_in += 1
                     self._on_message(event.data)
                 elif isinstance(event, PingReceived):
                     # A ping beyond the rate gets no pong (it gets a strike):
@@ -300,13 +228,13 @@ class Session:
                     self.close(code, "")
                     return
         except ProtocolError as exc:  # includes a malformed frame body
-            self.relay.metrics.error(exc.error)
+            self.parts.metrics.error(exc.error)
             self.close(exc.close_code, close_reason(exc))
 
     def _admit_control(self) -> bool:
         """Pings and pongs count against the request rate like requests."""
         try:
-            self.relay.node_limits.check_request(self.user, self._requests)
+            self.parts.node_limits.check_request(self.user, self._requests)
         except RateLimited as exc:
             self._strike(exc)
             return False
@@ -317,10 +245,10 @@ class Session:
         strikes are used up (its error replies are bounded that way too).  A
         refused message takes as many strikes as it costs requests: it was
         decoded before it was refused, and that decoding is what it costs."""
-        self.relay.metrics.error(exc.error)
+        self.parts.metrics.error(exc.error)
         if self._strikes is not None and self._strikes.take(min(cost, self._strikes.burst)):
             refusal = RateLimitIgnored("the client kept sending after RateLimited")
-            self.relay.metrics.error(refusal.error)
+            self.parts.metrics.error(refusal.error)
             log.warning("closing a connection that ignores its rate limit")
             self.close(refusal.close_code, refusal.error)
 
@@ -329,15 +257,15 @@ class Session:
         cost = request_cost(len(data), len(data) > NESTED_BYTES and _nested(frame.body))
         try:
             # The rate first: unknown and invalid requests count like valid ones.
-            self.relay.node_limits.check_request(self.user, self._requests, cost)
-            req = parse_request(frame, self.relay.limits)
+            self.parts.node_limits.check_request(self.user, self._requests, cost)
+            req = parse_request(frame, self.parts.request_limits)
         except RateLimited as exc:
             self._strike(exc, cost)
             if self._closing is None:
                 self.outbox.write_control(binary_frame(events.error(exc, request_id(frame))))
             return
         except InvalidRequest as exc:
-            self.relay.metrics.error(exc.error)
+            self.parts.metrics.error(exc.error)
             self.outbox.write_control(binary_frame(events.error(exc, request_id(frame))))
             return
         self._take_slot()
@@ -349,29 +277,6 @@ class Session:
     def fail(self) -> None:
         self.close(CloseCode.INTERNAL_ERROR, CloseReason.INTERNAL_ERROR)
 
-    def _take_slot(self) -> None:
-        """Backpressure: a client with max_in_flight requests pending is not
-        read until replies went out (the requests already read still run)."""
-        self._in_flight += 1
-        if self._in_flight >= self.relay.config.max_in_flight:
-            self._pause(_IN_FLIGHT)
-
-    def _release_slot(self) -> None:
-        self._in_flight -= 1
-        if self._paused_for & _IN_FLIGHT and self._in_flight < self.relay.config.max_in_flight // 2:
-            self._resume(_IN_FLIGHT)
-
-    def _pause(self, why: int) -> None:
-        if not self._paused_for:
-            self.relay.reader.pause(self._fd)
-        self._paused_for |= why
-
-    def _resume(self, why: int) -> None:
-        if self._paused_for & why:
-            self._paused_for &= ~why
-            if not self._paused_for:
-                self.relay.reader.resume(self._fd)
-
     def _send(self, req: Send) -> None:
         """Sends enter the committer in arrival order.  One whose MLS group
         state is not cached yet waits for a lookup, and later sends of this
@@ -382,7 +287,7 @@ class Session:
         if self._slow_sends:
             self._slow_sends.append(req)
             return
-        if self.relay.committer.full:
+        if self._committer.full:
             self._send_later(req)
             return
         try:
@@ -391,7 +296,7 @@ class Session:
             self._reply_failed(req, exc)
             return
         except Exception as exc:  # a parser bug fails this send alone
-            self._reply_failed(req, self.relay.metrics.incidents.report("send", exc))
+            self._reply_failed(req, self.parts.metrics.incidents.report("send", exc))
             return
         if message is None:
             self._send_later(req)
@@ -410,19 +315,19 @@ class Session:
             except Exception as exc:  # RelayError; anything else is an incident
                 self._slow_sends.popleft()
                 if not isinstance(exc, RelayError):
-                    exc = self.relay.metrics.incidents.report("send", exc)
+                    exc = self.parts.metrics.incidents.report("send", exc)
                 self._reply_failed(req, exc)
                 continue
             # Still first in line while waiting: later sends queue behind it.
-            await self.relay.committer.wait_room()
+            await self._committer.wait_room()
             self._slow_sends.popleft()
             self._commit(req, message)
-        self.relay.flusher.flush()
+        self.parts.flusher.flush()
 
     def _reply_failed(self, req: Send, exc: RelayError) -> None:
         self._release_slot()
-        exc = self.relay.metrics.incidents.reply(exc, "send")  # InternalError: logged, with id
-        self.relay.metrics.error(exc.error)
+        exc = self.parts.metrics.incidents.reply(exc, "send")  # InternalError: logged, with id
+        self.parts.metrics.error(exc.error)
         self.outbox.write_control(binary_frame(events.error(exc, req.id)))
 
     def _commit(self, req: Send, message: NewMessage) -> None:
@@ -439,19 +344,19 @@ class Session:
             else:
                 self._reply_failed(req, outcome)
 
-        self.relay.committer.submit(PendingSend(message, answer, lambda: self._done))
+        self._committer.submit(PendingSend(message, answer, lambda: self._done))
 
     async def _handle(self, req: Request) -> None:
         try:
             reply = await self.handlers.handle(req)
         except RelayError as exc:
             # An InternalError (StorageError) is logged with an id the reply carries.
-            exc = self.relay.metrics.incidents.reply(exc, "request", type(req).__name__)
-            self.relay.metrics.error(exc.error)
+            exc = self.parts.metrics.incidents.reply(exc, "request", type(req).__name__)
+            self.parts.metrics.error(exc.error)
             reply = events.error(exc, req.id)
         except Exception as exc:
-            self.relay.metrics.error("InternalError")
-            incident = self.relay.metrics.incidents.report("request", exc, type(req).__name__)
+            self.parts.metrics.error("InternalError")
+            incident = self.parts.metrics.incidents.report("request", exc, type(req).__name__)
             reply = events.error(incident, req.id)
         finally:
             self._release_slot()
@@ -465,10 +370,10 @@ class Session:
 
     def send_frame_raw(self, wire: bytes) -> None:
         self.outbox.write_control(wire)
-        self.relay.flusher.flush()
+        self.parts.flusher.flush()
 
     def _unfollow(self, conversation: bytes) -> None:
-        self.relay.hub.unsubscribe(self.streams, conversation)
+        self.parts.hub.unsubscribe(self.streams, conversation)
 
 
 _FLAT = frozenset({str, bytes, int, bool, float, type(None)})
@@ -477,8 +382,3 @@ _FLAT = frozenset({str, bytes, int, bool, float, type(None)})
 def _nested(body: dict[str, object]) -> bool:
     """Whether a body holds arrays or maps (decoding those costs per item)."""
     return not _FLAT.issuperset(map(type, body.values()))
-
-
-def _message_time(cfg: Config) -> float:
-    """Seconds a WebSocket message may take to arrive, whatever its size."""
-    return cfg.handshake_timeout_s + cfg.max_frame / MIN_BODY_RATE

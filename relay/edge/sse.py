@@ -61,7 +61,7 @@ if TYPE_CHECKING:
 
     from relay.cluster.presence import Lease
     from relay.edge.auth import Identity
-    from relay.node import Relay
+    from relay.edge.parts import EdgeParts
 
 log = logging.getLogger("relay.sse")
 
@@ -157,18 +157,18 @@ class SseStream:
     nursery: trio.Nursery
 
     def __init__(
-        self, relay: Relay, identity: Identity, positions: dict[bytes, int], lease: Lease
+        self, parts: EdgeParts, identity: Identity, positions: dict[bytes, int], lease: Lease
     ) -> None:
-        self.relay = relay
+        self.parts = parts
         self.identity = identity
         self.lease = lease
         self.user = identity.user
         self.device = identity.device
         self.id = secrets.token_hex(8)
         self.positions = positions
-        self.outbox = SseSink(relay.flusher, relay.config.outbox_limit)
+        self.outbox = SseSink(parts.flusher, parts.config.outbox_limit)
         self.streams = Streams(
-            self.user, self.device, self.outbox, relay.flusher, relay.storage, self._unfollow
+            self.user, self.device, self.outbox, parts.flusher, parts.storage, self._unfollow
         )
         self.subscribed = False
         self._announced = False
@@ -179,7 +179,7 @@ class SseStream:
 
     def send_frame(self, payload: bytes) -> None:
         self.outbox.write_control(binary_frame(payload))
-        self.relay.flusher.flush()
+        self.parts.flusher.flush()
 
     def close(self, code: int, reason: str) -> None:
         """End the stream: the body sends what is pending, then a last
@@ -193,7 +193,7 @@ class SseStream:
         not in the node's session registry (it displaces no one)."""
 
     def _unfollow(self, conversation: bytes) -> None:
-        self.relay.hub.unsubscribe(self.streams, conversation)
+        self.parts.hub.unsubscribe(self.streams, conversation)
 
     def _caught_up(self) -> None:
         if self.subscribed and not self._announced:
@@ -203,21 +203,22 @@ class SseStream:
     # --- lifecycle -----------------------------------------------------------
 
     async def start(self) -> None:
-        self.relay.registry.stream_opened(self)
-        self.relay.metrics.opened(self.outbox, "sse")
+        self.parts.registry.stream_opened(self)
+        self.parts.metrics.opened(self.outbox, "sse")
         self.send_frame(
             events.hello(
-                self.user, self.device, self.relay.server_name, self.id, self.relay.node_id
+                self.user, self.device, self.parts.server_name, self.id, self.parts.node_id
             )
         )
-        assert self.relay.nursery is not None, "relay not running"
+        nursery = self.parts.nursery()
+        assert nursery is not None, "relay not running"
         # Tasks live in the relay's nursery: a response body cannot own one
         # (it is an async generator that suspends at every yield).
-        await self.relay.nursery.start(self._background)
+        await nursery.start(self._background)
         for attempt in range(3):
             cursors = await self._valid_cursors()
             try:
-                await Handlers(self, self.relay.handler_parts).subscribe(Subscribe(0, cursors))
+                await Handlers(self, self.parts.handlers).subscribe(Subscribe(0, cursors))
                 break
             except NotMember:
                 # Membership changed between our check and the subscription.
@@ -227,14 +228,14 @@ class SseStream:
                     raise
         log.info(
             "sse stream opened",
-            extra={"session": self.id, "node": self.relay.node_id, "user": user_hash(self.user)},
+            extra={"session": self.id, "node": self.parts.node_id, "user": user_hash(self.user)},
         )
 
     async def _valid_cursors(self) -> dict[bytes, int]:
         """Positions of conversations we still belong to (one we left since
         the cursor was issued is dropped; one beyond its end is FutureCursor,
         raised by #subscribe as on the WebSocket)."""
-        convs = {c.conversation for c in await self.relay.storage.list_conversations(self.user)}
+        convs = {c.conversation for c in await self.parts.storage.list_conversations(self.user)}
         return {conv: seq for conv, seq in self.positions.items() if conv in convs}
 
     async def _background(self, *, task_status: trio.TaskStatus[None]) -> None:
@@ -259,16 +260,16 @@ class SseStream:
 
     def release(self) -> None:
         """Synchronous cleanup (runs in the body's finally, possibly cancelled)."""
-        self.relay.registry.stream_ended(self)
+        self.parts.registry.stream_ended(self)
         self._cancel.cancel()
-        self.relay.hub.remove(self.streams, list(self.streams.by_conversation))
-        self.relay.metrics.closed(self.outbox)
-        self.relay.presence.release(self.lease)  # idempotent
+        self.parts.hub.remove(self.streams, list(self.streams.by_conversation))
+        self.parts.metrics.closed(self.outbox)
+        self.parts.presence.release(self.lease)  # idempotent
 
     # --- the response body ---------------------------------------------------
 
     async def body(self) -> AsyncIterator[bytes]:
-        keepalive = self.relay.config.sse_keepalive_s
+        keepalive = self.parts.config.sse_keepalive_s
         reason = "closed"
         try:
             yield b"retry: 2000\n\n"
@@ -277,15 +278,15 @@ class SseStream:
                     await self.outbox.ready.wait()
                 if self.outbox.has_failed:
                     self._end(CloseReason.CONSUMER_TOO_SLOW if self.outbox.overflowed else "closed")
-                if self.relay.state.shutting_down:
+                if self.parts.shutting_down():
                     self._end(CloseReason.SERVICE_RESTART)
                 chunk = self._render_slice() if self.outbox.ready.is_set() else b""
                 if self._ended is not None:
                     reason = self._ended
                     if reason == CloseReason.CONSUMER_TOO_SLOW:
-                        self.relay.metrics_slow_consumers += 1
+                        self.parts.slow_consumer()
                     if reason != "closed":
-                        self.relay.metrics.error(reason)
+                        self.parts.metrics.error(reason)
                     info = events.info(reason, _END_MESSAGES.get(reason, _END_DEFAULT))
                     yield chunk + self._render([binary_frame(info)])
                     return
@@ -331,29 +332,29 @@ class SseStream:
         return "".join(out).encode()
 
 
-def register(app: QuartTrio, relay: Relay) -> None:
+def register(app: QuartTrio, parts: EdgeParts) -> None:
     @app.get("/v1/events")
     async def sse_events() -> Any:
-        if relay.state.shutting_down:
+        if parts.shutting_down():
             raise ShuttingDown("relay is shutting down")
         headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in request.headers.items()]
-        identity = relay.authenticator.verify(
+        identity = parts.authenticator.verify(
             token_from_request(headers, request.query_string, from_query=True)
         )
         try:
-            lease = await relay.presence.admit(identity.user, identity.device)
+            lease = await parts.presence.admit(identity.user, identity.device)
         except TooManyConnections as exc:
-            relay.metrics.error(exc.error)
+            parts.metrics.error(exc.error)
             raise
         try:  # the token's claims were checked by verify(); the lease goes back on any failure
-            stream = SseStream(relay, identity, {}, lease)
+            stream = SseStream(parts, identity, {}, lease)
         except BaseException:
-            relay.presence.release(lease)
+            parts.presence.release(lease)
             raise
         try:
             # The token is spent before the cursor is even looked at: a used
             # token gets TokenReplayed, whatever its cursor.
-            await relay.tokens.consume(identity)  # single-use tokens (relay/offline/retention.py)
+            await parts.tokens.consume(identity)  # single-use tokens (relay/offline/retention.py)
             stream.positions = decode_cursor(
                 request.headers.get("Last-Event-ID") or request.args.get("cursor", "")
             )
