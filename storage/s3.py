@@ -13,29 +13,33 @@ a request gets ``timeout`` seconds plus one second per MiB of its body.
 
 from __future__ import annotations
 
-import functools
 import hashlib
-import hmac
 import re
 import tempfile
-import time
 from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, BinaryIO, TypeVar
-from urllib.parse import parse_qsl, quote, urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 import httpx
 import trio
 
 from protocol.errors import BlobNotFound, BlobStoreError, ConfigError, InvalidRequest
 from storage.blobstore import STREAM_CHUNK, BlobReader, BlobStore, validate_key
+from storage.sigv4 import EMPTY_SHA256, Credentials, amz_now, canonical_request, sign_headers
+from storage.sigv4 import encode as _encode
 
-__all__ = ["EMPTY_SHA256", "Credentials", "S3BlobStore", "sign_headers"]
+__all__ = [
+    "EMPTY_SHA256",
+    "Credentials",
+    "S3BlobStore",
+    "amz_now",
+    "canonical_request",
+    "sign_headers",
+]
 
 T = TypeVar("T")
 
-EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
-_ALGORITHM = "AWS4-HMAC-SHA256"
 #: Slowest transfer rate tolerated: each MiB of payload adds a second to the limit.
 _MIN_BYTES_PER_S = 1 << 20
 #: Bodies larger than this are hashed in a worker thread (hashlib drops the GIL).
@@ -44,94 +48,6 @@ _DELETE_CONCURRENCY = 16
 _BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 _PREFIX_RE = re.compile(r"[A-Za-z0-9_.-]+(?:/[A-Za-z0-9_.-]+)*")
 _URL_PARAMS = frozenset({"endpoint", "region", "access_key", "secret_key", "timeout"})
-
-
-@dataclass(frozen=True)
-class Credentials:
-    access_key: str
-    secret_key: str = field(repr=False)
-    session_token: str = field(default="", repr=False)
-
-
-# --- Signature Version 4 -------------------------------------------------------------
-
-
-def _encode(text: str, *, keep_slash: bool = False) -> str:
-    # SigV4 URI encoding: everything but A-Z a-z 0-9 - _ . ~ as %XX (upper case),
-    # which is exactly what quote() does with no extra safe characters.
-    return quote(text, safe="/" if keep_slash else "")
-
-
-def canonical_query(query: Sequence[tuple[str, str]]) -> str:
-    # Sorted by encoded name, then value (not as "name=value" strings: "a-b" < "a=").
-    pairs = sorted((_encode(k), _encode(v)) for k, v in query)
-    return "&".join(f"{k}={v}" for k, v in pairs)
-
-
-def canonical_request(
-    method: str,
-    path: str,
-    query: Sequence[tuple[str, str]],
-    headers: Mapping[str, str],
-    payload_hash: str,
-) -> tuple[str, str]:
-    """The canonical request and its signed-headers list; ``path`` is already encoded."""
-    canon = {name.strip().lower(): " ".join(value.split()) for name, value in headers.items()}
-    names = sorted(canon)
-    lines = [
-        method,
-        path or "/",
-        canonical_query(query),
-        *(f"{name}:{canon[name]}" for name in names),
-        "",  # the header block ends with a newline of its own
-        ";".join(names),
-        payload_hash,
-    ]
-    return "\n".join(lines), ";".join(names)
-
-
-@functools.lru_cache(maxsize=16)
-def _signing_key(secret_key: str, date: str, region: str, service: str) -> bytes:
-    # Derived once per day and scope rather than four HMACs per request.
-    key = ("AWS4" + secret_key).encode()
-    for part in (date, region, service, "aws4_request"):
-        key = hmac.new(key, part.encode(), hashlib.sha256).digest()
-    return key
-
-
-def sign_headers(
-    *,
-    credentials: Credentials,
-    region: str,
-    service: str,
-    method: str,
-    host: str,
-    path: str,
-    query: Sequence[tuple[str, str]] = (),
-    headers: Mapping[str, str] | None = None,
-    payload_hash: str = EMPTY_SHA256,
-    amz_date: str,
-) -> dict[str, str]:
-    """Every header to send: ``headers`` plus host, x-amz-date, the session token
-    (if any) and ``authorization``, all but the last one signed."""
-    signed = {**(headers or {}), "host": host, "x-amz-date": amz_date}
-    if credentials.session_token:
-        signed["x-amz-security-token"] = credentials.session_token
-    request, signed_names = canonical_request(method, path, query, signed, payload_hash)
-    scope = f"{amz_date[:8]}/{region}/{service}/aws4_request"
-    digest = hashlib.sha256(request.encode()).hexdigest()
-    to_sign = f"{_ALGORITHM}\n{amz_date}\n{scope}\n{digest}"
-    key = _signing_key(credentials.secret_key, amz_date[:8], region, service)
-    signature = hmac.new(key, to_sign.encode(), hashlib.sha256).hexdigest()
-    signed["authorization"] = (
-        f"{_ALGORITHM} Credential={credentials.access_key}/{scope}, "
-        f"SignedHeaders={signed_names}, Signature={signature}"
-    )
-    return signed
-
-
-def amz_now() -> str:
-    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
 
 
 async def _sha256_hex(data: bytes) -> str:
