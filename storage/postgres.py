@@ -48,6 +48,10 @@ _INFO_SQL = """
 SELECT c.id, c.last_seq, m.joined_seq, c.first_seq
   FROM members m JOIN conversations c ON c.id = m.conversation_id
 """
+#: One #listConversations page: the order and the bound are the index's columns.
+LIST_PAGE_SQL = _INFO_SQL + (
+    " WHERE m.user_did = %s AND m.conversation_id > %s ORDER BY m.conversation_id LIMIT %s"
+)
 
 
 def _info(row: tuple[bytes, int, int, int]) -> ConversationInfo:
@@ -223,6 +227,17 @@ class PostgresStorage(PgOfflineStorage, Storage):
     async def list_conversations(self, user: str) -> list[ConversationInfo]:
         def job(conn: PgConn) -> list[ConversationInfo]:
             rows = conn.execute(_INFO_SQL + " WHERE m.user_did = %s ORDER BY c.id", (user,))
+            return [_info(r) for r in rows]
+
+        return await self._pool.run(job)
+
+    async def list_conversations_page(
+        self, user: str, after: bytes, limit: int
+    ) -> list[ConversationInfo]:
+        def job(conn: PgConn) -> list[ConversationInfo]:
+            # m.conversation_id, not c.id: the order and the bound must be the
+            # index's columns (members_user_conversation_idx, migration 0010).
+            rows = conn.execute(LIST_PAGE_SQL, (user, after, limit))
             return [_info(r) for r in rows]
 
         return await self._pool.run(job)

@@ -51,6 +51,10 @@ _INFO_SQL = """
 SELECT c.id, c.last_seq, m.joined_seq, c.first_seq
   FROM members m JOIN conversations c ON c.id = m.conversation_id
 """
+#: One #listConversations page: the order and the bound are the index's columns.
+LIST_PAGE_SQL = _INFO_SQL + (
+    " WHERE m.user_did = ? AND m.conversation_id > ? ORDER BY m.conversation_id LIMIT ?"
+)
 _MEMBER_INFO_SQL = _INFO_SQL + " WHERE c.id = ? AND m.user_did = ?"
 
 # Error classes that mean "the database cannot be used right now" (locked for
@@ -270,6 +274,17 @@ class SqliteStorage(OfflineStorage, Storage):
     async def list_conversations(self, user: str) -> list[ConversationInfo]:
         def job(conn: Conn) -> list[ConversationInfo]:
             rows = conn.execute(_INFO_SQL + " WHERE m.user_did = ? ORDER BY c.id", (user,))
+            return [ConversationInfo(bytes(r[0]), r[1], r[2], r[3]) for r in rows]
+
+        return await self._read(job)
+
+    async def list_conversations_page(
+        self, user: str, after: bytes, limit: int
+    ) -> list[ConversationInfo]:
+        def job(conn: Conn) -> list[ConversationInfo]:
+            # members is WITHOUT ROWID: members_user_did_idx holds (user_did,
+            # conversation_id), so this walks the index from ``after``.
+            rows = conn.execute(LIST_PAGE_SQL, (user, after, limit))
             return [ConversationInfo(bytes(r[0]), r[1], r[2], r[3]) for r in rows]
 
         return await self._read(job)

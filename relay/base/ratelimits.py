@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 import trio
 
 from protocol.errors import RateLimited
+from protocol.requests import ListConversations, Request, Subscribe
 
 #: A message costs one request per started REQUEST_BYTES of its size.
 REQUEST_BYTES = 64 * 1024
@@ -44,6 +45,29 @@ NESTED_BYTES = 512
 #: No frame holds more CBOR items than this (protocol/strictcbor.py MAX_ITEMS),
 #: so no frame costs more to decode than this many bytes of items.
 NESTED_MAX_BYTES = 64 * 1024
+
+
+#: Requests whose work grows with what they name cost by that work, charged
+#: before it is done: a #listConversations page one per started LIST_ROWS of
+#: its ``limit`` (the rows it did not fill are given back after the reply:
+#: small accounts pay 1), a #subscribe one per started SUBSCRIBE_CURSORS
+#: cursors.  One 10,000-row reply took ~60 ms of the node's CPU (issue 12).
+LIST_ROWS = 100
+SUBSCRIBE_CURSORS = 50
+
+
+def list_cost(rows: int) -> int:
+    """Requests a #listConversations page of ``rows`` rows counts as."""
+    return 1 + max(0, rows - 1) // LIST_ROWS
+
+
+def work_cost(req: Request) -> int:
+    """Requests ``req`` counts as by the work it asks for (1 for most)."""
+    if isinstance(req, ListConversations):
+        return list_cost(req.limit)
+    if isinstance(req, Subscribe):
+        return 1 + max(0, len(req.cursors) - 1) // SUBSCRIBE_CURSORS
+    return 1
 
 
 def request_cost(size: int, nested: bool = False) -> int:
@@ -76,6 +100,10 @@ class TokenBucket:
             self._level -= n
             return 0.0
         return (n - self._level) / self.rate if self.rate > 0 else float("inf")
+
+    def give(self, n: float) -> None:
+        """Return ``n`` tokens taken for work that was not needed."""
+        self._level = min(self.burst, self._level + n)
 
 
 @dataclass
@@ -158,6 +186,16 @@ class Limits:
             raise RateLimited(
                 "too many requests; slow down", retry_after_ms=max(1, int(wait * 1000))
             )
+
+    def refund(self, user: str, bucket: TokenBucket | None, n: int) -> None:
+        """Give back ``n`` of what check_request took (work not done)."""
+        if n <= 0:
+            return
+        if bucket is not None:
+            bucket.give(min(n, bucket.burst))
+        entry = self._users.get(user)
+        if entry is not None and entry.requests is not None:
+            entry.requests.give(min(n, entry.requests.burst))
 
     def _count(self, what: str) -> None:
         self.rejected[what] = self.rejected.get(what, 0) + 1

@@ -31,6 +31,7 @@ from protocol.requests import (
     Send,
     Subscribe,
 )
+from relay.base.ratelimits import list_cost
 from relay.delivery.hub import Ephemeral, MembershipChange, ReadMark
 from relay.mls.service import for_relay
 from storage.base import ConversationInfo, NewMessage
@@ -221,7 +222,12 @@ class Handlers:
         return events.result(rid, removed=removed)
 
     async def list(self, req: ListConversations) -> bytes:
-        convs = await self.storage.list_conversations(self.s.user)
+        """One page, by id; ``next`` (the last id) unless it is the last page.
+        One row more than the page tells whether another page follows."""
+        convs = await self.storage.list_conversations_page(self.s.user, req.after, req.limit + 1)
+        page = convs[: req.limit]
+        more = {"next": page[-1].conversation} if len(convs) > req.limit else {}
+        self.s.refund(list_cost(req.limit) - list_cost(len(page)))
         return events.result(
             req.id,
             conversations=[
@@ -231,8 +237,9 @@ class Handlers:
                     "joined_seq": c.joined_seq,
                     "first_seq": c.first_seq,
                 }
-                for c in convs
+                for c in page
             ],
+            **more,
         )
 
     async def ack(self, req: Ack) -> bytes:

@@ -50,7 +50,7 @@ from protocol.websocket import (
 )
 from protocol.wsframes import PongReceived
 from relay.base.logs import connection_context
-from relay.base.ratelimits import NESTED_BYTES, request_cost
+from relay.base.ratelimits import NESTED_BYTES, request_cost, work_cost
 from relay.delivery.committer import PendingSend
 from relay.delivery.outbox import Outbox
 from relay.delivery.streams import Streams
@@ -326,6 +326,9 @@ class Session:
             # The rate first: unknown and invalid requests count like valid ones.
             self.relay.node_limits.check_request(self.user, self._requests, cost)
             req = parse_request(frame, self.relay.limits)
+            # Requests whose work grows with what they name pay for it before it runs.
+            if (extra := work_cost(req) - cost) > 0:
+                self.relay.node_limits.check_request(self.user, self._requests, extra)
         except RateLimited as exc:
             self._strike(exc, cost)
             if self._closing is None:
@@ -343,6 +346,10 @@ class Session:
 
     def fail(self) -> None:
         self.close(CloseCode.INTERNAL_ERROR, CloseReason.INTERNAL_ERROR)
+
+    def refund(self, n: int) -> None:
+        """Give back ``n`` requests charged for work a handler did not need."""
+        self.relay.node_limits.refund(self.user, self._requests, n)
 
     def _take_slot(self) -> None:
         """Backpressure: a client with max_in_flight requests pending is not
