@@ -311,7 +311,11 @@ def _list(rid: int, body: dict[str, Any], limits: Limits) -> ListConversations:
     limit = body.get("limit", MAX_LIST_PAGE)
     if type(limit) is not int or not 1 <= limit <= MAX_LIST_PAGE:
         raise InvalidRequest(f"limit must be an integer in 1..{MAX_LIST_PAGE}", field="limit")
-    after = _bytes(body, "after", MAX_CONVERSATION_ID) if "after" in body else b""
+    after = body.get("after", b"")  # b"": from the first
+    if not isinstance(after, bytes) or len(after) > MAX_CONVERSATION_ID:
+        raise InvalidRequest(
+            f"after must be a conversation id (bytes, at most {MAX_CONVERSATION_ID})", field="after"
+        )
     return ListConversations(rid, limit, after)
 
 

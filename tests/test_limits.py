@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from protocol.errors import RateLimited
-from relay.base.ratelimits import Limits, TokenBucket
+from protocol.requests import Ack, ListConversations, Subscribe
+from relay.base.ratelimits import Limits, TokenBucket, work_cost
 
 
 class Clock:
@@ -59,3 +60,26 @@ def test_per_user_rate_spans_connections():
     clock.now += 1.0
     limits.check_request("did:a", b)
     assert limits.rejected == {"RateLimited": 1}
+
+
+def test_work_cost_of_lists_and_subscribes():
+    """A page costs by its limit (500: 5), a subscribe by its cursors (50 each)."""
+    assert [work_cost(ListConversations(1, n)) for n in (1, 100, 101, 500)] == [1, 1, 2, 5]
+    assert work_cost(Subscribe(1, {})) == 1
+    assert work_cost(Subscribe(1, {b"c%d" % i: 0 for i in range(51)})) == 2
+    assert work_cost(Subscribe(1, {b"c%d" % i: 0 for i in range(10_000)})) == 200
+    assert work_cost(Ack(1, b"c", 1)) == 1
+
+
+def test_refund_gives_back_up_to_the_burst():
+    clock = Clock()
+    limits = Limits(requests_per_connection=5, requests_per_user=10, clock=clock)
+    bucket = limits.connection_bucket()
+    limits.check_request("did:a", bucket, 5)  # a page of 500
+    limits.refund("did:a", bucket, 4)  # that held 100 rows: it cost 1
+    for _ in range(9):
+        limits.check_request("did:a", bucket)
+    with pytest.raises(RateLimited):
+        limits.check_request("did:a", bucket)
+    limits.refund("did:a", bucket, 1000)  # never past the burst
+    assert bucket is not None and bucket.take(11) > 0
