@@ -83,3 +83,27 @@ def test_refund_gives_back_up_to_the_burst():
         limits.check_request("did:a", bucket)
     limits.refund("did:a", bucket, 1000)  # never past the burst
     assert bucket is not None and bucket.take(11) > 0
+
+
+def test_a_subscribe_is_charged_to_the_user_also_after_it_disconnects():
+    """8,000 conversations set up: 160 requests of debt on the user's bucket
+    (burst 20), waited out on a new connection opened after the old closed."""
+    clock = Clock()
+    limits = Limits(requests_per_connection=100, requests_per_user=10, clock=clock)
+    assert limits.connect("did:a", "d1")
+    limits.charge_subscribed("did:a", 8000)
+    limits.disconnect("did:a", "d1")
+    assert limits.connect("did:a", "d2")
+    with pytest.raises(RateLimited) as refused:
+        limits.check_request("did:a", limits.connection_bucket())
+    assert refused.value.details["retry_after_ms"] > 1000  # 20 of debt at 10/s (capped)
+    clock.now += 2.5
+    limits.check_request("did:a", limits.connection_bucket())
+    limits.disconnect("did:a", "d2")
+    assert limits._users == {} and "did:a" in limits._owing  # 1 taken: not full yet
+    clock.now += 10
+    assert limits.connect("did:a", "d3")
+    limits.disconnect("did:a", "d3")
+    assert limits._users == {} and limits._owing == {}  # paid: forgotten
+    limits.charge_subscribed("did:b", 8000)  # no connection: nothing to charge
+    assert "did:b" not in limits._owing

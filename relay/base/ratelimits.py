@@ -54,6 +54,15 @@ NESTED_MAX_BYTES = 64 * 1024
 #: cursors.  One 10,000-row reply took ~60 ms of the node's CPU (issue 12).
 LIST_ROWS = 100
 SUBSCRIBE_CURSORS = 50
+#: A #subscribe reads every membership of the user, however few cursors it
+#: names (~40 ms for 8,000), and each connection's bucket starts full: so the
+#: conversations it set up are charged to the user's bucket afterwards, one
+#: request per SUBSCRIBE_CONVERSATIONS, as debt the user's next requests wait
+#: out -- on any connection, also one opened after closing all the others.
+SUBSCRIBE_CONVERSATIONS = 50
+#: Users with no connection left who still owe requests, kept until they
+#: refilled (a full bucket is what a new one would be: dropping it is free).
+OWING_PRUNE_AT = 1024
 
 
 def list_cost(rows: int) -> int:
@@ -101,6 +110,17 @@ class TokenBucket:
             return 0.0
         return (n - self._level) / self.rate if self.rate > 0 else float("inf")
 
+    def charge(self, n: float) -> None:
+        """Take ``n`` tokens for work already done, into debt (at most one
+        burst of it): what comes next waits until it is paid."""
+        self.take(0)  # refill up to now
+        self._level = max(-self.burst, self._level - n)
+
+    @property
+    def full(self) -> bool:
+        self.take(0)
+        return self._level >= self.burst
+
     def give(self, n: float) -> None:
         """Return ``n`` tokens taken for work that was not needed."""
         self._level = min(self.burst, self._level + n)
@@ -126,6 +146,8 @@ class Limits:
     rate_limit_strikes: int = 100
     clock: Callable[[], float] = field(default=trio.current_time)
     _users: dict[str, _User] = field(default_factory=dict)
+    #: Users without connections whose request bucket is in debt (SUBSCRIBE_CONVERSATIONS).
+    _owing: dict[str, _User] = field(default_factory=dict)
     rejected: dict[str, int] = field(default_factory=dict)
 
     def connect(self, user: str, device: str | None = None) -> bool:
@@ -133,7 +155,8 @@ class Limits:
 
         A device that already has a connection here is a replacement (the
         relay closes the older one), so it is admitted even at the limit."""
-        entry = self._users.setdefault(user, _User())
+        entry = self._users.get(user) or self._owing.pop(user, None) or _User()
+        self._users[user] = entry
         replacing = device is not None and entry.devices.get(device, 0) > 0
         limit = self.connections_per_user
         if limit and not replacing and entry.connections >= limit:
@@ -155,6 +178,14 @@ class Limits:
                 del entry.devices[device]
         if entry.connections <= 0:
             del self._users[user]
+            if entry.requests is not None and not entry.requests.full:
+                self._keep_owing(user, entry)
+
+    def _keep_owing(self, user: str, entry: _User) -> None:
+        if len(self._owing) >= OWING_PRUNE_AT:  # amortized: runs once per that many
+            self._owing = {u: e for u, e in self._owing.items() if not _paid(e)}
+        entry.connections, entry.devices = 0, {}
+        self._owing[user] = entry
 
     def refused(self, what: str) -> None:
         """Count a refusal decided elsewhere (across nodes, relay/cluster/presence.py)."""
@@ -187,6 +218,17 @@ class Limits:
                 "too many requests; slow down", retry_after_ms=max(1, int(wait * 1000))
             )
 
+    def charge_subscribed(self, user: str, conversations: int) -> None:
+        """Charge the user for the conversations a #subscribe set up."""
+        n = conversations // SUBSCRIBE_CONVERSATIONS
+        entry = self._users.get(user)
+        if n <= 0 or entry is None or not self.requests_per_user:
+            return
+        if entry.requests is None:
+            rate = self.requests_per_user
+            entry.requests = TokenBucket(rate, 2 * rate, self.clock)
+        entry.requests.charge(n)
+
     def refund(self, user: str, bucket: TokenBucket | None, n: int) -> None:
         """Give back ``n`` of what check_request took (work not done)."""
         if n <= 0:
@@ -199,3 +241,7 @@ class Limits:
 
     def _count(self, what: str) -> None:
         self.rejected[what] = self.rejected.get(what, 0) + 1
+
+
+def _paid(entry: _User) -> bool:
+    return entry.requests is None or entry.requests.full

@@ -284,6 +284,7 @@ class Handlers:
             hub.subscribe(s.streams, conv)
             s.streams.follow(conv, cursor + 1, max(info.last_seq, seen.get(conv, 0)))
         s.subscribed = True
+        s.relay.node_limits.charge_subscribed(s.user, len(by_id))  # the work it cost
         s.nursery.start_soon(self.send_welcomes)  # after this reply: it runs later
         # The reply is written when this returns, before the catch-up task
         # runs; the task then replays and announces CaughtUp (kick() makes it

@@ -134,3 +134,43 @@ async def test_listing_many_conversations_cannot_starve_honest_senders(tmp_path)
     assert lister.rows <= 2 * (800 + 400 * SECONDS) / 5 * MAX_LIST_PAGE, lister.rows
     assert lister.limited > 0 and lister.closes, (lister.limited, lister.closes)
     assert set(lister.closes) == {(1008, "RateLimitIgnored")}, lister.closes
+
+
+async def resubscribe(port: int, k: int, counts: dict[str, int]) -> None:
+    """Connect from 127.0.0.(10+k), #subscribe (no cursors: the relay reads
+    every membership itself), close; again and again."""
+    for n in range(10_000):
+        async with attacker(port, MALLORY, f"s{k}-{n}", host=f"127.0.0.{10 + k}") as att:
+            await att.reply()  # the #hello
+            await att.send(request("#subscribe", {"id": 1}))
+            header, body = await att.reply()
+            counts["subscribed" if header["t"] == "#result" else body["error"]] += 1
+
+
+@pytest.mark.timeout(120)
+async def test_resubscribing_is_charged_by_the_conversations_it_sets_up(tmp_path) -> None:
+    """Before: 4 loops (4 source addresses) of connect, #subscribe, close made
+    151 subscribes of 8,000 conversations in 5 s (the node saturated at ~30/s);
+    honest sends 120 (baseline 206).  Now each costs the user 160 requests,
+    owed also after its connections closed: a few a second."""
+    counts: dict[str, int] = {"subscribed": 0, "RateLimited": 0}
+    with trio.fail_after(110):
+        async with relay_node(tmp_path) as node:
+            add_memberships(tmp_path / "relay.db", MALLORY, CONVERSATIONS)
+            baseline = await honest_for(node, SECONDS, None)
+            honest = Honest(node.port, conversation=b"honest-resubscribe")
+            async with honest.running():
+                with trio.move_on_after(SECONDS):
+                    async with trio.open_nursery() as nursery:
+                        for k in range(4):
+                            nursery.start_soon(resubscribe, node.port, k, counts)
+    print(
+        f"\n[resubscribe] baseline_sends={len(baseline.seqs)},"
+        f" baseline_worst_ms={baseline.worst_send_ms:.0f}, sends={len(honest.seqs)},"
+        f" worst_ms={honest.worst_send_ms:.0f}, {counts}"
+    )
+    baseline.check()
+    honest.check()
+    assert len(honest.seqs) >= len(baseline.seqs) * 2 // 3, (len(honest.seqs), baseline.seqs)
+    # The user's bucket (burst 800, 400/s) buys (800 + 400 * 5) / 161 subscribes: 17.
+    assert 0 < counts["subscribed"] <= 35 and counts["RateLimited"] > 0, counts
