@@ -10,17 +10,18 @@ costs one request per started 100 rows of its ``limit``, charged before the
 work is done (relay/base/ratelimits.py), so the attacker is refused
 ``RateLimited`` and, as it ignores that, closed 1008 ``RateLimitIgnored``.
 
-The memberships are written straight into the relay's SQLite file (8,000
+The memberships are written straight into the relay's database (8,000
 creates over the WebSocket would take longer than the test).
 """
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
+import psycopg
 import pytest
 import trio
 
@@ -36,20 +37,27 @@ PACE = 130
 SECONDS = 5.0
 
 
-def add_memberships(db: Path, user: str, n: int) -> None:
-    """``n`` conversations with ``user`` as creator and only member."""
+def add_memberships(url: str, user: str, n: int) -> None:
+    """``n`` conversations with ``user`` as creator and only member, written
+    straight into the relay's database (SQLite file or PostgreSQL)."""
     now = int(time.time() * 1000)
-    with sqlite3.connect(db, timeout=30) as conn:
-        conn.executemany(
-            "INSERT INTO conversations (id, creator, created_ms) VALUES (?, ?, ?)",
-            ((b"mallory-%05d" % i, user, now) for i in range(n)),
-        )
-        conn.executemany(
-            "INSERT INTO members (conversation_id, user_did, joined_seq, added_ms)"
-            " VALUES (?, ?, 0, ?)",
-            ((b"mallory-%05d" % i, user, now) for i in range(n)),
-        )
-    conn.close()
+    ids = [b"mallory-%05d" % i for i in range(n)]
+    if url.startswith("sqlite:///"):
+        path = url.removeprefix("sqlite:///")
+        with contextlib.closing(sqlite3.connect(path, timeout=30)) as db, db:
+            db.executemany(_CONVERSATION.replace("%s", "?"), ((c, user, now) for c in ids))
+            db.executemany(_MEMBER.replace("%s", "?"), ((c, user, now) for c in ids))
+        return
+    with psycopg.connect(url) as pg, pg.cursor() as cur:
+        cur.executemany(_CONVERSATION, [(c, user, now) for c in ids])
+        cur.executemany(_MEMBER, [(c, user, now) for c in ids])
+        cur.execute("ANALYZE members")
+
+
+_CONVERSATION = "INSERT INTO conversations (id, creator, created_ms) VALUES (%s, %s, %s)"
+_MEMBER = (
+    "INSERT INTO members (conversation_id, user_did, joined_seq, added_ms) VALUES (%s, %s, 0, %s)"
+)
 
 
 @dataclass
@@ -109,15 +117,19 @@ async def honest_for(node: Node, seconds: float, lister: Lister | None) -> Hones
 
 
 @pytest.mark.timeout(120)
-async def test_listing_many_conversations_cannot_starve_honest_senders(tmp_path) -> None:
+async def test_listing_many_conversations_cannot_starve_honest_senders(
+    tmp_path, database_url: str
+) -> None:
+    """Both backends: the page query must walk the index on each."""
     with trio.fail_after(110):
-        async with relay_node(tmp_path) as node:
-            add_memberships(tmp_path / "relay.db", MALLORY, CONVERSATIONS)
+        async with relay_node(tmp_path, database_url) as node:
+            add_memberships(database_url, MALLORY, CONVERSATIONS)
             baseline = await honest_for(node, SECONDS, None)
             lister = Lister(node.port)
             honest = await honest_for(node, SECONDS, lister)
     print(
-        f"\n[listing] conversations={CONVERSATIONS}, baseline_sends={len(baseline.seqs)},"
+        f"\n[listing {database_url.split(':')[0]}] conversations={CONVERSATIONS},"
+        f" baseline_sends={len(baseline.seqs)},"
         f" baseline_worst_ms={baseline.worst_send_ms:.0f}, sends={len(honest.seqs)},"
         f" worst_ms={honest.worst_send_ms:.0f}, pages={lister.pages}, rows={lister.rows},"
         f" biggest_reply={lister.biggest}, rate_limited={lister.limited},"
@@ -156,7 +168,7 @@ async def test_resubscribing_is_charged_by_the_conversations_it_sets_up(tmp_path
     counts: dict[str, int] = {"subscribed": 0, "RateLimited": 0}
     with trio.fail_after(110):
         async with relay_node(tmp_path) as node:
-            add_memberships(tmp_path / "relay.db", MALLORY, CONVERSATIONS)
+            add_memberships(f"sqlite:///{tmp_path}/relay.db", MALLORY, CONVERSATIONS)
             baseline = await honest_for(node, SECONDS, None)
             honest = Honest(node.port, conversation=b"honest-resubscribe")
             async with honest.running():
