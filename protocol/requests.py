@@ -116,6 +116,10 @@ class Leave:
 @dataclass(frozen=True, slots=True)
 class ListConversations:
     id: int
+    #: At most this many conversations in the reply (one page).
+    limit: int = 500
+    #: Only conversations whose id sorts after this one (the previous page's ``next``).
+    after: bytes = b""
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,6 +162,8 @@ Request = (
 )
 
 MAX_SEQS_PER_REQUEST = 1000
+#: Conversations per #listConversations page: the default and the maximum.
+MAX_LIST_PAGE = 500
 MAX_CURSORS_PER_REQUEST = 10_000
 #: Seqs (and cursors) are signed 64-bit in storage.
 MAX_SEQ = 2**63 - 1
@@ -305,7 +311,15 @@ def _leave(rid: int, body: dict[str, Any], limits: RequestLimits) -> Leave:
 
 
 def _list(rid: int, body: dict[str, Any], limits: RequestLimits) -> ListConversations:
-    return ListConversations(rid)
+    limit = body.get("limit", MAX_LIST_PAGE)
+    if type(limit) is not int or not 1 <= limit <= MAX_LIST_PAGE:
+        raise InvalidRequest(f"limit must be an integer in 1..{MAX_LIST_PAGE}", field="limit")
+    after = body.get("after", b"")  # b"": from the first
+    if not isinstance(after, bytes) or len(after) > MAX_CONVERSATION_ID:
+        raise InvalidRequest(
+            f"after must be a conversation id (bytes, at most {MAX_CONVERSATION_ID})", field="after"
+        )
+    return ListConversations(rid, limit, after)
 
 
 def _subscribe(rid: int, body: dict[str, Any], limits: RequestLimits) -> Subscribe:

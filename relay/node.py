@@ -127,6 +127,7 @@ class Relay:
             self.blobs,
             self.config,
             self.push_providers,
+            self.node_limits,
         )
         #: What sessions, SSE streams and the upgrade use (relay/edge/parts.py).
         self.edge_parts = self._edge_parts()

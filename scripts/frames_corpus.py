@@ -105,6 +105,16 @@ def entries() -> list[tuple[str, bytes]]:
             ),
         ),
         (
+            "result-list-page",  # a page with more after it: pass next as after
+            events.result(
+                4,
+                conversations=[
+                    {"conversation": CONV, "last_seq": 42, "joined_seq": 0, "first_seq": 1}
+                ],
+                next=CONV,
+            ),
+        ),
+        (
             "result-claim",
             events.result(
                 5,

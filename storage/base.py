@@ -126,6 +126,14 @@ class Storage(abc.ABC):
         """Every conversation the user is a member of, ordered by id."""
 
     @abc.abstractmethod
+    async def list_conversations_page(
+        self, user: str, after: bytes, limit: int
+    ) -> list[ConversationInfo]:
+        """At most ``limit`` of the user's conversations whose id sorts after
+        ``after`` (b"": from the first), ordered by id.  Read through the
+        (user, conversation) index: never more than ``limit`` memberships."""
+
+    @abc.abstractmethod
     async def conversation_for_member(self, conversation: bytes, user: str) -> ConversationInfo:
         """Raises NotMember if the user is not a member (or no such conversation)."""
 

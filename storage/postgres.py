@@ -209,6 +209,14 @@ class PostgresStorage(PgOfflineStorage, Storage):
 
         return await self._pool.run(job)
 
+    async def list_conversations_page(
+        self, user: str, after: bytes, limit: int
+    ) -> list[ConversationInfo]:
+        def job(conn: PgConn) -> list[ConversationInfo]:
+            return shared_sql.conversations_page(pg_exec(conn), user, after, limit)
+
+        return await self._pool.run(job)
+
     async def conversation_for_member(self, conversation: bytes, user: str) -> ConversationInfo:
         def job(conn: PgConn) -> ConversationInfo:
             return shared_sql.member_info(pg_exec(conn), conversation, user)

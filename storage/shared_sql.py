@@ -67,6 +67,21 @@ def conversations_of(ex: Exec, user: str) -> list[ConversationInfo]:
     return [_info(r) for r in ex(INFO_SQL + " WHERE m.user_did = ? ORDER BY c.id", (user,))]
 
 
+#: One #listConversations page (see :func:`conversations_page`).
+PAGE_SQL = INFO_SQL + (
+    " WHERE m.user_did = ? AND m.conversation_id > ? ORDER BY m.conversation_id LIMIT ?"
+)
+
+
+def conversations_page(ex: Exec, user: str, after: bytes, limit: int) -> list[ConversationInfo]:
+    """One #listConversations page: ``user``'s conversations after ``after``,
+    by id.  m.conversation_id, not c.id: the order and the bound must be the
+    index's columns ((user_did, conversation_id): PostgreSQL migration 0010;
+    SQLite's WITHOUT ROWID members_user_did_idx holds both), so the page
+    walks the index from ``after`` instead of reading every membership."""
+    return [_info(r) for r in ex(PAGE_SQL, (user, after, limit))]
+
+
 def is_member(ex: Exec, conversation: bytes, user: str) -> bool:
     row = ex(
         "SELECT 1 FROM members WHERE conversation_id = ? AND user_did = ?", (conversation, user)

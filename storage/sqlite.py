@@ -256,6 +256,14 @@ class SqliteStorage(OfflineStorage, Storage):
 
         return await self._read(job)
 
+    async def list_conversations_page(
+        self, user: str, after: bytes, limit: int
+    ) -> list[ConversationInfo]:
+        def job(conn: Conn) -> list[ConversationInfo]:
+            return shared_sql.conversations_page(ex_for(conn), user, after, limit)
+
+        return await self._read(job)
+
     async def conversation_for_member(self, conversation: bytes, user: str) -> ConversationInfo:
         job = functools.partial(_member_info, conversation=conversation, user=user)
         return await self._read(job)

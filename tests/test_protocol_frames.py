@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from protocol import events
 from protocol.errors import FrameTooLarge, InvalidRequest, MalformedFrame, UnknownRequest
 from protocol.frames import decode_frame, encode_frame
-from protocol.requests import RequestLimits, Send, Subscribe, parse_request
+from protocol.requests import ListConversations, RequestLimits, Send, Subscribe, parse_request
 from protocol.strictcbor import MAX_ITEMS
 from protocol.websocket import (
     Closed,
@@ -161,6 +161,18 @@ def test_requests_validate_fields():
             ),
             limits,
         )
+    assert parse_request(
+        decode_frame(encode_frame("#listConversations", {"id": 4})), limits
+    ) == ListConversations(4, 500, b"")
+    assert parse_request(
+        decode_frame(encode_frame("#listConversations", {"id": 4, "limit": 2, "after": b"x"})),
+        limits,
+    ) == ListConversations(4, 2, b"x")
+    for bad in ({"limit": 0}, {"limit": 501}, {"limit": True}, {"limit": "2"}, {"after": "x"}):
+        listing = decode_frame(encode_frame("#listConversations", {"id": 4, **bad}))
+        with pytest.raises(InvalidRequest) as refused:
+            parse_request(listing, limits)
+        assert refused.value.details["field"] == next(iter(bad)), bad
     sub = decode_frame(
         encode_frame("#subscribe", {"id": 3, "cursors": [{"conversation": b"c", "seq": 5}]})
     )

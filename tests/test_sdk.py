@@ -27,6 +27,17 @@ async def test_send_receive_and_requests(database_url):
             assert await alice.remove_members(CONV, [CAROL]) == [CAROL]
             [listed] = await bob.list_conversations()
             assert listed["conversation"] == CONV and listed["last_seq"] == 3
+            for n in range(4):
+                await bob.create_conversation(b"sdk-%d" % n, [])
+            everything = await bob.list_conversations(page_size=2)  # three pages
+            assert [c["conversation"] for c in everything] == sorted(
+                [CONV] + [b"sdk-%d" % n for n in range(4)]
+            )
+            assert await bob.list_conversations() == everything  # one page
+            page, after = await bob.list_conversations_page(limit=2)
+            assert [c["conversation"] for c in page] == [b"sdk-0", b"sdk-1"] and after == b"sdk-1"
+            page, after = await bob.list_conversations_page(b"sdk-2", limit=2)
+            assert [c["conversation"] for c in page] == [b"sdk-3", CONV] and after is None
             with pytest.raises(RequestFailed) as failed:
                 await bob.send(b"not-a-member-here", b"x")
             assert failed.value.error in ("NotMember", "ConversationNotFound")

@@ -176,6 +176,57 @@ async def test_list_conversations(storage: Storage) -> None:
     assert await storage.list_conversations("nobody") == []
 
 
+async def test_list_conversations_page(storage: Storage) -> None:
+    """Pages by id (byte order: a shorter id before its extensions), from
+    after the given id; no more than the limit."""
+    ids = [b"\x01", b"\x01\x00", b"\x02", b"\xff", b"b", b"a"]
+    for n, c in enumerate(ids):
+        await storage.create_conversation(c, "alice", [], n)
+    await storage.create_conversation(b"other", "bob", [], 9)
+    want = sorted(ids)
+    pages, after = [], b""
+    while True:
+        page = [i.conversation for i in await storage.list_conversations_page("alice", after, 4)]
+        pages.append(page)
+        if len(page) < 4:
+            break
+        after = page[-1]
+    assert pages == [want[:4], want[4:]]
+    page = await storage.list_conversations_page("alice", b"\x01", 2)
+    assert [i.conversation for i in page] == [b"\x01\x00", b"\x02"]
+    assert await storage.list_conversations_page("alice", b"\xff", 10) == []
+    assert await storage.list_conversations_page("nobody", b"", 10) == []
+
+
+async def test_list_page_walks_the_index(storage: Storage) -> None:
+    """The page query reads the (user, conversation) index from ``after``:
+    no sort, no scan of the user's other memberships (issue 12: a user in
+    10,000 conversations).  Seen in the query plan, on enough rows that the
+    planner would rather scan and sort if it could not walk the index."""
+    for n in range(300):
+        await storage.create_conversation(b"c%04d" % n, "alice", ["bob"], n)
+    if isinstance(storage, PostgresStorage):
+        from storage.shared_sql import PAGE_SQL as PG_SQL
+
+        def pg_plan(conn: Any) -> str:
+            conn.execute("ANALYZE members")
+            sql = "EXPLAIN " + PG_SQL.replace("?", "'alice'", 1).replace("?", "'\\x'::bytea", 1)
+            return "\n".join(r[0] for r in conn.execute(sql.replace("?", "20")))
+
+        plan = await storage._pool.run(pg_plan)
+        assert "members_user_conversation_idx" in plan and "Sort" not in plan, plan
+    else:
+        assert isinstance(storage, SqliteStorage)
+        from storage.shared_sql import PAGE_SQL as LITE_SQL
+
+        def lite_plan(conn: Any) -> str:
+            rows = conn.execute("EXPLAIN QUERY PLAN " + LITE_SQL, ("alice", b"", 20))
+            return "\n".join(str(r[-1]) for r in rows)
+
+        plan = await storage._read(lite_plan)
+        assert "members_user_did_idx" in plan and "TEMP B-TREE" not in plan, plan
+
+
 # --- messages -------------------------------------------------------------------------
 
 

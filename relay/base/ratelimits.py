@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 import trio
 
 from protocol.errors import RateLimited
+from protocol.requests import ListConversations, Request, Subscribe
 
 #: A message costs one request per started REQUEST_BYTES of its size.
 REQUEST_BYTES = 64 * 1024
@@ -44,6 +45,38 @@ NESTED_BYTES = 512
 #: No frame holds more CBOR items than this (protocol/strictcbor.py MAX_ITEMS),
 #: so no frame costs more to decode than this many bytes of items.
 NESTED_MAX_BYTES = 64 * 1024
+
+
+#: Requests whose work grows with what they name cost by that work, charged
+#: before it is done: a #listConversations page one per started LIST_ROWS of
+#: its ``limit`` (the rows it did not fill are given back after the reply:
+#: small accounts pay 1), a #subscribe one per started SUBSCRIBE_CURSORS
+#: cursors.  One 10,000-row reply took ~60 ms of the node's CPU (issue 12).
+LIST_ROWS = 100
+SUBSCRIBE_CURSORS = 50
+#: A #subscribe reads every membership of the user, however few cursors it
+#: names (~40 ms for 8,000), and each connection's bucket starts full: so the
+#: conversations it set up are charged to the user's bucket afterwards, one
+#: request per SUBSCRIBE_CONVERSATIONS, as debt the user's next requests wait
+#: out -- on any connection, also one opened after closing all the others.
+SUBSCRIBE_CONVERSATIONS = 50
+#: Users with no connection left who still owe requests, kept until they
+#: refilled (a full bucket is what a new one would be: dropping it is free).
+OWING_PRUNE_AT = 1024
+
+
+def list_cost(rows: int) -> int:
+    """Requests a #listConversations page of ``rows`` rows counts as."""
+    return 1 + max(0, rows - 1) // LIST_ROWS
+
+
+def work_cost(req: Request) -> int:
+    """Requests ``req`` counts as by the work it asks for (1 for most)."""
+    if isinstance(req, ListConversations):
+        return list_cost(req.limit)
+    if isinstance(req, Subscribe):
+        return 1 + max(0, len(req.cursors) - 1) // SUBSCRIBE_CURSORS
+    return 1
 
 
 def request_cost(size: int, nested: bool = False) -> int:
@@ -77,6 +110,21 @@ class TokenBucket:
             return 0.0
         return (n - self._level) / self.rate if self.rate > 0 else float("inf")
 
+    def charge(self, n: float) -> None:
+        """Take ``n`` tokens for work already done, into debt (at most one
+        burst of it): what comes next waits until it is paid."""
+        self.take(0)  # refill up to now
+        self._level = max(-self.burst, self._level - n)
+
+    @property
+    def full(self) -> bool:
+        self.take(0)
+        return self._level >= self.burst
+
+    def give(self, n: float) -> None:
+        """Return ``n`` tokens taken for work that was not needed."""
+        self._level = min(self.burst, self._level + n)
+
 
 @dataclass
 class _User:
@@ -98,6 +146,8 @@ class RateLimits:
     rate_limit_strikes: int = 100
     clock: Callable[[], float] = field(default=trio.current_time)
     _users: dict[str, _User] = field(default_factory=dict)
+    #: Users without connections whose request bucket is in debt (SUBSCRIBE_CONVERSATIONS).
+    _owing: dict[str, _User] = field(default_factory=dict)
     rejected: dict[str, int] = field(default_factory=dict)
 
     def connect(self, user: str, device: str | None = None) -> bool:
@@ -105,7 +155,8 @@ class RateLimits:
 
         A device that already has a connection here is a replacement (the
         relay closes the older one), so it is admitted even at the limit."""
-        entry = self._users.setdefault(user, _User())
+        entry = self._users.get(user) or self._owing.pop(user, None) or _User()
+        self._users[user] = entry
         replacing = device is not None and entry.devices.get(device, 0) > 0
         limit = self.connections_per_user
         if limit and not replacing and entry.connections >= limit:
@@ -127,6 +178,14 @@ class RateLimits:
                 del entry.devices[device]
         if entry.connections <= 0:
             del self._users[user]
+            if entry.requests is not None and not entry.requests.full:
+                self._keep_owing(user, entry)
+
+    def _keep_owing(self, user: str, entry: _User) -> None:
+        if len(self._owing) >= OWING_PRUNE_AT:  # amortized: runs once per that many
+            self._owing = {u: e for u, e in self._owing.items() if not _paid(e)}
+        entry.connections, entry.devices = 0, {}
+        self._owing[user] = entry
 
     def refused(self, what: str) -> None:
         """Count a refusal decided elsewhere (across nodes, relay/cluster/presence.py)."""
@@ -159,5 +218,30 @@ class RateLimits:
                 "too many requests; slow down", retry_after_ms=max(1, int(wait * 1000))
             )
 
+    def charge_subscribed(self, user: str, conversations: int) -> None:
+        """Charge the user for the conversations a #subscribe set up."""
+        n = conversations // SUBSCRIBE_CONVERSATIONS
+        entry = self._users.get(user)
+        if n <= 0 or entry is None or not self.requests_per_user:
+            return
+        if entry.requests is None:
+            rate = self.requests_per_user
+            entry.requests = TokenBucket(rate, 2 * rate, self.clock)
+        entry.requests.charge(n)
+
+    def refund(self, user: str, bucket: TokenBucket | None, n: int) -> None:
+        """Give back ``n`` of what check_request took (work not done)."""
+        if n <= 0:
+            return
+        if bucket is not None:
+            bucket.give(min(n, bucket.burst))
+        entry = self._users.get(user)
+        if entry is not None and entry.requests is not None:
+            entry.requests.give(min(n, entry.requests.burst))
+
     def _count(self, what: str) -> None:
         self.rejected[what] = self.rejected.get(what, 0) + 1
+
+
+def _paid(entry: _User) -> bool:
+    return entry.requests is None or entry.requests.full

@@ -56,6 +56,10 @@ class Connection(Protocol):
         closes with ``code``; an event stream ends with an ``info`` event
         named ``reason``."""
 
+    def refund(self, n: int) -> None:
+        """Give back ``n`` requests charged for work a handler did not need
+        (a short #listConversations page)."""
+
     def tick(self, now: float, wall: float) -> None:
         """The node's sweep, every few seconds: heartbeats and token expiry
         (``now`` is trio's clock, ``wall`` the time of day)."""

@@ -33,6 +33,7 @@ from protocol.requests import (
     Send,
     Subscribe,
 )
+from relay.base.ratelimits import RateLimits, list_cost
 from relay.delivery.hub import Ephemeral, Hub, MembershipChange, ReadMark
 from relay.mls.service import DeliveryService
 from storage.base import ConversationInfo, NewMessage, Storage
@@ -61,6 +62,8 @@ class HandlerParts:
     blobs: Blobs
     config: Config
     push_providers: Container[str]
+    #: Rate limits: a subscribe pays for the conversations it set up.
+    node_limits: RateLimits
 
 
 class Handlers:
@@ -69,7 +72,17 @@ class Handlers:
     Slotted, the parts copied in (no indirection on every request): one per
     connection, and idle connections are counted in tens of thousands."""
 
-    __slots__ = ("blobs", "config", "conn", "fanout", "hub", "mls", "push_providers", "storage")
+    __slots__ = (
+        "blobs",
+        "config",
+        "conn",
+        "fanout",
+        "hub",
+        "mls",
+        "node_limits",
+        "push_providers",
+        "storage",
+    )
 
     def __init__(self, conn: Connection, parts: HandlerParts) -> None:
         self.conn = conn
@@ -80,6 +93,7 @@ class Handlers:
         self.blobs = parts.blobs
         self.config = parts.config
         self.push_providers = parts.push_providers
+        self.node_limits = parts.node_limits
 
     async def handle(self, req: Request) -> bytes:
         match req:
@@ -256,7 +270,12 @@ class Handlers:
         return events.result(rid, removed=removed)
 
     async def list(self, req: ListConversations) -> bytes:
-        convs = await self.storage.list_conversations(self.conn.user)
+        """One page, by id; ``next`` (the last id) unless it is the last page.
+        One row more than the page tells whether another page follows."""
+        convs = await self.storage.list_conversations_page(self.conn.user, req.after, req.limit + 1)
+        page = convs[: req.limit]
+        more = {"next": page[-1].conversation} if len(convs) > req.limit else {}
+        self.conn.refund(list_cost(req.limit) - list_cost(len(page)))
         return events.result(
             req.id,
             conversations=[
@@ -266,8 +285,9 @@ class Handlers:
                     "joined_seq": c.joined_seq,
                     "first_seq": c.first_seq,
                 }
-                for c in convs
+                for c in page
             ],
+            **more,
         )
 
     async def ack(self, req: Ack) -> bytes:
@@ -314,6 +334,7 @@ class Handlers:
             hub.subscribe(s.streams, conv)
             s.streams.follow(conv, cursor + 1, max(info.last_seq, seen.get(conv, 0)))
         s.subscribed = True
+        self.node_limits.charge_subscribed(s.user, len(by_id))  # the work it cost
         s.nursery.start_soon(self.send_welcomes)  # after this reply: it runs later
         # The reply is written when this returns, before the catch-up task
         # runs; the task then replays and announces CaughtUp (kick() makes it

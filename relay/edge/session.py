@@ -48,7 +48,7 @@ from protocol.websocket import (
 )
 from protocol.wsframes import PongReceived
 from relay.base.logs import connection_context
-from relay.base.ratelimits import NESTED_BYTES, request_cost
+from relay.base.ratelimits import NESTED_BYTES, request_cost, work_cost
 from relay.delivery.committer import PendingSend
 from relay.delivery.outbox import Outbox
 from relay.delivery.streams import Streams
@@ -259,6 +259,9 @@ class Session(Liveness):
             # The rate first: unknown and invalid requests count like valid ones.
             self.parts.node_limits.check_request(self.user, self._requests, cost)
             req = parse_request(frame, self.parts.request_limits)
+            # Requests whose work grows with what they name pay for it before it runs.
+            if (extra := work_cost(req) - cost) > 0:
+                self.parts.node_limits.check_request(self.user, self._requests, extra)
         except RateLimited as exc:
             self._strike(exc, cost)
             if self._closing is None:
@@ -276,6 +279,10 @@ class Session(Liveness):
 
     def fail(self) -> None:
         self.close(CloseCode.INTERNAL_ERROR, CloseReason.INTERNAL_ERROR)
+
+    def refund(self, n: int) -> None:
+        """Give back ``n`` requests charged for work a handler did not need."""
+        self.parts.node_limits.refund(self.user, self._requests, n)
 
     def _send(self, req: Send) -> None:
         """Sends enter the committer in arrival order.  One whose MLS group

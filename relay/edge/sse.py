@@ -181,6 +181,9 @@ class SseStream:
         self.outbox.write_control(binary_frame(payload))
         self.parts.flusher.flush()
 
+    def refund(self, n: int) -> None:
+        """An event stream sends no requests, so it is charged nothing to refund."""
+
     def close(self, code: int, reason: str) -> None:
         """End the stream: the body sends what is pending, then a last
         ``info`` event named ``reason`` (an event stream has no close

@@ -16,7 +16,9 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from .events import ClaimedKeyPackage, DeliveryState, KeyPackageClaim
+import trio
+
+from .events import ClaimedKeyPackage, DeliveryState, KeyPackageClaim, RequestFailed
 
 
 class Requests:
@@ -75,8 +77,38 @@ class Requests:
         ``Forbidden`` otherwise).  Its id is never reused."""
         await self.request("#deleteConversation", conversation=conversation)
 
-    async def list_conversations(self) -> list[dict[str, Any]]:
-        return list((await self.request("#listConversations"))["conversations"])
+    async def list_conversations_page(
+        self, after: bytes | None = None, limit: int | None = None
+    ) -> tuple[list[dict[str, Any]], bytes | None]:
+        """One page of your conversations by id (at most ``limit``, the relay's
+        default and maximum 500), after ``after``; and the ``after`` of the
+        next page, None on the last."""
+        body: dict[str, Any] = {}
+        if after is not None:
+            body["after"] = after
+        if limit is not None:
+            body["limit"] = limit
+        reply = await self.request("#listConversations", **body)
+        return list(reply["conversations"]), reply.get("next")
+
+    async def list_conversations(self, page_size: int | None = None) -> list[dict[str, Any]]:
+        """Every conversation you are a member of, by id, page after page.
+
+        A page counts as several requests against your rate (docs/PROTOCOL.md,
+        "Rate"): a ``RateLimited`` page is asked again after ``retry_after_ms``."""
+        out: list[dict[str, Any]] = []
+        after: bytes | None = None
+        while True:
+            try:
+                page, after = await self.list_conversations_page(after, page_size)
+            except RequestFailed as exc:
+                if exc.error != "RateLimited":
+                    raise
+                await trio.sleep(max(1, int(exc.body.get("retry_after_ms", 1000))) / 1000)
+                continue
+            out.extend(page)
+            if after is None:
+                return out
 
     # --- messages ------------------------------------------------------------------
 
